@@ -1,0 +1,3 @@
+from moeslim.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""Data-free importance scores per MoE layer and expert (higher means keep first).
+
+Tensors are read one expert slice at a time through safetensors, so memory stays at one slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from moeslim.errors import PlanError
+from moeslim.layout import Layout, MoeLayer
+from moeslim.shards import FLOAT_DTYPES
+from moeslim.source import Checkpoint
+
+Scores = dict[int, np.ndarray]  # layer index → (experts,) float64
+
+
+def router_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Scores:
+    """L2 norm of each expert's router row ``||W_router[j]||``."""
+    weight_name = layout.family.router_weight
+    out = {}
+    for layer in layout.layers:
+        name = layer.block + weight_name
+        w = _read(ckpt, name).float()  # (experts, hidden)
+        out[layer.index] = torch.linalg.vector_norm(w, dim=1).double().numpy()
+    return out
+
+
+def weight_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Scores:
+    """L2 norm of all of an expert's weights together, FP8 block scales applied, biases and scales excluded."""
+    out = {}
+    for layer in layout.layers:
+        sq = np.zeros(layout.num_experts)
+        for j in range(layout.num_experts):
+            for name in _weight_tensors(ckpt, layer, j):
+                sq[j] += _sq_norm(ckpt, name, None if layer.per_expert else j)
+        out[layer.index] = np.sqrt(sq)
+    return out
+
+
+def random_scores(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Scores:
+    """Uniform random scores from ``numpy.random.default_rng([seed, layer])``: the baseline."""
+    base = 0 if seed is None else seed
+    return {i: np.random.default_rng([base, i]).random(layout.num_experts) for i in layout.moe_indices}
+
+
+CRITERIA: dict[str, Callable[[Checkpoint, Layout, int | None], Scores]] = {
+    "router-norm": router_norm,
+    "weight-norm": weight_norm,
+    "random": random_scores,
+}
+DEFAULT_CRITERION = "router-norm"
+
+
+def _read(ckpt: Checkpoint, name: str, row: int | None = None) -> torch.Tensor:
+    info = ckpt.tensors[name]
+    with safe_open(info.file, framework="pt") as f:
+        return f.get_tensor(name) if row is None else f.get_slice(name)[row]
+
+
+def _weight_tensors(ckpt: Checkpoint, layer: MoeLayer, j: int) -> list[str]:
+    names = layer.per_expert[j] if layer.per_expert else layer.fused
+    weights = [n for n in names if not _is_side_tensor(n)]
+    for name in weights:
+        if ckpt.tensors[name].dtype not in FLOAT_DTYPES:
+            raise PlanError(
+                f"weight-norm needs floating-point expert weights, but {name} is {ckpt.tensors[name].dtype}"
+                " (packed quantisation); use --criterion router-norm"
+            )
+    return weights
+
+
+def _is_side_tensor(name: str) -> bool:
+    """Biases and quantisation scales are not weights for the weight norm."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "bias" or leaf.endswith("_bias") or "scale" in leaf or leaf in {"g_idx", "qzeros", "zeros"}
+
+
+def _sq_norm(ckpt: Checkpoint, name: str, row: int | None) -> float:
+    w = _read(ckpt, name, row).float()
+    scale_name = name + "_scale_inv"
+    if scale_name in ckpt.tensors:  # FP8 block scaling: one scale per (block, block) tile
+        scale = _read(ckpt, scale_name, row).float()
+        bo, bi = -(-w.shape[-2] // scale.shape[-2]), -(-w.shape[-1] // scale.shape[-1])
+        full = scale.repeat_interleave(bo, dim=-2).repeat_interleave(bi, dim=-1)
+        w = w * full[..., : w.shape[-2], : w.shape[-1]]
+    return float(torch.sum(w.double() ** 2))

@@ -1,0 +1,27 @@
+"""Errors a user can fix. The CLI prints each as one line on stderr and exits with code 2."""
+
+from __future__ import annotations
+
+
+class MoeslimError(Exception):
+    """Base of every error moeslim reports to the user; the message says what is wrong and what to do."""
+
+
+class CheckpointError(MoeslimError, ValueError):
+    """The source checkpoint is corrupt, inconsistent with its config, or not a kind moeslim reads."""
+
+
+class MissingFileError(MoeslimError, FileNotFoundError):
+    """A file that must exist (source folder, config, shard, plan) does not."""
+
+
+class UnsupportedModelError(MoeslimError, ValueError):
+    """The model family is not one moeslim knows how to prune."""
+
+
+class PlanError(MoeslimError, ValueError):
+    """The requested pruning cannot be served: bad --keep, --top-k, groups, or a plan that does not fit."""
+
+
+class OutputError(MoeslimError, OSError):
+    """The output cannot be written: target exists without --overwrite, overlaps the source, or no space."""

@@ -1,0 +1,134 @@
+"""MoE families as data: where each family keeps its router and experts on disk, and its config keys.
+
+A family is described relative to one decoder layer's MoE block, so the same description serves the
+trunk, MTP layers beyond ``num_hidden_layers`` and multimodal wrappers that prefix every key. Python
+appears only where the layout depends on config values (which layers are MoE, whether groups apply).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moeslim.errors import UnsupportedModelError
+
+
+def _all_layers(cfg: dict) -> list[int]:
+    return list(range(cfg["num_hidden_layers"]))
+
+
+def _after_first_dense(cfg: dict) -> list[int]:
+    return list(range(cfg.get("first_k_dense_replace") or 0, cfg["num_hidden_layers"]))
+
+
+def _qwen_sparse(cfg: dict) -> list[int]:
+    step, dense = cfg.get("decoder_sparse_step") or 1, set(cfg.get("mlp_only_layers") or [])
+    return [i for i in range(cfg["num_hidden_layers"]) if i not in dense and (i + 1) % step == 0]
+
+
+def _llama4_interleaved(cfg: dict) -> list[int]:
+    if cfg.get("moe_layers") is not None:
+        return list(cfg["moe_layers"])
+    step = cfg.get("interleave_moe_layer_step") or 1
+    return list(range(step - 1, cfg["num_hidden_layers"], step))
+
+
+def _no_groups(cfg: dict) -> int:
+    return 1
+
+
+def _noaux_groups(cfg: dict) -> int:
+    return int(cfg.get("n_group") or 1)
+
+
+def _v2_groups(cfg: dict) -> int:
+    return int(cfg.get("n_group") or 1) if cfg.get("topk_method") == "group_limited_greedy" else 1
+
+
+@dataclass(frozen=True)
+class Family:
+    """On-disk layout of one MoE family.
+
+    Names are relative to the MoE block of a decoder layer, ``{prefix}layers.{i}.{block}.``. An entry
+    ending in ``.`` is a module prefix, otherwise an exact tensor name.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    block: str  # MoE block inside a decoder layer: "mlp", "block_sparse_moe", "feed_forward"
+    router: tuple[str, ...]  # tensors with one row per expert on dim 0 (weight, bias, correction bias)
+    count_keys: tuple[str, ...]  # config keys that may hold the routed expert count
+    experts: tuple[str, ...] = ("experts.",)  # per-expert: then "{j}."; fused: tensors with experts on dim 0
+    fused: bool = False
+    top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
+    moe_layers: Callable[[dict], list[int]] = _all_layers
+    groups: Callable[[dict], int] = _no_groups  # number of routing groups (1: no group-limited routing)
+    min_per_group: int = 1  # experts a group must keep for the router's group score to be defined
+    shared: tuple[str, ...] = ()  # shared experts: never pruned, reported by inspect
+    mtp_key: str | None = None  # config key counting MTP / next-n layers after the trunk
+
+    @property
+    def router_weight(self) -> str:
+        """The router's weight tensor, whose presence marks a layer as MoE."""
+        first = self.router[0]
+        return first + "weight" if first.endswith(".") else first
+
+
+def _sigmoid_grouped(name: str, model_types: tuple[str, ...]) -> Family:
+    """DeepSeek-V3-style: sigmoid scores, correction bias under the gate, groups scored by their top-2."""
+    return Family(
+        name, model_types, "mlp", ("gate.",), ("n_routed_experts",),
+        moe_layers=_after_first_dense, groups=_noaux_groups, min_per_group=2,
+        shared=("shared_experts.",), mtp_key="num_nextn_predict_layers",
+    )  # fmt: skip
+
+
+_QWEN_COUNT = ("num_experts", "num_local_experts")  # Hub files: num_experts; transformers 5.x writes the other
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("mixtral", ("mixtral",), "block_sparse_moe", ("gate.",), ("num_local_experts",)),
+        Family("phimoe", ("phimoe",), "block_sparse_moe", ("gate.",), ("num_local_experts",)),
+        Family("minimax_m2", ("minimax_m2",), "block_sparse_moe", ("gate.", "e_score_correction_bias"),
+               ("num_local_experts",)),
+        Family("qwen2_moe", ("qwen2_moe",), "mlp", ("gate.",), _QWEN_COUNT, moe_layers=_qwen_sparse,
+               shared=("shared_expert.", "shared_expert_gate.")),
+        Family("qwen3_moe", ("qwen3_moe",), "mlp", ("gate.",), _QWEN_COUNT, moe_layers=_qwen_sparse),
+        Family("olmoe", ("olmoe",), "mlp", ("gate.",), _QWEN_COUNT),
+        Family("deepseek_v2", ("deepseek_v2",), "mlp", ("gate.",), ("n_routed_experts",),
+               moe_layers=_after_first_dense, groups=_v2_groups, shared=("shared_experts.",)),
+        _sigmoid_grouped("deepseek_v3", ("deepseek_v3", "kimi_k2")),
+        _sigmoid_grouped("glm4_moe", ("glm4_moe",)),
+        Family("gpt_oss", ("gpt_oss",), "mlp", ("router.",), ("num_local_experts", "num_experts"), fused=True,
+               top_k_keys=("num_experts_per_tok", "experts_per_token")),
+        Family("granitemoe", ("granitemoe",), "block_sparse_moe", ("router.",), ("num_local_experts",),
+               experts=("input_linear.", "output_linear."), fused=True),
+        Family("llama4", ("llama4_text", "llama4"), "feed_forward", ("router.",), ("num_local_experts",),
+               fused=True, moe_layers=_llama4_interleaved, shared=("shared_expert.",)),
+    )
+}  # fmt: skip
+
+_BY_MODEL_TYPE = {model_type: f for f in FAMILIES.values() for model_type in f.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def text_config(config: dict) -> dict:
+    """The part of ``config.json`` describing the language model: itself, or ``text_config`` of a wrapper."""
+    if config.get("model_type") not in _BY_MODEL_TYPE and isinstance(config.get("text_config"), dict):
+        return config["text_config"]
+    return config
+
+
+def family_of(config: dict) -> Family:
+    """The family of a raw ``config.json`` dict, looking through multimodal wrappers."""
+    model_type = text_config(config).get("model_type")
+    if model_type not in _BY_MODEL_TYPE:
+        raise UnsupportedModelError(
+            f"unsupported model family {model_type!r} (model_type in config.json);"
+            f" moeslim supports: {', '.join(supported_model_types())}"
+        )
+    return _BY_MODEL_TYPE[model_type]

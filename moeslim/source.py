@@ -1,0 +1,100 @@
+"""A local checkpoint folder: its config, and every tensor's location checked against the shard index."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from moeslim.errors import CheckpointError, MissingFileError
+from moeslim.shards import TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder as moeslim sees it.
+
+    ``tensors`` maps every weight name to its location, in shard-then-offset order, so iterating it reads
+    each file front to back. ``shards`` are the weight files relative to ``root``.
+    """
+
+    root: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    shards: tuple[str, ...]
+    metadata: dict[str, str]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read ``config.json``, the shard index (or the single ``model.safetensors``) and every shard header."""
+    root = Path(path)
+    if not root.is_dir():
+        raise MissingFileError(f"{root} is not a folder; pass a local checkpoint folder")
+    config = read_json(root / "config.json", what="model config")
+    weight_map = _weight_map(root)
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        in_file, meta = read_header(root / shard)
+        metadata = metadata or meta
+        wanted = [name for name, file in weight_map.items() if file == shard]
+        missing = [name for name in wanted if name not in in_file]
+        if missing:
+            raise CheckpointError(
+                f"{INDEX_NAME} places {missing[0]} in {shard}, but that file does not contain it;"
+                " the checkpoint is inconsistent, re-download it"
+            )
+        tensors.update((name, info) for name, info in in_file.items() if name in weight_map)
+    return Checkpoint(root, config, tensors, tuple(dict.fromkeys(weight_map.values())), metadata)
+
+
+def read_json(path: Path, *, what: str) -> dict:
+    if not path.is_file():
+        raise MissingFileError(f"{path} is missing: a checkpoint folder needs its {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); fix or re-download it") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object; fix or re-download it")
+    return data
+
+
+def _weight_map(root: Path) -> dict[str, str]:
+    """Tensor name → shard file name, from the index or the single-file layout."""
+    if (root / INDEX_NAME).is_file():
+        index = read_json(root / INDEX_NAME, what="shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{root / INDEX_NAME} has no weight_map; re-download it")
+        for shard in set(weight_map.values()):
+            _check_shard_name(root, shard)
+        return weight_map
+    if (root / SINGLE_NAME).is_file():
+        names = read_header(root / SINGLE_NAME)[0]
+        return dict.fromkeys(names, SINGLE_NAME)
+    raise MissingFileError(
+        f"no safetensors weights in {root} (expected {SINGLE_NAME} or {INDEX_NAME});"
+        " moeslim reads safetensors only, convert other formats first"
+    )
+
+
+def _check_shard_name(root: Path, shard: object) -> None:
+    """A shard name must be a plain relative path inside the folder and the file must exist.
+
+    The check is lexical, not on resolved paths: Hub cache snapshots are symlinks into a blob store.
+    """
+    pure = PurePosixPath(str(shard))
+    if not isinstance(shard, str) or not shard or pure.is_absolute() or ".." in pure.parts or "\\" in shard:
+        raise CheckpointError(
+            f"{INDEX_NAME} names the shard {shard!r}, which is outside the checkpoint folder; refusing to read it"
+        )
+    if not (root / shard).is_file():
+        raise MissingFileError(f"shard {shard} named in {INDEX_NAME} is missing from {root}; download it")

@@ -1,0 +1,1 @@
+"""Checkpoint surgery: from a plan to a pruned folder, byte ranges copied, nothing decoded."""

@@ -1,0 +1,89 @@
+"""What the pruned checkpoint contains: each output tensor as byte ranges of source files.
+
+Pure functions of the checkpoint's tensor table, its layout and the plan; nothing is read here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeslim.layout import Layout, MoeLayer
+from moeslim.shards import DTYPE_BITS, TensorInfo
+from moeslim.source import Checkpoint
+
+Piece = tuple[Path, int, int]  # (source file, start byte, end byte)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor of the pruned checkpoint, built by concatenating ``pieces`` of source bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(end - start for _, start, end in self.pieces)
+
+
+def plan_outputs(ckpt: Checkpoint, layout: Layout, kept: dict[int, tuple[int, ...]]) -> list[OutputTensor]:
+    """Every output tensor in source order: untouched ones whole, router and fused expert tensors sliced
+    on dim 0, per-expert tensors of kept experts renamed to their new id (kept ids renumbered 0..N-1)."""
+    actions: dict[str, OutputTensor | None] = {}
+    for layer in layout.layers:
+        actions.update(_layer_actions(ckpt.tensors, layer, kept[layer.index]))
+    out = []
+    for name, info in ckpt.tensors.items():
+        if name not in actions:
+            out.append(OutputTensor(name, info.dtype, info.shape, ((info.file, info.start, info.end),)))
+        elif (action := actions[name]) is not None:
+            out.append(action)
+    return out
+
+
+def _layer_actions(
+    tensors: dict[str, TensorInfo], layer: MoeLayer, kept: tuple[int, ...]
+) -> dict[str, OutputTensor | None]:
+    actions: dict[str, OutputTensor | None] = {}
+    for name in layer.router + layer.fused:
+        actions[name] = slice_rows(tensors[name], kept)
+    new_id = {old: new for new, old in enumerate(kept)}
+    for old, names in enumerate(layer.per_expert):
+        for name in names:
+            info = tensors[name]
+            renamed = None
+            if old in new_id:
+                renamed = rename_expert(name, layer.block, old, new_id[old])
+            actions[name] = (
+                None
+                if renamed is None
+                else OutputTensor(renamed, info.dtype, info.shape, ((info.file, info.start, info.end),))
+            )
+    return actions
+
+
+def rename_expert(name: str, block: str, old: int, new: int) -> str:
+    """``{block}experts.{old}.w1.weight`` → ``{block}experts.{new}.w1.weight``."""
+    rel = name[len(block) :]
+    head, sep, tail = rel.partition(f".{old}.")
+    assert sep and name.startswith(block), f"{name} is not expert {old} of {block}"
+    return f"{block}{head}.{new}.{tail}"
+
+
+def slice_rows(info: TensorInfo, rows: tuple[int, ...]) -> OutputTensor:
+    """Keep ``rows`` (ascending) of dim 0, as byte ranges; runs of consecutive rows become one range."""
+    row_bits = DTYPE_BITS[info.dtype] * math.prod(info.shape[1:])
+    assert row_bits % 8 == 0, f"{info.name}: a row of {info.dtype} {list(info.shape)} is not whole bytes"
+    row = row_bits // 8
+    pieces: list[Piece] = []
+    for r in rows:
+        start = info.start + r * row
+        if pieces and pieces[-1][2] == start:
+            pieces[-1] = (info.file, pieces[-1][1], start + row)
+        else:
+            pieces.append((info.file, start, start + row))
+    return OutputTensor(info.name, info.dtype, (len(rows), *info.shape[1:]), tuple(pieces))

@@ -1,0 +1,110 @@
+"""Streaming writer: output shards planned by size, each written as header then copied byte ranges.
+
+Memory stays flat: bytes move file to file through ``os.copy_file_range`` (in-kernel) or a fixed buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+from moeslim.surgery.mapping import OutputTensor
+
+INDEX_NAME = "model.safetensors.index.json"
+CHUNK = 64 * 2**20  # bytes per copy call; bounds memory on the read/write fallback
+
+
+def plan_shards(tensors: list[OutputTensor], max_shard_size: int | str) -> dict[str, list[OutputTensor]]:
+    """Shard file name → tensors, in order, each shard filled up to ``max_shard_size`` bytes."""
+    split = split_state_dict_into_shards_factory(
+        {t.name: t for t in tensors},
+        get_storage_size=lambda t: t.nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    by_name = {t.name: t for t in tensors}
+    return {file: [by_name[n] for n in names] for file, names in split.filename_to_tensors.items()}
+
+
+def write_checkpoint(
+    out_dir: Path,
+    shards: dict[str, list[OutputTensor]],
+    metadata: dict[str, str],
+    progress: Callable[[int], object] = lambda n: None,
+) -> None:
+    """Write every shard into ``out_dir`` and, when there are several, the index with ``total_size``."""
+    for file, tensors in shards.items():
+        write_shard(out_dir / file, tensors, metadata, progress)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for ts in shards.values() for t in ts)},
+            "weight_map": dict(sorted((t.name, file) for file, ts in shards.items() for t in ts)),
+        }
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def safetensors_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length plus JSON header, padded with spaces so the data starts 8-byte aligned."""
+    entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        entries[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def write_shard(
+    path: Path, tensors: list[OutputTensor], metadata: dict[str, str], progress: Callable[[int], object]
+) -> None:
+    with open(path, "wb") as dst, _Sources() as sources:
+        dst.write(safetensors_header(tensors, metadata))
+        dst.flush()
+        for t in tensors:
+            for file, start, end in t.pieces:
+                copy_range(sources.fd(file), dst.fileno(), start, end - start)
+                progress(end - start)
+
+
+def copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (at its current position)."""
+    while count > 0:
+        try:
+            n = os.copy_file_range(src, dst, min(count, CHUNK), offset)
+        except OSError:  # filesystems or kernels without copy_file_range across these files
+            n = 0
+        if n == 0:
+            data = os.pread(src, min(count, CHUNK), offset)
+            if not data:
+                raise OSError(f"unexpected end of source file while copying at byte {offset}")
+            n = os.write(dst, data)
+        offset += n
+        count -= n
+
+
+class _Sources:
+    """Open source files by path, all closed on exit; a shard reads from few files, mostly in order."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def __enter__(self) -> _Sources:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
