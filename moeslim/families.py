@@ -102,9 +102,9 @@ FAMILIES: dict[str, Family] = {
         _sigmoid_grouped("glm4_moe", ("glm4_moe",)),
         Family("gpt_oss", ("gpt_oss",), "mlp", ("router.",), ("num_local_experts", "num_experts"), fused=True,
                top_k_keys=("num_experts_per_tok", "experts_per_token")),
-        Family("granitemoe", ("granitemoe",), "block_sparse_moe", ("router.",), ("num_local_experts",),
+        Family("granitemoe", ("granitemoe",), "block_sparse_moe", ("router.layer.",), ("num_local_experts",),
                experts=("input_linear.", "output_linear."), fused=True),
-        Family("llama4", ("llama4_text", "llama4"), "feed_forward", ("router.",), ("num_local_experts",),
+        Family("llama4", ("llama4_text",), "feed_forward", ("router.",), ("num_local_experts",),
                fused=True, moe_layers=_llama4_interleaved, shared=("shared_expert.",)),
     )
 }  # fmt: skip
@@ -118,8 +118,9 @@ def supported_model_types() -> list[str]:
 
 def text_config(config: dict) -> dict:
     """The part of ``config.json`` describing the language model: itself, or ``text_config`` of a wrapper."""
-    if config.get("model_type") not in _BY_MODEL_TYPE and isinstance(config.get("text_config"), dict):
-        return config["text_config"]
+    nested = config.get("text_config")
+    if isinstance(nested, dict) and nested.get("model_type") in _BY_MODEL_TYPE:
+        return nested
     return config
 
 

@@ -1,0 +1,59 @@
+"""Session fixtures: tiny checkpoints built once per test session by fixtures/build_fixtures.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fixtures.build_fixtures import build
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``built(name)`` → a folder holding fixture ``name``, built on first use and shared by the session.
+
+    Tests must not modify it; ``tree_digest`` lets them prove they did not.
+    """
+    root = tmp_path_factory.mktemp("fixtures")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = build(name, root / name)
+        return cache[name]
+
+    return get
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path → sha256 of every file under ``root`` (plus its mode), to prove a tree unchanged."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            out[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest() + oct(
+                os.stat(path).st_mode
+            )
+    return out
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the real ``moeslim`` entry point in-process; return (exit code, stdout, stderr)."""
+    from moeslim.cli import main
+
+    capsys.readouterr()  # drop whatever earlier steps (fixture builds) printed
+    saved = sys.argv
+    sys.argv = ["moeslim", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = saved
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -1,0 +1,54 @@
+"""Config rewriting, family lookup and which layers each family makes MoE."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeslim.errors import UnsupportedModelError
+from moeslim.families import FAMILIES, family_of
+from moeslim.surgery.config import dump_config, rewrite_config
+
+
+def test_only_keys_present_in_the_file_change() -> None:
+    cfg = {"model_type": "qwen3_moe", "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True}
+    out = rewrite_config(cfg, FAMILIES["qwen3_moe"], 64, 4)
+    assert out == {"model_type": "qwen3_moe", "num_experts": 64, "num_experts_per_tok": 4, "norm_topk_prob": True}
+    assert list(out) == list(cfg) and cfg["num_experts"] == 128  # order kept, input untouched
+
+
+def test_every_alias_present_is_rewritten() -> None:
+    cfg = {"model_type": "gpt_oss", "num_local_experts": 32, "experts_per_token": 4, "num_experts_per_tok": 4}
+    out = rewrite_config(cfg, FAMILIES["gpt_oss"], 16, 2)
+    assert (out["num_local_experts"], out["experts_per_token"], out["num_experts_per_tok"]) == (16, 2, 2)
+
+
+def test_wrapper_rewrites_the_nested_text_config() -> None:
+    cfg = {"model_type": "llama4", "text_config": {"model_type": "llama4_text", "num_local_experts": 16}}
+    out = rewrite_config(cfg, family_of(cfg), 8, 1)
+    assert out["text_config"]["num_local_experts"] == 8 and "num_local_experts" not in out
+    assert dump_config(out).endswith("}\n")
+
+
+def test_unknown_family_names_the_supported_ones() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"'dbrx'.*supports: .*deepseek_v3.*mixtral"):
+        family_of({"model_type": "dbrx"})
+
+
+@pytest.mark.parametrize(
+    ("family", "cfg", "expected"),
+    [
+        ("qwen2_moe", {"num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}, [1, 5]),
+        ("deepseek_v3", {"num_hidden_layers": 5, "first_k_dense_replace": 3}, [3, 4]),
+        ("llama4", {"num_hidden_layers": 6, "interleave_moe_layer_step": 2}, [1, 3, 5]),
+        ("llama4", {"num_hidden_layers": 6, "moe_layers": [0, 4]}, [0, 4]),
+        ("mixtral", {"num_hidden_layers": 2}, [0, 1]),
+    ],
+)
+def test_moe_layers_follow_the_config(family: str, cfg: dict, expected: list[int]) -> None:
+    assert FAMILIES[family].moe_layers(cfg) == expected
+
+
+def test_grouping_applies_only_to_group_limited_routers() -> None:
+    assert FAMILIES["deepseek_v2"].groups({"n_group": 8, "topk_method": "greedy"}) == 1
+    assert FAMILIES["deepseek_v2"].groups({"n_group": 8, "topk_method": "group_limited_greedy"}) == 8
+    assert FAMILIES["deepseek_v3"].groups({"n_group": 8}) == 8
