@@ -32,8 +32,8 @@ class MoeLayer:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """The MoE structure of a checkpoint, with the routing settings surgery must respect."""
+class Routing:
+    """What ``config.json`` alone says about routing: enough to check a ``--keep`` before reading weights."""
 
     family: Family
     num_experts: int
@@ -41,29 +41,45 @@ class Layout:
     n_group: int
     topk_group: int
     num_hidden_layers: int
-    layers: tuple[MoeLayer, ...]
+
+
+@dataclass(frozen=True)
+class Layout(Routing):
+    """The MoE structure of a checkpoint: its routing settings and its MoE layers' tensors."""
+
+    layers: tuple[MoeLayer, ...] = ()
 
     @property
     def moe_indices(self) -> list[int]:
         return [layer.index for layer in self.layers]
 
 
+def routing_of(config: dict) -> Routing:
+    """Routing settings from a raw ``config.json`` dict (looking through multimodal wrappers)."""
+    family = family_of(config)
+    cfg = text_config(config)
+    n_group = family.groups(cfg)
+    return Routing(
+        family=family,
+        num_experts=_config_int(cfg, family.count_keys, "expert count"),
+        top_k=_config_int(cfg, family.top_k_keys, "top-k"),
+        n_group=n_group,
+        topk_group=int(cfg.get("topk_group") or n_group) if n_group > 1 else 1,
+        num_hidden_layers=_config_int(cfg, ("num_hidden_layers",), "layer count"),
+    )
+
+
 def resolve_layout(ckpt: Checkpoint) -> Layout:
     """Find the MoE layers of ``ckpt`` and check tensor names and shapes against its config."""
-    family = family_of(ckpt.config)
-    cfg = text_config(ckpt.config)
-    num_experts = _config_int(cfg, family.count_keys, "expert count")
-    top_k = _config_int(cfg, family.top_k_keys, "top-k")
-    n_layers = _config_int(cfg, ("num_hidden_layers",), "layer count")
+    routing = routing_of(ckpt.config)
+    family, n_layers = routing.family, routing.num_hidden_layers
     blocks = _moe_blocks(ckpt, family)
-    _check_layers_against_config(family, cfg, blocks, n_layers)
+    _check_layers_against_config(family, text_config(ckpt.config), blocks, n_layers)
     layers = tuple(
-        _moe_layer(ckpt, family, index, block, num_experts, mtp=index >= n_layers)
+        _moe_layer(ckpt, family, index, block, routing.num_experts, mtp=index >= n_layers)
         for index, block in sorted(blocks.items())
     )
-    n_group = family.groups(cfg)
-    topk_group = int(cfg.get("topk_group") or n_group) if n_group > 1 else 1
-    return Layout(family, num_experts, top_k, n_group, topk_group, n_layers, layers)
+    return Layout(**vars(routing), layers=layers)
 
 
 def _config_int(cfg: dict, keys: tuple[str, ...], what: str) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from moeslim.errors import MissingFileError, PlanError
-from moeslim.layout import Layout
+from moeslim.layout import Layout, Routing
 
 PLAN_FORMAT = "moeslim.plan"
 PLAN_VERSION = 1
@@ -34,6 +34,7 @@ class Plan:
     criterion: str
     seed: int | None = None
     scores: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)  # data, token count, hash, settings; empty when data-free
 
     @property
     def keep(self) -> int:
@@ -53,6 +54,7 @@ class Plan:
             "top_k": self.top_k,
             "criterion": self.criterion,
             "seed": self.seed,
+            **({"calibration": self.calibration} if self.calibration else {}),
             "layers": layers,
         }
         return json.dumps(doc, indent=2) + "\n"
@@ -75,6 +77,7 @@ def load_plan(path: Path) -> Plan:
             criterion=str(doc["criterion"]),
             seed=doc.get("seed"),
             scores={int(e["layer"]): tuple(float(s) for s in e["scores"]) for e in layers if "scores" in e},
+            calibration=dict(doc.get("calibration") or {}),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         if isinstance(e, PlanError):
@@ -82,7 +85,7 @@ def load_plan(path: Path) -> Plan:
         raise PlanError(f"{path} is not a valid moeslim plan ({type(e).__name__}: {e})") from e
 
 
-def check_feasible(layout: Layout, keep: int, top_k: int) -> None:
+def check_feasible(layout: Routing, keep: int, top_k: int) -> None:
     """Fail fast, before any work, when keeping ``keep`` experts with ``top_k`` routing cannot be served."""
     e, k0 = layout.num_experts, layout.top_k
     if not 1 <= keep < e:

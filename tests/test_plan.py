@@ -60,8 +60,16 @@ def test_lower_top_k_makes_small_keep_feasible() -> None:
 
 def test_plan_json_round_trip(tmp_path: Path) -> None:
     plan = Plan("mixtral", 8, 2, {1: (0, 3, 5, 6), 2: (1, 2, 4, 7)}, "random", seed=5, scores={1: (0.5,) * 8})
+    assert load_plan_text(plan.to_json(), tmp_path) == plan
+    calibrated = Plan("mixtral", 8, 2, {1: (0, 1)}, "reap", calibration={"tokens": 4096, "data": "calib.txt"})
+    assert load_plan_text(calibrated.to_json(), tmp_path) == calibrated
     (tmp_path / "plan.json").write_text(plan.to_json())
     assert load_plan(tmp_path / "plan.json") == plan
+
+
+def load_plan_text(text: str, tmp_path: Path) -> Plan:
+    (tmp_path / "p.json").write_text(text)
+    return load_plan(tmp_path / "p.json")
 
 
 def test_plan_for_other_layers_or_unbalanced_groups_is_refused() -> None:
