@@ -66,6 +66,7 @@ class Family:
     min_per_group: int = 1  # experts a group must keep for the router's group score to be defined
     shared: tuple[str, ...] = ()  # shared experts: never pruned, reported by inspect
     mtp_key: str | None = None  # config key counting MTP / next-n layers after the trunk
+    scoring: str = "softmax"  # how router logits become probabilities: "softmax" or "sigmoid"
 
     @property
     def router_weight(self) -> str:
@@ -79,7 +80,7 @@ def _sigmoid_grouped(name: str, model_types: tuple[str, ...]) -> Family:
     return Family(
         name, model_types, "mlp", ("gate.",), ("n_routed_experts",),
         moe_layers=_after_first_dense, groups=_noaux_groups, min_per_group=2,
-        shared=("shared_experts.",), mtp_key="num_nextn_predict_layers",
+        shared=("shared_experts.",), mtp_key="num_nextn_predict_layers", scoring="sigmoid",
     )  # fmt: skip
 
 
@@ -91,7 +92,7 @@ FAMILIES: dict[str, Family] = {
         Family("mixtral", ("mixtral",), "block_sparse_moe", ("gate.",), ("num_local_experts",)),
         Family("phimoe", ("phimoe",), "block_sparse_moe", ("gate.",), ("num_local_experts",)),
         Family("minimax_m2", ("minimax_m2",), "block_sparse_moe", ("gate.", "e_score_correction_bias"),
-               ("num_local_experts",)),
+               ("num_local_experts",), scoring="sigmoid"),
         Family("qwen2_moe", ("qwen2_moe",), "mlp", ("gate.",), _QWEN_COUNT, moe_layers=_qwen_sparse,
                shared=("shared_expert.", "shared_expert_gate.")),
         Family("qwen3_moe", ("qwen3_moe",), "mlp", ("gate.",), _QWEN_COUNT, moe_layers=_qwen_sparse),
@@ -105,7 +106,7 @@ FAMILIES: dict[str, Family] = {
         Family("granitemoe", ("granitemoe",), "block_sparse_moe", ("router.layer.",), ("num_local_experts",),
                experts=("input_linear.", "output_linear."), fused=True),
         Family("llama4", ("llama4_text",), "feed_forward", ("router.",), ("num_local_experts",),
-               fused=True, moe_layers=_llama4_interleaved, shared=("shared_expert.",)),
+               fused=True, moe_layers=_llama4_interleaved, shared=("shared_expert.",), scoring="sigmoid"),
     )
 }  # fmt: skip
 

@@ -20,7 +20,7 @@ from moeslim.layout import resolve_layout
 from moeslim.pipeline import SlimOptions, slim
 from moeslim.plan import PLAN_NAME
 from moeslim.source import open_checkpoint
-from tests.routing_mask import drop_experts
+from moeslim.calibrate.masking import drop_experts
 
 pytestmark = pytest.mark.slow
 
