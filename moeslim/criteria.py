@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from moeslim.calibrate.collect import Statistics
+from moeslim.calibrate.stats import LayerStats
 from moeslim.errors import PlanError
 from moeslim.layout import Layout, MoeLayer
 from moeslim.shards import FLOAT_DTYPES
@@ -48,12 +50,47 @@ def random_scores(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> 
     return {i: np.random.default_rng([base, i]).random(layout.num_experts) for i in layout.moe_indices}
 
 
-CRITERIA: dict[str, Callable[[Checkpoint, Layout, int | None], Scores]] = {
+DATA_FREE: dict[str, Callable[[Checkpoint, Layout, int | None], Scores]] = {
     "router-norm": router_norm,
     "weight-norm": weight_norm,
     "random": random_scores,
 }
+
+# Calibrated criteria: per-layer scores from routing statistics (see moeslim/calibrate/stats.py).
+CALIBRATED: dict[str, Callable[[LayerStats], np.ndarray]] = {
+    "frequency": lambda s: s["count"],
+    "gate-mass": lambda s: s["gate_mass"],
+    "soft-mass": lambda s: s["soft_mass"],
+    "ean": lambda s: s["ean"],
+    "reap": lambda s: s.reap,
+}
+RECONSTRUCTION = "reconstruction"
+CRITERIA = [*DATA_FREE, *CALIBRATED, RECONSTRUCTION]
 DEFAULT_CRITERION = "router-norm"
+
+
+def is_calibrated(criterion: str) -> bool:
+    return criterion in CALIBRATED or criterion == RECONSTRUCTION
+
+
+def layer_scores(criterion: str, stats: Statistics, index: int, half: str | None = None) -> np.ndarray | None:
+    """Scores of one trunk layer from statistics (one calibration half if given); None where undefined."""
+    if criterion == RECONSTRUCTION:
+        return None if half else stats.reconstruction.get(index)
+    layer = stats.total(index) if half is None else stats.halves[index][half]
+    return np.asarray(CALIBRATED[criterion](layer), dtype=np.float64)
+
+
+def calibrated_scores(criterion: str, stats: Statistics, ckpt: Checkpoint, layout: Layout) -> Scores:
+    """Every MoE layer's scores; MTP layers (not run by transformers) fall back to router-norm."""
+    fallback = router_norm(ckpt, layout) if any(layer.mtp for layer in layout.layers) else {}
+    out = {}
+    for layer in layout.layers:
+        scores = None if layer.mtp else layer_scores(criterion, stats, layer.index)
+        if scores is None and not layer.mtp:
+            raise PlanError(f"the statistics hold no {criterion} scores for layer {layer.index}; recalibrate")
+        out[layer.index] = fallback[layer.index] if scores is None else scores
+    return out
 
 
 def _read(ckpt: Checkpoint, name: str, row: int | None = None) -> torch.Tensor:

@@ -116,17 +116,23 @@ def select(layout: Layout, scores: dict[int, np.ndarray], keep: int) -> dict[int
 
     Ties go to the lower expert id; the result is in ascending original order.
     """
-    group = layout.num_experts // layout.n_group
-    per_group = keep // layout.n_group
-    kept = {}
-    for index in layout.moe_indices:
-        s = np.asarray(scores[index], dtype=np.float64)
-        chosen: list[int] = []
-        for start in range(0, layout.num_experts, group):
-            order = np.argsort(-s[start : start + group], kind="stable")  # stable: ties keep lower ids first
-            chosen.extend(int(start + j) for j in order[:per_group])
-        kept[index] = tuple(sorted(chosen))
-    return kept
+    return {index: select_one(layout, scores[index], keep) for index in layout.moe_indices}
+
+
+def select_one(routing: Routing, scores: np.ndarray, keep: int) -> tuple[int, ...]:
+    """One layer's kept experts: the best ``keep // n_group`` of every group, ascending."""
+    group = routing.num_experts // routing.n_group
+    s = np.asarray(scores, dtype=np.float64)
+    chosen: list[int] = []
+    for start in range(0, routing.num_experts, group):
+        order = np.argsort(-s[start : start + group], kind="stable")  # stable: ties keep lower ids first
+        chosen.extend(int(start + j) for j in order[: keep // routing.n_group])
+    return tuple(sorted(chosen))
+
+
+def jaccard(a: tuple[int, ...], b: tuple[int, ...]) -> float:
+    """|a ∩ b| / |a ∪ b|: 1.0 when two calibrations keep the same experts."""
+    return len(set(a) & set(b)) / len(set(a) | set(b))
 
 
 def check_plan(plan: Plan, layout: Layout) -> None:

@@ -25,3 +25,17 @@ def test_shards_fill_in_order_up_to_the_limit() -> None:
 
 def test_one_shard_is_the_single_file_name() -> None:
     assert list(plan_shards([fake("a", 3)], "5GB")) == ["model.safetensors"]
+
+
+def test_sizes_parse_as_the_hub_writes_them() -> None:
+    import pytest
+
+    from moeslim.units import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5 kb") == 1500
+    assert parse_size("1234") == 1234
+    with pytest.raises(ValueError):
+        parse_size("lots")

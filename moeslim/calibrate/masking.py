@@ -44,7 +44,8 @@ def drop_experts(model: torch.nn.Module, kept: dict[int, tuple[int, ...]]) -> It
 @contextlib.contextmanager
 def mask_router(block: torch.nn.Module, router: torch.nn.Module, kept: tuple[int, ...]) -> Iterator[None]:
     """Within the context, ``router`` (of MoE ``block``) routes only to the ``kept`` experts."""
-    mask = torch.full((router.weight.shape[0],), float("-inf"), device=router.weight.device)  # (experts,)
+    weight: torch.Tensor = router.weight  # type: ignore[assignment]
+    mask = torch.full((weight.shape[0],), float("-inf"), device=weight.device)  # (experts,)
     mask[list(kept)] = 0.0
     biases = [b for h in (block, router) if isinstance(b := getattr(h, "e_score_correction_bias", None), torch.Tensor)]
     saved = [b.detach().clone() for b in biases]
@@ -72,7 +73,7 @@ def _masked_forward(router: torch.nn.Module, mask: torch.Tensor) -> Callable[...
             out = real_linear(x, weight, bias)
             return out + mask.to(out.dtype) if weight is router.weight else out
 
-        F.linear = linear
+        F.linear = linear  # type: ignore[assignment]
         try:
             return original(router, *args, **kwargs)
         finally:

@@ -1,0 +1,1 @@
+"""Calibration: exact routing statistics, collected one decoder layer at a time."""

@@ -1,0 +1,88 @@
+"""The reconstruction criterion (NAEE): keep the experts whose removal changes the MoE output least.
+
+For a sample of the layer's input tokens, every expert's output is computed once by the experts module;
+the output with a set S kept is then the router's own choice among S (dropped experts masked to ``-inf``
+before its top-k and normalisation) weighting those outputs. Experts are removed greedily, each time the
+one whose removal keeps the output closest to the full one; the removal order is the score.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from moeslim.calibrate.masking import mask_router
+from moeslim.calibrate.stats import experts_module, router_module
+from moeslim.layout import Routing
+
+
+class ReconstructionSampler:
+    """Keeps up to ``max_tokens`` of an MoE block's input and scores experts by greedy reconstruction."""
+
+    def __init__(self, block: torch.nn.Module, max_tokens: int) -> None:
+        self.block, self.max_tokens = block, max_tokens
+        self.router, self.experts = router_module(block), experts_module(block)
+        self._inputs: list[torch.Tensor] = []
+        self._router_args: tuple = ()
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        def on_router(module: torch.nn.Module, args: tuple) -> None:
+            hidden = args[0].reshape(-1, args[0].shape[-1])
+            room = self.max_tokens - sum(x.shape[0] for x in self._inputs)
+            if room > 0:
+                self._inputs.append(hidden[:room].detach().clone())
+            self._router_args = args[1:]  # e.g. MiniMax passes its correction bias: a live buffer
+
+        handle = self.router.register_forward_pre_hook(on_router)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def scores(self, routing: Routing) -> np.ndarray:
+        """``(experts,)``: the later an expert is removed by greedy elimination, the higher its score."""
+        x = torch.cat(self._inputs)  # (tokens, hidden)
+        e = routing.num_experts
+        outputs = torch.stack([self._expert_output(x, j) for j in range(e)])  # (experts, tokens, hidden)
+        full = self._output(x, outputs, tuple(range(e)))
+        kept, score = list(range(e)), np.zeros(e)
+        for step in range(e - routing.top_k):
+            errors = {j: self._error(x, outputs, full, kept, j) for j in kept if self._removable(kept, j, routing)}
+            if not errors:
+                break
+            worst = min(errors, key=lambda j: (errors[j], j))
+            kept.remove(worst)
+            score[worst] = step
+        for j in kept:  # never removed: rank the survivors by the error their removal would cause
+            score[j] = e + self._error(x, outputs, full, kept, j)
+        return score
+
+    def _expert_output(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        index = torch.full((x.shape[0], 1), j, dtype=torch.long, device=x.device)
+        ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+        return self.experts.forward(x, index, ones).float()
+
+    def _output(self, x: torch.Tensor, outputs: torch.Tensor, kept: tuple[int, ...]) -> torch.Tensor:
+        """Routed MoE output ``(tokens, hidden)`` when only ``kept`` experts can be chosen."""
+        with mask_router(self.block, self.router, kept):
+            _, weight, index = self.router(x, *self._router_args)  # (tokens, k) each
+        rows = torch.arange(x.shape[0], device=x.device)
+        return sum(weight[:, p, None].float() * outputs[index[:, p], rows] for p in range(index.shape[1]))
+
+    def _error(self, x: torch.Tensor, outputs: torch.Tensor, full: torch.Tensor, kept: list[int], j: int) -> float:
+        without = tuple(i for i in kept if i != j)
+        return float(torch.linalg.vector_norm(full - self._output(x, outputs, without), dim=-1).mean())
+
+    @staticmethod
+    def _removable(kept: list[int], j: int, routing: Routing) -> bool:
+        """Grouped routers need ``min_per_group`` experts left in every group."""
+        if routing.n_group == 1:
+            return True
+        size = routing.num_experts // routing.n_group
+        left = sum(1 for i in kept if i // size == j // size)
+        return left > routing.family.min_per_group

@@ -1,0 +1,235 @@
+"""Layer-by-layer forward through the model's own transformers code, one decoder layer resident at a time.
+
+The model is instantiated on the meta device; each decoder layer's on-disk tensors are turned into its
+in-memory form by transformers' own loading code (``convert_and_load_state_dict_in_model``, which fuses
+per-expert tensors), the layer runs over all cached hidden states batch by batch, and is dropped back to
+meta. The arguments each layer receives (attention masks, rotary embeddings, positions) are captured
+from one run of the model's own forward with the layers stubbed out, so masks and rotary are the model's.
+While a layer computes, a background thread reads the next layer's bytes into the page cache.
+
+This module uses transformers internals (pinned by the ``transformers>=5,<6`` range, covered by tests that
+compare against an ordinary full forward).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
+
+from moeslim.errors import CheckpointError, MoeslimError
+from moeslim.layout import Layout
+from moeslim.source import Checkpoint
+
+READ_CHUNK = 16 * 2**20
+
+
+class DeviceError(MoeslimError, ValueError):
+    """The requested compute device or dtype is not available."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name} asked for a GPU but torch sees no CUDA device; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise DeviceError(f"--device {name!r} is not a device torch knows (use cpu, cuda or cuda:N)") from e
+
+
+class Activations:
+    """Hidden states ``(batch, seq, hidden)`` per calibration batch, on CPU; spilled to disk past ``max_bytes``."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self._items: list[torch.Tensor | Path] = []
+        self._max = max_bytes
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self._items[i]
+        return torch.load(item, weights_only=True) if isinstance(item, Path) else item
+
+    def __setitem__(self, i: int, value: torch.Tensor) -> None:
+        self._items[i] = self._place(value.detach().to("cpu"), i)
+
+    def append(self, value: torch.Tensor) -> None:
+        self._items.append(value)
+        self[len(self._items) - 1] = value
+
+    def resident_bytes(self) -> int:
+        return sum(t.nbytes for t in self._items if isinstance(t, torch.Tensor))
+
+    def _place(self, value: torch.Tensor, i: int) -> torch.Tensor | Path:
+        current = self._items[i]
+        in_memory = self.resident_bytes() - (current.nbytes if isinstance(current, torch.Tensor) else 0)
+        if self._max is None or in_memory + value.nbytes <= self._max:
+            return value
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="moeslim-activations-")
+        path = Path(self._dir.name) / f"{i}.pt"
+        torch.save(value, path)
+        return path
+
+
+class LayerRunner:
+    """Runs a checkpoint's decoder layers in order over cached hidden states."""
+
+    def __init__(
+        self, ckpt: Checkpoint, layout: Layout, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ) -> None:  # fmt: skip
+        self.ckpt, self.layout, self.device, self.dtype = ckpt, layout, resolve_device(device), dtype
+        config = _config(ckpt.root, trust_remote_code)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.eval()
+        self._load_config = LoadStateDictConfig(
+            device_map={"": self.device},
+            dtype=dtype,
+            weight_mapping=get_model_conversion_mapping(self.model),  # type: ignore[arg-type]
+        )
+        self._materialize_buffers()
+        self.decoder = self.model.get_decoder()
+        self.prefix = layout.layers[0].block.split("layers.")[0]  # on-disk decoder prefix, e.g. "model."
+        self._kwargs: dict[int, list[dict[str, Any]]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeslim-prefetch")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    def embed(self, tokens: torch.Tensor, batch_size: int, max_bytes: int | None = None) -> Activations:
+        """Embed ``tokens`` ``(samples, seq)`` in batches; also captures each layer's call arguments."""
+        self._load([n for n in self._outside_layers() if "embed" in n])
+        store = Activations(max_bytes)
+        for start in range(0, tokens.shape[0], batch_size):
+            ids = tokens[start : start + batch_size].to(self.device)
+            if ids.shape[0] not in self._kwargs:
+                self._kwargs[ids.shape[0]] = self._capture_layer_kwargs(ids)
+            with torch.no_grad():
+                store.append(self.decoder.embed_tokens(ids))
+        return store
+
+    def layers(self) -> Iterator[tuple[int, torch.nn.Module]]:
+        """Yield ``(index, layer)`` with that layer's weights loaded; it is unloaded when the caller moves on."""
+        names = [self._layer_names(i) for i in range(self.num_layers)]
+        pending: Future[None] | None = self._pool.submit(_warm, self.ckpt, names[0])
+        for i, layer in enumerate(self.decoder.layers):
+            if pending is not None:
+                pending.result()
+            pending = self._pool.submit(_warm, self.ckpt, names[i + 1]) if i + 1 < len(names) else None
+            self._load(names[i])
+            try:
+                yield i, layer
+            finally:
+                layer.to("meta")
+
+    @torch.no_grad()
+    def forward(
+        self, index: int, layer: torch.nn.Module, store: Activations, update: bool = True,
+        batches: Iterable[int] | None = None,
+    ) -> None:  # fmt: skip
+        """Run ``layer`` over the cached batches (all by default); with ``update`` outputs replace inputs."""
+        for b in range(len(store)) if batches is None else batches:
+            hidden = store[b].to(self.device)
+            out = layer(hidden, **self._kwargs[hidden.shape[0]][index])
+            if update:
+                store[b] = out[0] if isinstance(out, tuple) else out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _layer_names(self, index: int) -> list[str]:
+        head = f"{self.prefix}layers.{index}."
+        return [n for n in self.ckpt.tensors if n.startswith(head)]
+
+    def _outside_layers(self) -> list[str]:
+        return [n for n in self.ckpt.tensors if not n.startswith(f"{self.prefix}layers.")]
+
+    def _load(self, names: list[str]) -> None:
+        state = {}
+        for name in names:
+            info = self.ckpt.tensors[name]
+            with safe_open(info.file, framework="pt") as f:
+                state[name] = f.get_tensor(name)
+        result = convert_and_load_state_dict_in_model(self.model, state, self._load_config)
+        info = result[0]
+        errors = getattr(info, "conversion_errors", None) or info.mismatched_keys or info.unexpected_keys
+        if errors:
+            raise CheckpointError(
+                f"transformers could not load {sorted(errors)[0]} into the model; checkpoint mismatch"
+            )
+
+    def _materialize_buffers(self) -> None:
+        """Non-persistent buffers (rotary frequencies) are not in the checkpoint: compute them on the device."""
+        modules = {}
+        for key, buffer in self.model.named_non_persistent_buffers():
+            owner, _, name = key.rpartition(".")
+            module = self.model.get_submodule(owner)
+            module.register_buffer(name, torch.empty_like(buffer, device=self.device), persistent=False)
+            modules[owner] = module
+        with torch.no_grad():
+            for module in modules.values():
+                self.model._init_weights(module)
+
+    def _capture_layer_kwargs(self, ids: torch.Tensor) -> list[dict[str, Any]]:
+        """Run the model's own forward with every layer stubbed to record its keyword arguments."""
+        records: list[dict[str, Any]] = []
+
+        class _Done(Exception):
+            pass
+
+        def stub(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if args:
+                raise RuntimeError("decoder layers are expected to take keyword arguments after hidden_states")
+            records.append(kwargs)
+            if len(records) == self.num_layers:
+                raise _Done
+            return hidden_states
+
+        for layer in self.decoder.layers:
+            layer.forward = stub
+        try:
+            with torch.no_grad():
+                self.decoder(input_ids=ids, use_cache=False)
+        except _Done:
+            pass
+        finally:
+            for layer in self.decoder.layers:
+                del layer.forward
+        return records
+
+
+def _config(root: Path, trust_remote_code: bool) -> Any:
+    try:
+        return AutoConfig.from_pretrained(root, trust_remote_code=trust_remote_code)
+    except ValueError as e:  # unknown model_type without remote code
+        raise CheckpointError(
+            f"transformers does not know this model's architecture ({e}); calibration runs the model's code,"
+            " pass --trust-remote-code if you trust it, or use a data-free --criterion"
+        ) from e
+
+
+def _warm(ckpt: Checkpoint, names: list[str]) -> None:
+    """Read the bytes of ``names`` once so the next load comes from the page cache (no memory kept)."""
+    buffer = memoryview(bytearray(READ_CHUNK))
+    for file, start, end in sorted((ckpt.tensors[n].file, ckpt.tensors[n].start, ckpt.tensors[n].end) for n in names):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            while start < end:
+                start += os.preadv(fd, [buffer[: min(READ_CHUNK, end - start)]], start) or end
+        finally:
+            os.close(fd)

@@ -1,0 +1,127 @@
+"""Routing statistics per MoE layer and expert, captured from the model's own routing.
+
+The hook sits where the experts module receives the router's chosen indices and weights
+(``experts(hidden (tokens, hidden), index (tokens, k), weight (tokens, k))`` in transformers 5.x), so
+the statistics follow exactly what the model routes: sigmoid scores, correction bias, groups and scaling
+included. Expert outputs are computed for routed tokens only, through the experts module itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+FIELDS = ("count", "gate_mass", "ean", "reap_sum", "soft_mass")
+
+
+@dataclass
+class LayerStats:
+    """Sums over calibration tokens for one MoE layer; every array is ``(experts,)`` float64.
+
+    ``count``: top-k selections |R_j|; ``gate_mass``: sum of g_j(t) over R_j; ``ean``: sum of ||f_j(t)||
+    over R_j; ``reap_sum``: sum of g_j(t)·||f_j(t)|| over R_j; ``soft_mass``: sum over all t of the
+    router's probability for j (softmax or sigmoid of its logits). ``tokens`` counts tokens seen.
+    """
+
+    num_experts: int
+    tokens: int = 0
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in FIELDS:
+            self.arrays.setdefault(name, np.zeros(self.num_experts))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    @property
+    def reap(self) -> np.ndarray:
+        """REAP: mean over routed tokens of g·||f||; 0 for an expert never routed (never NaN)."""
+        count = self.arrays["count"]
+        return np.divide(self.arrays["reap_sum"], count, out=np.zeros_like(count), where=count > 0)
+
+
+def moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The MoE block of a decoder layer in memory: the parent of its router (None for a dense layer).
+
+    Found by structure, not by name: in memory transformers may rename the on-disk block (Mixtral's
+    ``block_sparse_moe`` is ``mlp``).
+    """
+    for name, module in layer.named_modules():
+        if "Router" in type(module).__name__:
+            return layer.get_submodule(name.rpartition(".")[0])
+    return None
+
+
+def experts_module(block: torch.nn.Module) -> torch.nn.Module:
+    """The routed-experts submodule of an MoE block (transformers names it ``*Experts``)."""
+    found = [m for m in block.modules() if type(m).__name__.endswith("Experts")]
+    if len(found) != 1:
+        raise RuntimeError(f"expected one experts module in {type(block).__name__}, found {len(found)}")
+    return found[0]
+
+
+def router_module(block: torch.nn.Module) -> torch.nn.Module:
+    found = [m for m in block.modules() if "Router" in type(m).__name__]
+    if len(found) != 1:
+        raise RuntimeError(f"expected one router module in {type(block).__name__}, found {len(found)}")
+    return found[0]
+
+
+@contextlib.contextmanager
+def collect(block: torch.nn.Module, stats: LayerStats, scoring: str) -> Iterator[None]:
+    """While active, every forward of the MoE ``block`` adds its routing statistics to ``stats``."""
+    experts, router = experts_module(block), router_module(block)
+
+    def on_experts(module: torch.nn.Module, args: tuple) -> None:
+        hidden, index, weight = args[:3]
+        _add_routed(module, stats, hidden, index, weight)
+
+    def on_router(module: torch.nn.Module, args: tuple) -> None:
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]
+        hidden = args[0].reshape(-1, weight.shape[1])
+        logits = F.linear(hidden.float(), weight.float(), _bias(module))  # (tokens, experts)
+        probs = torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        stats.arrays["soft_mass"] += probs.sum(0).double().cpu().numpy()
+        stats.tokens += hidden.shape[0]
+
+    handles = [experts.register_forward_pre_hook(on_experts), router.register_forward_pre_hook(on_router)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _bias(router: torch.nn.Module) -> torch.Tensor | None:
+    bias = getattr(router, "bias", None)
+    return bias.float() if isinstance(bias, torch.Tensor) else None
+
+
+@torch.no_grad()
+def _add_routed(
+    experts: torch.nn.Module, stats: LayerStats, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor
+) -> None:
+    """Add the statistics of one forward: hidden ``(tokens, hidden)``, index and weight ``(tokens, k)``."""
+    e = stats.num_experts
+    flat_index = index.reshape(-1)
+    flat_weight = weight.reshape(-1).double()
+    norms = torch.empty_like(flat_weight)  # (tokens·k,) ||f_j(t)|| of each routed (t, j), position-major
+    ones = torch.ones(index.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    for p in range(index.shape[1]):  # the experts module itself computes f for the p-th choice of every token
+        out = experts.forward(hidden, index[:, p : p + 1], ones)  # (tokens, hidden); .forward: no hooks again
+        norms[p :: index.shape[1]] = torch.linalg.vector_norm(out.double(), dim=-1)
+    add = stats.arrays
+    add["count"] += torch.bincount(flat_index, minlength=e).double().cpu().numpy()
+    add["gate_mass"] += _scatter(flat_index, flat_weight, e)
+    add["ean"] += _scatter(flat_index, norms, e)
+    add["reap_sum"] += _scatter(flat_index, flat_weight * norms, e)
+
+
+def _scatter(index: torch.Tensor, values: torch.Tensor, n: int) -> np.ndarray:
+    return torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, index, values).cpu().numpy()
