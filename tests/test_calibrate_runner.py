@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeslim.calibrate.collect import HALVES, Statistics, calibrate_layers
-from moeslim.calibrate.runner import Activations, LayerRunner
+from moeslim.calibrate.runner import Activations, LayerRunner, decoder_of
 from moeslim.calibrate.stats import FIELDS, LayerStats, collect, moe_block
 from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 CALIBRATABLE = [
     "mixtral", "phimoe", "minimax_m2", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-    "kimi_k2", "glm4_moe", "gpt_oss", "granitemoe", "qwen3_moe_multishard",
+    "kimi_k2", "glm4_moe", "gpt_oss", "granitemoe", "llama4_text", "qwen3_moe_multishard",
 ]  # fmt: skip
 TOKENS = torch.randint(3, 128, (6, 20), generator=torch.Generator().manual_seed(1))  # 3 batches of 2
 
@@ -37,7 +37,7 @@ def _reference(src: Path, layout, batches: list[list[int]]) -> dict[int, LayerSt
     stats = {layer.index: LayerStats(layout.num_experts) for layer in layout.layers if not layer.mtp}
     with contextlib.ExitStack() as stack, torch.no_grad():
         for index, s in stats.items():
-            block = moe_block(model.get_decoder().layers[index])
+            block = moe_block(decoder_of(model).layers[index])
             stack.enter_context(collect(block, s, layout.family.scoring))
         for rows in batches:
             model(input_ids=TOKENS[rows])

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -102,14 +102,18 @@ class LayerRunner:
             weight_mapping=get_model_conversion_mapping(self.model),  # type: ignore[arg-type]
         )
         self._materialize_buffers()
-        self.decoder = self.model.get_decoder()
+        self.decoder = decoder_of(self.model)
         self.prefix = layout.layers[0].block.split("layers.")[0]  # on-disk decoder prefix, e.g. "model."
         self._kwargs: dict[int, list[dict[str, Any]]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeslim-prefetch")
 
     @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return cast(torch.nn.ModuleList, self.decoder.layers)
+
+    @property
     def num_layers(self) -> int:
-        return len(self.decoder.layers)
+        return len(self.decoder_layers)
 
     def embed(self, tokens: torch.Tensor, batch_size: int, max_bytes: int | None = None) -> Activations:
         """Embed ``tokens`` ``(samples, seq)`` in batches; also captures each layer's call arguments."""
@@ -120,14 +124,14 @@ class LayerRunner:
             if ids.shape[0] not in self._kwargs:
                 self._kwargs[ids.shape[0]] = self._capture_layer_kwargs(ids)
             with torch.no_grad():
-                store.append(self.decoder.embed_tokens(ids))
+                store.append(cast(torch.nn.Module, self.decoder.embed_tokens)(ids))
         return store
 
     def layers(self) -> Iterator[tuple[int, torch.nn.Module]]:
         """Yield ``(index, layer)`` with that layer's weights loaded; it is unloaded when the caller moves on."""
         names = [self._layer_names(i) for i in range(self.num_layers)]
         pending: Future[None] | None = self._pool.submit(_warm, self.ckpt, names[0])
-        for i, layer in enumerate(self.decoder.layers):
+        for i, layer in enumerate(self.decoder_layers):
             if pending is not None:
                 pending.result()
             pending = self._pool.submit(_warm, self.ckpt, names[i + 1]) if i + 1 < len(names) else None
@@ -200,7 +204,7 @@ class LayerRunner:
                 raise _Done
             return hidden_states
 
-        for layer in self.decoder.layers:
+        for layer in self.decoder_layers:
             layer.forward = stub
         try:
             with torch.no_grad():
@@ -208,9 +212,17 @@ class LayerRunner:
         except _Done:
             pass
         finally:
-            for layer in self.decoder.layers:
+            for layer in self.decoder_layers:
                 del layer.forward
         return records
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack: the module holding ``embed_tokens`` and the ``layers`` list."""
+    for module in model.modules():
+        if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and hasattr(module, "embed_tokens"):
+            return module
+    raise CheckpointError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
 def _config(root: Path, trust_remote_code: bool) -> Any:

@@ -9,8 +9,10 @@ included. Expert outputs are computed for routed tokens only, through the expert
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -80,7 +82,9 @@ def collect(block: torch.nn.Module, stats: LayerStats, scoring: str) -> Iterator
 
     def on_experts(module: torch.nn.Module, args: tuple) -> None:
         hidden, index, weight = args[:3]
-        _add_routed(module, stats, hidden, index, weight)
+        ones = torch.ones(index.shape[0], 1, dtype=weight.dtype, device=weight.device)
+        # the experts module itself computes f for the p-th choice of every token (.forward: no hook again)
+        _add_routed(stats, index, weight, lambda p: module.forward(hidden, index[:, p : p + 1], ones))
 
     def on_router(module: torch.nn.Module, args: tuple) -> None:
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
@@ -90,7 +94,21 @@ def collect(block: torch.nn.Module, stats: LayerStats, scoring: str) -> Iterator
         stats.arrays["soft_mass"] += probs.sum(0).double().cpu().numpy()
         stats.tokens += hidden.shape[0]
 
-    handles = [experts.register_forward_pre_hook(on_experts), router.register_forward_pre_hook(on_router)]
+    def on_dense_router(module: torch.nn.Module, args: tuple, output: tuple) -> None:
+        # Llama-4: the router returns (scores (tokens, experts), logits); experts then run on every token
+        # with inputs scaled by the scores, so routing is read here and outputs computed per routed token.
+        scores, logits = output
+        index = torch.topk(logits, cast(int, module.top_k), dim=-1).indices  # the router's own choice (tokens, k)
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        _add_routed(stats, index, scores.gather(1, index), lambda p: _dense_expert(experts, hidden, index[:, p]))
+
+    takes_routing = len(inspect.signature(experts.forward).parameters) >= 3
+    handles = [
+        router.register_forward_pre_hook(on_router),
+        experts.register_forward_pre_hook(on_experts)
+        if takes_routing
+        else router.register_forward_hook(on_dense_router),
+    ]
     try:
         yield
     finally:
@@ -103,19 +121,30 @@ def _bias(router: torch.nn.Module) -> torch.Tensor | None:
     return bias.float() if isinstance(bias, torch.Tensor) else None
 
 
+def _dense_expert(experts: torch.nn.Module, hidden: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """``f_j(x_t)`` for expert ``j = choice[t]`` of an experts module holding stacked ``(E, H, 2I)`` weights."""
+    out = torch.empty_like(hidden)
+    gate_up_proj: torch.Tensor = experts.gate_up_proj  # type: ignore[assignment]
+    down_proj: torch.Tensor = experts.down_proj  # type: ignore[assignment]
+    for j in choice.unique().tolist():
+        rows = choice == j
+        gate, up = (hidden[rows] @ gate_up_proj[j]).chunk(2, dim=-1)
+        out[rows] = (up * cast(Callable, experts.act_fn)(gate)) @ down_proj[j]
+    return out
+
+
 @torch.no_grad()
 def _add_routed(
-    experts: torch.nn.Module, stats: LayerStats, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor
+    stats: LayerStats, index: torch.Tensor, weight: torch.Tensor, expert_output: Callable[[int], torch.Tensor]
 ) -> None:
-    """Add the statistics of one forward: hidden ``(tokens, hidden)``, index and weight ``(tokens, k)``."""
-    e = stats.num_experts
-    flat_index = index.reshape(-1)
+    """Add one forward's statistics: ``index``/``weight`` ``(tokens, k)``; ``expert_output(p)`` is
+    ``(tokens, hidden)``, each token's output from its ``p``-th chosen expert, unweighted."""
+    e, k = stats.num_experts, index.shape[1]
+    flat_index = index.reshape(-1)  # token-major: (t0 p0, t0 p1, t1 p0, ...)
     flat_weight = weight.reshape(-1).double()
-    norms = torch.empty_like(flat_weight)  # (tokens·k,) ||f_j(t)|| of each routed (t, j), position-major
-    ones = torch.ones(index.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    for p in range(index.shape[1]):  # the experts module itself computes f for the p-th choice of every token
-        out = experts.forward(hidden, index[:, p : p + 1], ones)  # (tokens, hidden); .forward: no hooks again
-        norms[p :: index.shape[1]] = torch.linalg.vector_norm(out.double(), dim=-1)
+    norms = torch.empty_like(flat_weight)  # ||f_j(t)|| of each routed (t, j)
+    for p in range(k):
+        norms[p::k] = torch.linalg.vector_norm(expert_output(p).double(), dim=-1)
     add = stats.arrays
     add["count"] += torch.bincount(flat_index, minlength=e).double().cpu().numpy()
     add["gate_mass"] += _scatter(flat_index, flat_weight, e)
