@@ -13,6 +13,9 @@ compare against an ordinary full forward).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -136,10 +139,12 @@ class LayerRunner:
                 pending.result()
             pending = self._pool.submit(_warm, self.ckpt, names[i + 1]) if i + 1 < len(names) else None
             self._load(names[i])
+            _release_memory()  # the conversion's temporaries: cycles to collect, heap to hand back
             try:
                 yield i, layer
             finally:
                 layer.to("meta")
+                _release_memory()
 
     @torch.no_grad()
     def forward(
@@ -164,18 +169,18 @@ class LayerRunner:
         return [n for n in self.ckpt.tensors if not n.startswith(f"{self.prefix}layers.")]
 
     def _load(self, names: list[str]) -> None:
-        state = {}
-        for name in names:
-            info = self.ckpt.tensors[name]
-            with safe_open(info.file, framework="pt") as f:
-                state[name] = f.get_tensor(name)
-        result = convert_and_load_state_dict_in_model(self.model, state, self._load_config)
-        info = result[0]
+        """Load on-disk tensors ``names`` into the model through transformers' conversion. They are handed
+        over as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
+        with contextlib.ExitStack() as stack:
+            files = {
+                f: stack.enter_context(safe_open(f, framework="pt")) for f in {self.ckpt.tensors[n].file for n in names}
+            }
+            state = {name: files[self.ckpt.tensors[name].file].get_slice(name) for name in names}
+            info = convert_and_load_state_dict_in_model(self.model, state, self._load_config)[0]
         errors = getattr(info, "conversion_errors", None) or info.mismatched_keys or info.unexpected_keys
         if errors:
-            raise CheckpointError(
-                f"transformers could not load {sorted(errors)[0]} into the model; checkpoint mismatch"
-            )
+            first = sorted(errors)[0]
+            raise CheckpointError(f"transformers could not load {first} into the model; the checkpoint does not match")
 
     def _materialize_buffers(self) -> None:
         """Non-persistent buffers (rotary frequencies) are not in the checkpoint: compute them on the device."""
@@ -215,6 +220,13 @@ class LayerRunner:
             for layer in self.decoder_layers:
                 del layer.forward
         return records
+
+
+def _release_memory() -> None:
+    """Collect garbage and give freed heap back to the OS (glibc keeps it otherwise, and RSS would grow)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -82,9 +82,7 @@ def collect(block: torch.nn.Module, stats: LayerStats, scoring: str) -> Iterator
 
     def on_experts(module: torch.nn.Module, args: tuple) -> None:
         hidden, index, weight = args[:3]
-        ones = torch.ones(index.shape[0], 1, dtype=weight.dtype, device=weight.device)
-        # the experts module itself computes f for the p-th choice of every token (.forward: no hook again)
-        _add_routed(stats, index, weight, lambda p: module.forward(hidden, index[:, p : p + 1], ones))
+        _add_routed(stats, index, weight, lambda: _routed_outputs(module, hidden, index))
 
     def on_router(module: torch.nn.Module, args: tuple) -> None:
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
@@ -100,7 +98,9 @@ def collect(block: torch.nn.Module, stats: LayerStats, scoring: str) -> Iterator
         scores, logits = output
         index = torch.topk(logits, cast(int, module.top_k), dim=-1).indices  # the router's own choice (tokens, k)
         hidden = args[0].reshape(-1, args[0].shape[-1])
-        _add_routed(stats, index, scores.gather(1, index), lambda p: _dense_expert(experts, hidden, index[:, p]))
+        pairs = index.reshape(-1)  # token-major (token, choice) pairs
+        rows = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(index.shape[1])
+        _add_routed(stats, index, scores.gather(1, index), lambda: _dense_expert(experts, hidden[rows], pairs))
 
     takes_routing = len(inspect.signature(experts.forward).parameters) >= 3
     handles = [
@@ -122,7 +122,7 @@ def _bias(router: torch.nn.Module) -> torch.Tensor | None:
 
 
 def _dense_expert(experts: torch.nn.Module, hidden: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-    """``f_j(x_t)`` for expert ``j = choice[t]`` of an experts module holding stacked ``(E, H, 2I)`` weights."""
+    """``(rows,)`` norms ``||f_j(x_t)||`` for expert ``j = choice[t]``, stacked ``(E, H, 2I)`` weights."""
     out = torch.empty_like(hidden)
     gate_up_proj: torch.Tensor = experts.gate_up_proj  # type: ignore[assignment]
     down_proj: torch.Tensor = experts.down_proj  # type: ignore[assignment]
@@ -130,21 +130,36 @@ def _dense_expert(experts: torch.nn.Module, hidden: torch.Tensor, choice: torch.
         rows = choice == j
         gate, up = (hidden[rows] @ gate_up_proj[j]).chunk(2, dim=-1)
         out[rows] = (up * cast(Callable, experts.act_fn)(gate)) @ down_proj[j]
-    return out
+    return torch.linalg.vector_norm(out.double(), dim=-1)
+
+
+PAIRS_PER_CALL = 8192  # (token, expert) pairs per experts call: bounds the (pairs, hidden) buffer
+
+
+def _routed_outputs(experts: torch.nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(tokens·k, hidden)``: each routed (token, expert) pair's unweighted output, token-major, computed by
+    the experts module itself with every pair as a token routed to that one expert with weight 1."""
+    k = index.shape[1]
+    pairs = index.reshape(-1, 1)  # (tokens·k, 1)
+    out = []
+    for start in range(0, pairs.shape[0], PAIRS_PER_CALL):
+        chosen = pairs[start : start + PAIRS_PER_CALL]
+        rows = hidden[torch.arange(start, start + chosen.shape[0], device=hidden.device) // k]
+        ones = torch.ones(chosen.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
+        out.append(torch.linalg.vector_norm(experts.forward(rows, chosen, ones).double(), dim=-1))
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def _add_routed(
-    stats: LayerStats, index: torch.Tensor, weight: torch.Tensor, expert_output: Callable[[int], torch.Tensor]
+    stats: LayerStats, index: torch.Tensor, weight: torch.Tensor, routed_norms: Callable[[], torch.Tensor]
 ) -> None:
-    """Add one forward's statistics: ``index``/``weight`` ``(tokens, k)``; ``expert_output(p)`` is
-    ``(tokens, hidden)``, each token's output from its ``p``-th chosen expert, unweighted."""
-    e, k = stats.num_experts, index.shape[1]
-    flat_index = index.reshape(-1)  # token-major: (t0 p0, t0 p1, t1 p0, ...)
+    """Add one forward's statistics: ``index``/``weight`` ``(tokens, k)``; ``routed_norms()`` gives
+    ``(tokens·k,)`` ``||f_j(t)||`` of each routed pair, token-major like ``index.reshape(-1)``."""
+    e = stats.num_experts
+    flat_index = index.reshape(-1)
     flat_weight = weight.reshape(-1).double()
-    norms = torch.empty_like(flat_weight)  # ||f_j(t)|| of each routed (t, j)
-    for p in range(k):
-        norms[p::k] = torch.linalg.vector_norm(expert_output(p).double(), dim=-1)
+    norms = routed_norms()
     add = stats.arrays
     add["count"] += torch.bincount(flat_index, minlength=e).double().cpu().numpy()
     add["gate_mass"] += _scatter(flat_index, flat_weight, e)
