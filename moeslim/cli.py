@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,8 +15,10 @@ import typer
 from moeslim import __version__
 from moeslim.criteria import CRITERIA, DEFAULT_CRITERION
 from moeslim.errors import MoeslimError
+from moeslim.hub import redact
 from moeslim.layout import resolve_layout
 from moeslim.pipeline import SlimOptions, slim
+from moeslim.publish.push import PushOptions, check_write_access, push_folder, upload_list
 from moeslim.report import format_report, human_bytes, inspect_report
 from moeslim.source import open_checkpoint
 
@@ -41,7 +44,7 @@ def inspect(
 
 @app.command(name="slim")
 def slim_command(
-    src: Annotated[Path, typer.Argument(help="Local checkpoint folder.")],
+    src: Annotated[str, typer.Argument(help="Local checkpoint folder, or a Hub repo id (org/name).")],
     keep: Annotated[int | None, typer.Option(help="Experts to keep per MoE layer.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default ./<name>-keep<N>).")] = None,
     plan: Annotated[Path | None, typer.Option(help="Plan JSON (e.g. a previous output's moeslim_plan.json).")] = None,
@@ -50,9 +53,18 @@ def slim_command(
     top_k: Annotated[int | None, typer.Option("--top-k", help="Lower the router's top-k to K.")] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Hub source: branch, tag or commit.")] = None,
+    push_to: Annotated[str | None, typer.Option(help="Publish the output to this Hub repo (org/name).")] = None,
+    private: Annotated[bool, typer.Option(help="With --push-to: create the repo private.")] = False,
+    push_revision: Annotated[str | None, typer.Option(help="With --push-to: branch to push to.")] = None,
+    create_pr: Annotated[bool, typer.Option(help="With --push-to: open a pull request.")] = False,
 ) -> None:
-    """Keep N experts per MoE layer; write the pruned checkpoint and the plan that made it."""
-    opts = SlimOptions(src, keep, out, plan, criterion, seed, top_k, max_shard_size, overwrite)
+    """Keep N experts per MoE layer; write the pruned checkpoint, its plan and model card; optionally push it."""
+    opts = SlimOptions(
+        src, keep, out, plan, criterion, seed, top_k, max_shard_size, overwrite,
+        revision=revision, push_to=push_to, private=private, push_revision=push_revision, create_pr=create_pr,
+        command=redact(shlex.join(["moeslim", *sys.argv[1:]])),
+    )  # fmt: skip
     result = slim(opts)
     typer.echo(
         f"kept {result.plan.keep} of {result.plan.num_experts} experts in {len(result.plan.kept)} layers"
@@ -61,6 +73,35 @@ def slim_command(
     )
     for path in result.skipped:
         typer.echo(f"note: not copied (weights outside the safetensors index): {path}", err=True)
+    if result.url:
+        typer.echo(f"pushed to {result.url}")
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="Output folder of `moeslim slim`.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo to publish to (org/name); created if missing.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private (an existing repo keeps its own).")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to push to; created if missing.")] = None,
+    create_pr: Annotated[bool, typer.Option(help="Open a pull request instead of committing.")] = False,
+    commit_message: Annotated[str | None, typer.Option(help="Summary of the commit.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="List what would be uploaded; contact nothing.")] = False,
+) -> None:
+    """Upload a pruned folder to the Hub (token from HF_TOKEN or `hf auth login`) and print its URL."""
+    opts = PushOptions(repo_id, private, revision, create_pr, commit_message)
+    if dry_run:
+        _list_upload(folder, repo_id)
+        return
+    check_write_access(opts)
+    typer.echo(f"pushed to {push_folder(folder, opts)}")
+
+
+def _list_upload(folder: Path, repo_id: str) -> None:
+    files = upload_list(folder)
+    for rel, size in files:
+        typer.echo(f"{human_bytes(size):>10}  {rel}")
+    total = human_bytes(sum(size for _, size in files))
+    typer.echo(f"would upload {len(files)} file(s), {total}, to {repo_id} (dry run: nothing sent)")
 
 
 @app.command()

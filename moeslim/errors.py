@@ -25,3 +25,15 @@ class PlanError(MoeslimError, ValueError):
 
 class OutputError(MoeslimError, OSError):
     """The output cannot be written: target exists without --overwrite, overlaps the source, or no space."""
+
+
+class UsageError(MoeslimError, ValueError):
+    """Options that contradict each other or do not apply to this source."""
+
+
+class HubError(MoeslimError, OSError):
+    """The Hub cannot serve the request: repo or revision missing, offline with nothing cached, unreachable."""
+
+
+class HubAuthError(HubError, PermissionError):
+    """No token, a token the Hub rejects, or one without the access the request needs (gated, read-only)."""

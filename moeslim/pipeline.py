@@ -1,18 +1,22 @@
-"""``slim``: the whole flow, in order — open source → layout → plan → map → write."""
+"""``slim``: the whole flow, in order — resolve source → layout → plan → map → write (with the card) → push."""
 
 from __future__ import annotations
 
 import dataclasses
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from moeslim.criteria import CRITERIA, DEFAULT_CRITERION
-from moeslim.errors import PlanError
+from moeslim.errors import MoeslimError, PlanError
 from moeslim.families import text_config
-from moeslim.layout import Layout, resolve_layout
+from moeslim.hub import resolve_source
+from moeslim.layout import Layout, resolve_layout, routing_of
 from moeslim.plan import PLAN_NAME, Plan, check_feasible, check_plan, load_plan, select
+from moeslim.publish.facts import write_model_card
+from moeslim.publish.push import PushOptions, check_write_access, push_folder
 from moeslim.source import Checkpoint, open_checkpoint
 from moeslim.surgery.config import dump_config, rewrite_config
 from moeslim.surgery.files import atomic_folder, check_space, check_target, copy_files, extra_files
@@ -22,7 +26,7 @@ from moeslim.surgery.writer import plan_shards, write_checkpoint
 
 @dataclass(frozen=True)
 class SlimOptions:
-    source: Path
+    source: str | Path  # a local folder, or a Hub repo id when no such folder exists
     keep: int | None = None
     out: Path | None = None
     plan: Path | None = None
@@ -31,6 +35,12 @@ class SlimOptions:
     top_k: int | None = None
     max_shard_size: str = "5GB"
     overwrite: bool = False
+    revision: str | None = None  # of a Hub source
+    push_to: str | None = None  # Hub repo id to publish the output to
+    private: bool = False  # create push_to private (an existing repo keeps its visibility)
+    push_revision: str | None = None  # branch of push_to (default: its default branch)
+    create_pr: bool = False  # push as a pull request
+    command: str = ""  # the command line that made it, for the model card
 
 
 @dataclass(frozen=True)
@@ -40,17 +50,22 @@ class SlimResult:
     bytes_written: int
     shards: int
     skipped: list[Path]
+    url: str | None = None  # where it was pushed
 
 
 def slim(opts: SlimOptions) -> SlimResult:
     """Prune ``opts.source`` into ``opts.out``; the source is only read, the target appears whole or not at all."""
-    ckpt = open_checkpoint(opts.source)
+    push = _push_options(opts)
+    if push is not None:
+        check_write_access(push)  # before any work: a long prune must not end in a refused token
+    root = resolve_source(str(opts.source), opts.revision, preflight=lambda config: preflight(config, opts))
+    ckpt = open_checkpoint(root)
     layout = resolve_layout(ckpt)
     if opts.out is not None:
-        check_target(opts.source, opts.out, opts.overwrite)  # before scoring, which may take a while
+        check_target(root, opts.out, opts.overwrite)  # before scoring, which may take a while
     plan = make_plan(ckpt, layout, opts)
     out = opts.out or default_out(opts.source, plan.keep)
-    check_target(opts.source, out, opts.overwrite)
+    check_target(root, out, opts.overwrite)
     outputs = plan_outputs(ckpt, layout, plan.kept)
     try:
         shards = plan_shards(outputs, opts.max_shard_size)
@@ -68,7 +83,34 @@ def slim(opts: SlimOptions) -> SlimResult:
         (tmp / "config.json").write_text(dump_config(config), encoding="utf-8")
         copy_files(ckpt.root, copied, tmp)
         (tmp / PLAN_NAME).write_text(plan.to_json(), encoding="utf-8")
-    return SlimResult(out, plan, total, len(shards), skipped)
+        name = push.repo_id.split("/")[-1] if push else out.name
+        write_model_card(tmp, ckpt, layout, plan, source=str(opts.source), name=name, command=opts.command)
+    url = _push(out, push) if push else None
+    return SlimResult(out, plan, total, len(shards), skipped, url)
+
+
+def preflight(config: dict, opts: SlimOptions) -> None:
+    """What ``config.json`` alone can refuse (family, --keep against routing), before weights are downloaded."""
+    routing = routing_of(config)
+    if opts.plan is None and opts.keep is None:
+        raise PlanError("say how many experts to keep per layer: pass --keep N (or --plan FILE)")
+    if opts.plan is None and opts.keep is not None:
+        check_feasible(routing, opts.keep, routing.top_k if opts.top_k is None else opts.top_k)
+
+
+def _push(out: Path, push: PushOptions) -> str:
+    """Push the finished output; when that fails, say the output is safe and how to push it again."""
+    try:
+        return push_folder(out, push)
+    except MoeslimError as e:
+        again = shlex.join(["moeslim", "push", str(out), push.repo_id])
+        raise type(e)(f"{e}; the pruned model is complete in {out}: push it later with `{again}`") from e
+
+
+def _push_options(opts: SlimOptions) -> PushOptions | None:
+    if opts.push_to is None:
+        return None
+    return PushOptions(opts.push_to, opts.private, opts.push_revision, opts.create_pr)
 
 
 def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions) -> Plan:
@@ -99,6 +141,6 @@ def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions) -> Plan:
     )
 
 
-def default_out(source: Path, keep: int) -> Path:
+def default_out(source: str | Path, keep: int) -> Path:
     """``./<source name>-keep<N>`` in the working directory."""
     return Path.cwd() / f"{Path(source).resolve().name}-keep{keep}"

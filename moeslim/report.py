@@ -80,8 +80,8 @@ def human_bytes(n: float) -> str:
 def format_report(r: dict) -> str:
     lines = [
         f"family        {r['family']} (model_type {r['model_type']}, {r['layout']} experts)",
-        f"layers        {r['layers']}: MoE {_ranges(r['moe_layers'])}; dense {_ranges(r['dense_layers']) or '-'};"
-        f" MTP {_ranges(r['mtp_layers']) or '-'}",
+        f"layers        {r['layers']}: MoE {format_ranges(r['moe_layers'])};"
+        f" dense {format_ranges(r['dense_layers']) or '-'}; MTP {format_ranges(r['mtp_layers']) or '-'}",
         f"experts       {r['experts_per_layer']} per MoE layer, top-{r['top_k']}"
         + (f", {r['n_group']} groups (top {r['topk_group']})" if r["n_group"] > 1 else "")
         + (f", {r['shared_experts']} shared" if r["shared_experts"] else ""),
@@ -95,7 +95,7 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _ranges(xs: list[int]) -> str:
+def format_ranges(xs: list[int]) -> str:
     """[0, 1, 2, 5] → '0-2, 5'."""
     runs: list[list[int]] = []
     for x in xs:

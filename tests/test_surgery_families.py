@@ -128,7 +128,9 @@ def test_config_round_trip_and_plan_reproduces_output(name: str, built: Callable
     slim(SlimOptions(src, out=again, plan=out / PLAN_NAME))
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(p.name for p in again.iterdir())
-    assert all((out / f).read_bytes() == (again / f).read_bytes() for f in files)
+    same = [f for f in files if f != "README.md"]  # the model card records each run's own command
+    assert "model.safetensors" in same or "model.safetensors.index.json" in same
+    assert all((out / f).read_bytes() == (again / f).read_bytes() for f in same)
 
 
 def test_repo_files_copied_base_card_not(built: Callable[[str], Path], tmp_path: Path) -> None:
@@ -142,7 +144,8 @@ def test_repo_files_copied_base_card_not(built: Callable[[str], Path], tmp_path:
         "custom_helper.py",
     ):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
-    assert (src / "README.md").exists() and not (out / "README.md").exists()
+    card = (out / "README.md").read_text()  # the pruned model's own card replaces the base card
+    assert (src / "README.md").read_text() not in card and "moeslim" in card
 
 
 def test_mtp_layer_is_pruned_with_the_trunk(built: Callable[[str], Path], tmp_path: Path) -> None:

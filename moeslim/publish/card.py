@@ -1,0 +1,197 @@
+"""The model card (``README.md``) of a pruned checkpoint, rendered from plain data.
+
+Pure: every number comes in through ``CardFacts`` (measured by ``publish.facts``), so the card is tested
+on hand-made values. The card states what changed, how to reproduce it, how it was validated, which experts
+each layer kept, and that the base model's license applies.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+
+import yaml
+
+from moeslim.plan import PLAN_NAME, Plan
+from moeslim.report import format_ranges, human_bytes
+
+TAGS = ["moe", "pruned", "expert-pruning", "moeslim"]
+CARRIED_KEYS = ("license", "license_name", "license_link", "language")  # from the base card's metadata
+PLOT_HINT = "pip install 'moeslim[plot]'"
+
+
+@dataclass(frozen=True)
+class Side:
+    """One model of the comparison table."""
+
+    experts: int  # routed experts per MoE layer
+    top_k: int  # experts active per token
+    parameters: int  # elements over all tensors, as stored
+    file_bytes: int  # safetensors files on disk
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    name: str  # the pruned model's name (repo name or output folder)
+    source: str  # as given on the command line: a repo id or a local folder
+    base_model: str | None  # Hub repo id of the base model, when known
+    source_revision: str | None  # commit of the Hub snapshot that was pruned
+    model_type: str
+    original: Side
+    pruned: Side
+    plan: Plan
+    version: str  # moeslim's
+    command: str  # the command that made it, as run
+    base_card: dict = field(default_factory=dict)  # the base card's YAML metadata
+    validation: dict | None = None  # validation.json, when validated
+    image: str | None = None  # expert map image file, when drawn
+    packed_fp4: bool = False  # MXFP4 `_blocks` tensors hold two values per stored byte
+    endpoint: str = "https://huggingface.co"
+
+
+def render_card(f: CardFacts) -> str:
+    sections = [_front_matter(f), _intro(f), _comparison(f), _how_made(f), _validation(f), _expert_map(f)]
+    return "\n\n".join([*sections, _license(f)]) + "\n"
+
+
+def card_metadata(f: CardFacts) -> dict:
+    """The card's YAML metadata: base model, license carried from the base card, tags, library, task."""
+    meta: dict = {"base_model": f.base_model} if f.base_model else {}
+    meta.update({k: f.base_card[k] for k in CARRIED_KEYS if f.base_card.get(k)})
+    meta["tags"] = [*TAGS, f.model_type]
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = f.base_card.get("pipeline_tag") or "text-generation"
+    return meta
+
+
+def front_matter(text: str) -> dict:
+    """The YAML metadata block at the top of a model card, or ``{}`` when absent or unreadable."""
+    if not text.startswith("---"):
+        return {}
+    parts = text.split("\n---", 1)
+    try:
+        meta = yaml.safe_load(parts[0][3:]) if len(parts) == 2 else None
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _front_matter(f: CardFacts) -> str:
+    return "---\n" + yaml.safe_dump(card_metadata(f), sort_keys=False, allow_unicode=True) + "---"
+
+
+def _base_link(f: CardFacts) -> str:
+    if f.base_model:
+        return f"[{f.base_model}]({f.endpoint}/{f.base_model})"
+    return f"a local checkpoint (`{f.source}`)"
+
+
+def _intro(f: CardFacts) -> str:
+    p = f.plan
+    return (
+        f"# {f.name}\n\n"
+        f"Pruned from {_base_link(f)}: {p.keep} of its {p.num_experts} routed experts are kept in each of its"
+        f" {len(p.kept)} MoE layers ({p.top_k} active per token). The other experts were cut out of the safetensors"
+        f" files by moeslim {f.version}: the routers are sliced to match, and every other tensor is byte-identical"
+        " to the base model (quantised weights included). Pruning removes capacity: check the validation below,"
+        " and your own evaluation, before relying on it."
+    )
+
+
+def _comparison(f: CardFacts) -> str:
+    o, n = f.original, f.pruned
+    rows = [
+        ("experts per MoE layer", o.experts, n.experts),
+        ("active experts per token", o.top_k, n.top_k),
+        ("total parameters", _count(o.parameters), _count(n.parameters)),
+        ("file size (safetensors)", human_bytes(o.file_bytes), human_bytes(n.file_bytes)),
+    ]
+    table = _table(["", "original", "pruned"], rows)
+    if f.packed_fp4:
+        table += (
+            "\n\nParameters are counted as stored: MXFP4 `_blocks` tensors pack two 4-bit values per byte and"
+            " count one per byte, so their true count is twice what they add here."
+        )
+    return "## Original and pruned\n\n" + table
+
+
+def _how_made(f: CardFacts) -> str:
+    p = f.plan
+    source = f"`{f.source}`" + (f" at commit `{f.source_revision}`" if f.source_revision else "")
+    lines = [
+        f"- source: {source}",
+        f"- criterion: `{p.criterion}` (experts with the highest scores kept in every layer)",
+        f"- calibration: {_calibration(p.calibration)}",
+        f"- seed: {p.seed if p.seed is not None else 'not used by the criterion'}",
+        f"- moeslim version: {f.version}",
+        f"- plan (kept expert ids and scores per layer): `{PLAN_NAME}` in this repo",
+    ]
+    made = f"The command that made it:\n\n```bash\n{f.command}\n```" if f.command else "Made through the Python API."
+    return (
+        "## How it was made\n\n" + "\n".join(lines) + f"\n\n{made}\n\n"
+        f"The same weights and config, byte for byte, from the plan in this repo:"
+        f" `moeslim slim {shlex.quote(f.source)} --plan {PLAN_NAME}`."
+    )
+
+
+def _calibration(calibration: dict) -> str:
+    if not calibration:
+        return "none: data-free criterion, no calibration data"
+    return "; ".join(f"{k}: {_value(v)}" for k, v in calibration.items())
+
+
+def _validation(f: CardFacts) -> str:
+    numbers = {k: v for k, v in (f.validation or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    if not numbers:
+        return "## Validation\n\nNot validated yet: no `validation.json` was found next to the weights."
+    return "## Validation\n\n" + _table(["metric", "value"], [(k, _value(v)) for k, v in numbers.items()])
+
+
+def _expert_map(f: CardFacts) -> str:
+    if f.image:
+        picture = (
+            f"![Expert scores per layer, kept experts marked]({f.image})\n\n"
+            f"Rows are MoE layers, columns original expert ids; colour is the `{f.plan.criterion}` score scaled"
+            " within each layer, and dots mark the kept experts."
+        )
+    else:
+        picture = (
+            "The expert map image was not drawn because matplotlib is not installed"
+            f" (`{PLOT_HINT}` and prune again to get it); the table below holds the same kept sets."
+        )
+    rows = [(i, format_ranges(list(kept))) for i, kept in sorted(f.plan.kept.items())]
+    table = _table(["layer", "kept experts (original ids; renumbered 0..N-1 in this order)"], rows)
+    return (
+        f"## Expert map\n\n{picture}\n\n<details>\n<summary>Kept experts per layer</summary>\n\n{table}\n\n</details>"
+    )
+
+
+def _license(f: CardFacts) -> str:
+    meta = f.base_card
+    name = meta.get("license_name") or meta.get("license")
+    text = f"## License\n\nThis is a derivative of {_base_link(f)}, and the base model's license applies"
+    if not name:
+        return text + ". The base card declares no license: check the base model's terms before you share this model."
+    link = f" ({meta['license_link']})" if meta.get("license_link") else ""
+    return text + f": `{name}`{link}. Read the base model's card for its terms and any use restrictions."
+
+
+def _table(header: list[str], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    """58_368 → '58.4K'; 30_532_122_624 → '30.53B'."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}" if unit in "TB" else f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _value(v: object) -> str:
+    """A value for one table cell or list item: short floats, compact JSON, no line breaks or pipes."""
+    text = f"{v:.4g}" if isinstance(v, float) else v if isinstance(v, str) else json.dumps(v, separators=(", ", ": "))
+    return " ".join(text.split()).replace("|", "\\|")

@@ -1,0 +1,183 @@
+"""The model card: rendered from hand-made facts, measured from real outputs, with and without matplotlib."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors import safe_open
+
+from moeslim.plan import Plan
+from moeslim.publish.card import CardFacts, Side, front_matter, render_card
+from moeslim.publish.facts import base_model_id, measure
+from moeslim.publish.heatmap import draw_expert_map, expert_grid
+from moeslim.source import open_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAN = Plan(
+    model_type="qwen3_moe",
+    num_experts=8,
+    top_k=2,
+    kept={0: (0, 1, 2, 5), 1: (3, 4, 6, 7)},
+    criterion="router-norm",
+    scores={0: (4.0, 3.0, 3.0, 0.0, 1.0, 2.5, 1.0, 1.0), 1: (1.0,) * 8},
+)
+FACTS = CardFacts(
+    name="tiny-slim",
+    source="org/tiny",
+    base_model="org/tiny",
+    source_revision="a" * 40,
+    model_type="qwen3_moe",
+    original=Side(experts=8, top_k=2, parameters=55_296, file_bytes=232_168),
+    pruned=Side(experts=4, top_k=2, parameters=36_480, file_bytes=152_904),
+    plan=PLAN,
+    version="1.2.3",
+    command="moeslim slim org/tiny --keep 4 --push-to org/tiny-slim",
+    base_card={
+        "license": "other",
+        "license_name": "tiny-license",
+        "license_link": "LICENSE",
+        "language": ["en"],
+        "tags": ["base-only-tag"],
+        "pipeline_tag": "text-generation",
+    },  # fmt: skip
+    image="expert_map.png",
+)
+
+
+def _meta(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("\n---\n", 1)[0][4:])
+
+
+def test_metadata_carries_the_base_license_and_names_the_base_model() -> None:
+    meta = _meta(render_card(FACTS))
+    assert meta == {
+        "base_model": "org/tiny",
+        "license": "other",
+        "license_name": "tiny-license",
+        "license_link": "LICENSE",
+        "language": ["en"],
+        "tags": ["moe", "pruned", "expert-pruning", "moeslim", "qwen3_moe"],
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+    }
+
+
+def test_card_sections() -> None:
+    card = render_card(FACTS)
+    assert "| experts per MoE layer | 8 | 4 |" in card and "| active experts per token | 2 | 2 |" in card
+    assert "| total parameters | 55.3K | 36.5K |" in card  # 55_296 and 36_480 rounded to one decimal
+    assert "| file size (safetensors) | 232.2 KB | 152.9 KB |" in card
+    assert f"```bash\n{FACTS.command}\n```" in card
+    assert "`org/tiny` at commit `" + "a" * 40 + "`" in card
+    assert "calibration: none: data-free criterion, no calibration data" in card
+    assert "Not validated yet" in card
+    assert "![Expert scores per layer, kept experts marked](expert_map.png)" in card
+    assert "| 0 | 0-2, 5 |" in card and "| 1 | 3-4, 6-7 |" in card
+    assert "the base model's license applies: `tiny-license` (LICENSE)" in card
+    assert "MXFP4" not in card
+
+
+def test_calibration_validation_and_a_local_source() -> None:
+    plan = replace(PLAN, criterion="reap", calibration={"data": "notes | more", "tokens": 131072, "seed": 0})
+    facts = replace(FACTS, plan=plan, base_model=None, source="/models/x y", source_revision=None, base_card={},
+                    validation={"ppl_original": 5.123456, "ppl_pruned": 5.9, "note": "text", "ok": True},
+                    image=None, packed_fp4=True, command="")  # fmt: skip
+    card = render_card(facts)
+    assert "base_model" not in _meta(card) and "license" not in _meta(card)
+    assert "calibration: data: notes \\| more; tokens: 131072; seed: 0" in card  # pipes cannot break the table
+    assert "| ppl_original | 5.123 |\n| ppl_pruned | 5.9 |\n" in card  # numbers only, 4 significant digits
+    assert "| note |" not in card and "| ok |" not in card
+    assert "Pruned from a local checkpoint (`/models/x y`)" in card
+    assert "`moeslim slim '/models/x y' --plan moeslim_plan.json`" in card
+    assert "matplotlib is not installed (`pip install 'moeslim[plot]'`" in card and "](expert_map.png)" not in card
+    assert "The base card declares no license" in card
+    assert "MXFP4 `_blocks` tensors pack two 4-bit values per byte" in card
+    assert "Made through the Python API." in card
+
+
+@pytest.mark.parametrize(
+    ("text", "meta"),
+    [
+        ("---\nlicense: mit\n---\nbody", {"license": "mit"}),
+        ("no metadata\n", {}),
+        ("---\nlicense: [unclosed\n---\n", {}),
+        ("---\n- a list\n---\n", {}),
+    ],
+)
+def test_front_matter(text: str, meta: dict) -> None:
+    assert front_matter(text) == meta
+
+
+def test_expert_grid_scales_each_layer() -> None:
+    grid = expert_grid(PLAN)
+    assert grid.shape == (2, 8)
+    np.testing.assert_allclose(grid[0], [1.0, 0.75, 0.75, 0.0, 0.25, 0.625, 0.25, 0.25])  # (s - 0) / (4 - 0)
+    np.testing.assert_allclose(grid[1], 0.5)  # all equal: no order to show
+    unscored = expert_grid(replace(PLAN, scores={}))
+    assert unscored[0].tolist() == [1, 1, 1, 0, 0, 1, 0, 0]
+
+
+def test_expert_map_is_a_png(tmp_path: Path) -> None:
+    assert draw_expert_map(PLAN, tmp_path / "map.png")
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_measure_counts_parameters_from_headers(built: Callable[[str], Path]) -> None:
+    src = built("qwen3_moe_multishard")
+    parameters, size = measure(open_checkpoint(src))
+    shards = sorted(src.glob("*.safetensors"))
+    expected = 0
+    for shard in shards:  # counted here through the safetensors library instead of moeslim's header parser
+        with safe_open(shard, framework="np") as f:
+            expected += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
+    assert parameters == expected and size == sum(p.stat().st_size for p in shards)
+
+
+def test_base_model_of_a_local_folder(built: Callable[[str], Path], tmp_path: Path) -> None:
+    src = built("qwen3_moe")
+    assert base_model_id(str(src), open_checkpoint(src)) is None  # a folder of unknown origin
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    for file in src.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    assert base_model_id(str(snapshot), open_checkpoint(snapshot)) == "org/name"  # a Hub cache snapshot
+    config = json.loads((src / "config.json").read_text())
+    (tmp_path / "named").mkdir()
+    for file in src.iterdir():
+        (tmp_path / "named" / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "named" / "config.json").write_text(json.dumps({**config, "_name_or_path": "Qwen/Qwen3-30B-A3B"}))
+    assert base_model_id(str(tmp_path / "named"), open_checkpoint(tmp_path / "named")) == "Qwen/Qwen3-30B-A3B"
+
+
+@pytest.mark.parametrize("matplotlib", ["installed", "missing"])
+def test_slim_writes_a_complete_card(matplotlib: str, built: Callable[[str], Path], tmp_path: Path) -> None:
+    """The real CLI in a fresh interpreter; 'missing' makes ``import matplotlib`` fail there."""
+    hide = "sys.modules['matplotlib'] = None; " if matplotlib == "missing" else ""
+    args = ["slim", str(built("qwen3_moe")), "--keep", "4", "--out", "pruned"]
+    code = f"import sys; {hide}sys.argv = ['moeslim', *{args!r}]; from moeslim.cli import main; main()"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "pruned"
+    card = (out / "README.md").read_text()
+    assert _meta(card)["license"] == "apache-2.0"  # from the fixture's base card
+    assert f"```bash\nmoeslim {' '.join(args)}\n```" in card
+    for heading in ("## Original and pruned", "## How it was made", "## Validation", "## Expert map", "## License"):
+        assert heading in card
+    assert "| 0 | " in card  # the kept map is there either way
+    image = out / "expert_map.png"
+    if matplotlib == "installed":
+        assert "](expert_map.png)" in card and image.read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert not image.exists() and "pip install 'moeslim[plot]'" in card and "](expert_map.png)" not in card
