@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from moeslim import __version__
+from moeslim.calibrate.session import CalibrationOptions, run_calibration
 from moeslim.criteria import CRITERIA, DEFAULT_CRITERION
 from moeslim.errors import MoeslimError
 from moeslim.hub import redact
@@ -28,6 +29,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Prune experts out of Mixture-of-Experts checkpoints, straight in the safetensors files.",
 )
+
+
+# Calibration options, shared by `calibrate` and `slim` (calibrated criteria).
+Calib = Annotated[
+    str | None,
+    typer.Option(help="Calibration text: file, folder, .jsonl (text or chat), Hub dataset id; default: stdlib."),
+]
+Samples = Annotated[int, typer.Option(help="Calibration sequences.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sequence.")]
+Device = Annotated[str, typer.Option(help="Compute device: cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")]
+BatchSize = Annotated[int, typer.Option(help="Sequences per forward batch.")]
+MaxMemory = Annotated[str | None, typer.Option(help="RAM for cached activations before spilling to disk, e.g. 8GB.")]
+Trust = Annotated[bool, typer.Option(help="Allow running the model's own remote code (calibration only).")]
+CalibSplit = Annotated[str, typer.Option(help="Hub dataset split.")]
+CalibColumn = Annotated[str | None, typer.Option(help="Hub dataset text column (default: text).")]
 
 
 @app.command()
@@ -58,10 +75,27 @@ def slim_command(
     private: Annotated[bool, typer.Option(help="With --push-to: create the repo private.")] = False,
     push_revision: Annotated[str | None, typer.Option(help="With --push-to: branch to push to.")] = None,
     create_pr: Annotated[bool, typer.Option(help="With --push-to: open a pull request.")] = False,
+    stats: Annotated[Path | None, typer.Option(help="Statistics from `moeslim calibrate`.")] = None,
+    progressive: Annotated[bool, typer.Option(help="Calibrate each layer on the pruned previous layers.")] = False,
+    calib: Calib = None,
+    samples: Samples = CalibrationOptions.samples,
+    seq_len: SeqLen = CalibrationOptions.seq_len,
+    device: Device = CalibrationOptions.device,
+    dtype: Dtype = CalibrationOptions.dtype,
+    batch_size: BatchSize = CalibrationOptions.batch_size,
+    max_memory: MaxMemory = None,
+    trust_remote_code: Trust = False,
+    calib_split: CalibSplit = CalibrationOptions.calib_split,
+    calib_column: CalibColumn = None,
 ) -> None:
     """Keep N experts per MoE layer; write the pruned checkpoint, its plan and model card; optionally push it."""
+    calibration = CalibrationOptions(
+        calib, samples, seq_len, seed or 0, device, dtype, batch_size, max_memory,
+        calib_split=calib_split, calib_column=calib_column, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
     opts = SlimOptions(
         src, keep, out, plan, criterion, seed, top_k, max_shard_size, overwrite,
+        stats=stats, calibration=calibration, progressive=progressive,
         revision=revision, push_to=push_to, private=private, push_revision=push_revision, create_pr=create_pr,
         command=redact(shlex.join(["moeslim", *sys.argv[1:]])),
     )  # fmt: skip
@@ -71,10 +105,47 @@ def slim_command(
         f" ({result.plan.criterion}); wrote {human_bytes(result.bytes_written)} in {result.shards} shard(s)"
         f" to {result.out}"
     )
+    if stability := result.plan.calibration.get("stability"):
+        worst = min(stability, key=stability.get)
+        typer.echo(
+            f"kept-set stability (Jaccard of the sets chosen from two halves of the calibration data):"
+            f" mean {sum(stability.values()) / len(stability):.2f}, lowest {stability[worst]:.2f} (layer {worst})"
+        )
     for path in result.skipped:
         typer.echo(f"note: not copied (weights outside the safetensors index): {path}", err=True)
     if result.url:
         typer.echo(f"pushed to {result.url}")
+
+
+@app.command()
+def calibrate(
+    src: Annotated[Path, typer.Argument(help="Local checkpoint folder.")],
+    out: Annotated[Path, typer.Option(help="Statistics folder to write (resumed if interrupted).")],
+    calib: Calib = None,
+    samples: Samples = CalibrationOptions.samples,
+    seq_len: SeqLen = CalibrationOptions.seq_len,
+    seed: Annotated[int, typer.Option(help="Seed for sampling calibration text.")] = 0,
+    device: Device = CalibrationOptions.device,
+    dtype: Dtype = CalibrationOptions.dtype,
+    batch_size: BatchSize = CalibrationOptions.batch_size,
+    max_memory: MaxMemory = None,
+    reconstruction_tokens: Annotated[
+        int, typer.Option(help="Tokens per layer sampled for the reconstruction criterion (0: skip it).")
+    ] = CalibrationOptions.reconstruction_tokens,
+    trust_remote_code: Trust = False,
+    calib_split: CalibSplit = CalibrationOptions.calib_split,
+    calib_column: CalibColumn = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace statistics made with other data or settings.")] = False,
+) -> None:
+    """Collect routing statistics layer by layer, for `moeslim slim --stats`."""
+    opts = CalibrationOptions(
+        calib, samples, seq_len, seed, device, dtype, batch_size, max_memory, reconstruction_tokens,
+        calib_split, calib_column, trust_remote_code,
+    )  # fmt: skip
+    ckpt = open_checkpoint(src)
+    stats, meta = run_calibration(ckpt, resolve_layout(ckpt), opts, out=out, overwrite=overwrite)
+    cal = meta["calibration"]
+    typer.echo(f"calibrated {len(stats.layers)} MoE layers on {cal['tokens']} tokens ({cal['data']}); wrote {out}")
 
 
 @app.command()

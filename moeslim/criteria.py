@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from moeslim.calibrate.collect import Statistics
-from moeslim.calibrate.stats import LayerStats
+from moeslim.calibrate.stats import LayerStats, Statistics
 from moeslim.errors import PlanError
 from moeslim.layout import Layout, MoeLayer
 from moeslim.shards import FLOAT_DTYPES

@@ -37,3 +37,11 @@ class HubError(MoeslimError, OSError):
 
 class HubAuthError(HubError, PermissionError):
     """No token, a token the Hub rejects, or one without the access the request needs (gated, read-only)."""
+
+
+class DeviceError(MoeslimError, ValueError):
+    """The requested compute device or dtype is not available."""
+
+
+class CalibrationDataError(MoeslimError, ValueError):
+    """The calibration data cannot be read or does not hold enough tokens for the requested shape."""

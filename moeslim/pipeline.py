@@ -7,14 +7,18 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from moeslim.criteria import CRITERIA, DEFAULT_CRITERION
+from moeslim.calibrate.session import CalibrationOptions, run_calibration
+from moeslim.calibrate.stats import HALVES, Statistics
+from moeslim.calibrate.store import check_stats_fit, load_stats
+from moeslim.criteria import CRITERIA, DATA_FREE, DEFAULT_CRITERION, calibrated_scores, is_calibrated, layer_scores
 from moeslim.errors import MoeslimError, PlanError
 from moeslim.families import text_config
 from moeslim.hub import resolve_source
 from moeslim.layout import Layout, resolve_layout, routing_of
-from moeslim.plan import PLAN_NAME, Plan, check_feasible, check_plan, load_plan, select
+from moeslim.plan import PLAN_NAME, Plan, check_feasible, check_plan, jaccard, load_plan, select, select_one
 from moeslim.publish.facts import write_model_card
 from moeslim.publish.push import PushOptions, check_write_access, push_folder
 from moeslim.source import Checkpoint, open_checkpoint
@@ -35,6 +39,9 @@ class SlimOptions:
     top_k: int | None = None
     max_shard_size: str = "5GB"
     overwrite: bool = False
+    stats: Path | None = None  # statistics from `moeslim calibrate`, for calibrated criteria
+    calibration: CalibrationOptions = CalibrationOptions()  # used when a calibrated criterion has no --stats
+    progressive: bool = False
     revision: str | None = None  # of a Hub source
     push_to: str | None = None  # Hub repo id to publish the output to
     private: bool = False  # create push_to private (an existing repo keeps its visibility)
@@ -127,9 +134,15 @@ def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions) -> Plan:
         raise PlanError("say how many experts to keep per layer: pass --keep N (or --plan FILE)")
     if opts.criterion not in CRITERIA:
         raise PlanError(f"unknown --criterion {opts.criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if opts.progressive and not is_calibrated(opts.criterion):
+        raise PlanError(f"--progressive needs a calibrated criterion, not {opts.criterion}")
     top_k = layout.top_k if opts.top_k is None else opts.top_k
     check_feasible(layout, opts.keep, top_k)
-    scores = CRITERIA[opts.criterion](ckpt, layout, opts.seed)
+    calibration: dict = {}
+    if is_calibrated(opts.criterion):
+        scores, calibration = _calibrated(ckpt, layout, opts, opts.keep)
+    else:
+        scores = DATA_FREE[opts.criterion](ckpt, layout, opts.seed)
     return Plan(
         model_type=str(text_config(ckpt.config)["model_type"]),
         num_experts=layout.num_experts,
@@ -138,7 +151,38 @@ def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions) -> Plan:
         criterion=opts.criterion,
         seed=opts.seed if opts.criterion == "random" else None,
         scores={i: tuple(float(x) for x in s) for i, s in scores.items()},
+        calibration=calibration,
     )
+
+
+def _calibrated(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, keep: int) -> tuple[dict, dict]:
+    """Scores from statistics (``--stats`` or calibrated now), and the provenance with per-layer stability."""
+    criterion = opts.criterion
+
+    def choose(index: int, stats: Statistics) -> tuple[int, ...]:
+        return select_one(layout, _require(layer_scores(criterion, stats, index), criterion, index), keep)
+
+    progressive = choose if opts.progressive else None
+    if opts.stats is not None:
+        stats, meta = load_stats(opts.stats)
+        check_stats_fit(meta, ckpt, layout, opts.stats)
+        if opts.progressive != bool(meta["settings"].get("progressive")):
+            raise PlanError("--progressive and the statistics disagree: calibrate again with the same --progressive")
+    else:
+        stats, meta = run_calibration(ckpt, layout, opts.calibration, progressive=progressive)
+    stability = {}
+    for index in stats.layers:
+        a, b = (layer_scores(criterion, stats, index, half) for half in HALVES)
+        if a is not None and b is not None:
+            stability[str(index)] = round(jaccard(select_one(layout, a, keep), select_one(layout, b, keep)), 4)
+    info = {**meta["calibration"], "progressive": opts.progressive, "stability": stability}
+    return calibrated_scores(criterion, stats, ckpt, layout), info
+
+
+def _require(scores: np.ndarray | None, criterion: str, index: int) -> np.ndarray:
+    if scores is None:
+        raise PlanError(f"no {criterion} scores for layer {index}; recalibrate")
+    return scores
 
 
 def default_out(source: str | Path, keep: int) -> Path:

@@ -72,7 +72,9 @@ def test_interrupted_calibration_resumes_to_the_same_statistics(built, calib: Pa
     assert full.keys() == cut.keys() and all(np.array_equal(full[k], cut[k]) for k in full)
 
 
-def test_progressive_calibrates_each_layer_on_the_pruned_ones_before(built, calib: Path, tmp_path: Path, capsys) -> None:
+def test_progressive_calibrates_each_layer_on_the_pruned_ones_before(
+    built, calib: Path, tmp_path: Path, capsys
+) -> None:
     src = built("olmoe")
     code, _, err = run_cli(
         ["slim", str(src), "--keep", "4", "--criterion", "gate-mass", "--progressive", "--calib", str(calib),

@@ -9,35 +9,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from moeslim.calibrate.masking import mask_router
 from moeslim.calibrate.reconstruction import ReconstructionSampler
-from moeslim.calibrate.runner import Activations, LayerRunner
-from moeslim.calibrate.stats import LayerStats, collect, moe_block, router_module
 
-HALVES = ("a", "b")
-
-
-@dataclass
-class Statistics:
-    """Per trunk MoE layer and calibration half, the routing statistics; plus reconstruction scores."""
-
-    num_experts: int
-    halves: dict[int, dict[str, LayerStats]] = field(default_factory=dict)
-    reconstruction: dict[int, np.ndarray] = field(default_factory=dict)  # (experts,) higher = keep first
-
-    def total(self, index: int) -> LayerStats:
-        a, b = (self.halves[index][h] for h in HALVES)
-        return LayerStats(self.num_experts, a.tokens + b.tokens, {k: a[k] + b[k] for k in a.arrays})
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.halves)
-
+if TYPE_CHECKING:
+    from moeslim.calibrate.runner import Activations, LayerRunner
+from moeslim.calibrate.stats import HALVES, LayerStats, Statistics, collect, moe_block, router_module
 
 Chooser = Callable[[int, Statistics], tuple[int, ...]]  # (layer index, statistics so far) → kept experts
 

@@ -22,14 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moeslim.errors import MoeslimError
+from moeslim.errors import CalibrationDataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-
-class CalibrationDataError(MoeslimError, ValueError):
-    """The calibration data cannot be read or does not hold enough tokens for the requested shape."""
 
 
 STDLIB = "stdlib"

@@ -30,15 +30,11 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 
-from moeslim.errors import CheckpointError, MoeslimError
+from moeslim.errors import CheckpointError, DeviceError
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
 
 READ_CHUNK = 16 * 2**20
-
-
-class DeviceError(MoeslimError, ValueError):
-    """The requested compute device or dtype is not available."""
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from moeslim.calibrate.collect import Chooser, Statistics, calibrate_layers
-from moeslim.calibrate.runner import DeviceError, LayerRunner
+from moeslim.calibrate.collect import Chooser, calibrate_layers
+from moeslim.calibrate.stats import Statistics
 from moeslim.calibrate.store import check_stats_fit, fingerprint, load_stats, save_stats
-from moeslim.errors import MissingFileError, OutputError, PlanError
+from moeslim.errors import DeviceError, MissingFileError, OutputError, PlanError
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
 from moeslim.units import parse_size
@@ -55,6 +55,8 @@ def run_calibration(
     )  # fmt: skip
     meta = _meta(ckpt, layout, opts, data.source, data.digest, data.tokens.numel(), progressive is not None)
     stats = _resume(out, meta, ckpt, layout, overwrite) or Statistics(layout.num_experts)
+    from moeslim.calibrate.runner import LayerRunner  # transformers' model code: imported when used
+
     runner = LayerRunner(ckpt, layout, opts.device, dtype, opts.trust_remote_code)
     try:
         calibrate_layers(

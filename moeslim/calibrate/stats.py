@@ -169,3 +169,23 @@ def _add_routed(
 
 def _scatter(index: torch.Tensor, values: torch.Tensor, n: int) -> np.ndarray:
     return torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, index, values).cpu().numpy()
+
+
+HALVES = ("a", "b")
+
+
+@dataclass
+class Statistics:
+    """Per trunk MoE layer and calibration half, the routing statistics; plus reconstruction scores."""
+
+    num_experts: int
+    halves: dict[int, dict[str, LayerStats]] = field(default_factory=dict)
+    reconstruction: dict[int, np.ndarray] = field(default_factory=dict)  # (experts,) higher = keep first
+
+    def total(self, index: int) -> LayerStats:
+        a, b = (self.halves[index][h] for h in HALVES)
+        return LayerStats(self.num_experts, a.tokens + b.tokens, {k: a[k] + b[k] for k in a.arrays})
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.halves)

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from moeslim.calibrate.collect import HALVES, Statistics
-from moeslim.calibrate.stats import FIELDS, LayerStats
+from moeslim.calibrate.stats import FIELDS, HALVES, LayerStats, Statistics
 from moeslim.errors import MissingFileError, PlanError
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
