@@ -26,6 +26,7 @@ from moeslim.surgery.config import dump_config, rewrite_config
 from moeslim.surgery.files import atomic_folder, check_space, check_target, copy_files, extra_files
 from moeslim.surgery.mapping import plan_outputs
 from moeslim.surgery.writer import plan_shards, write_checkpoint
+from moeslim.units import parse_size
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class SlimResult:
 
 def slim(opts: SlimOptions) -> SlimResult:
     """Prune ``opts.source`` into ``opts.out``; the source is only read, the target appears whole or not at all."""
+    shard_limit = _shard_limit(opts.max_shard_size)  # bad options fail before any download or scoring
     push = _push_options(opts)
     if push is not None:
         check_write_access(push)  # before any work: a long prune must not end in a refused token
@@ -74,10 +76,7 @@ def slim(opts: SlimOptions) -> SlimResult:
     out = opts.out or default_out(opts.source, plan.keep)
     check_target(root, out, opts.overwrite)
     outputs = plan_outputs(ckpt, layout, plan.kept)
-    try:
-        shards = plan_shards(outputs, opts.max_shard_size)
-    except ValueError as e:
-        raise PlanError(f"--max-shard-size {opts.max_shard_size!r} is not a size like 5GB or 500MB") from e
+    shards = plan_shards(outputs, shard_limit)
     copied, skipped = extra_files(ckpt.root, ckpt.shards)
     total = sum(t.nbytes for t in outputs)
     check_space(out, total + sum((ckpt.root / f).stat().st_size for f in copied))
@@ -94,6 +93,13 @@ def slim(opts: SlimOptions) -> SlimResult:
         write_model_card(tmp, ckpt, layout, plan, source=str(opts.source), name=name, command=opts.command)
     url = _push(out, push) if push else None
     return SlimResult(out, plan, total, len(shards), skipped, url)
+
+
+def _shard_limit(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise PlanError(f"--max-shard-size {text!r} is not a size like 5GB or 500MB") from e
 
 
 def preflight(config: dict, opts: SlimOptions) -> None:

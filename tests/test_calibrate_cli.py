@@ -136,3 +136,11 @@ def test_stats_of_another_model_are_refused(built, calib: Path, tmp_path: Path, 
     )  # fmt: skip
     _fails(code, err, "collected on another model")
     assert not (tmp_path / "o").exists()
+
+
+def test_quantised_checkpoint_calibration_is_refused_with_the_way_out(
+    built, calib: Path, tmp_path: Path, capsys
+) -> None:
+    code, _, err = run_cli(["slim", str(built("gpt_oss_mxfp4")), "--keep", "4", "--out", str(tmp_path / "o")], capsys)
+    _fails(code, err, "calibration does not run quantised checkpoints yet (mxfp4); use a data-free --criterion")
+    assert not (tmp_path / "o").exists()

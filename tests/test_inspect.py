@@ -26,7 +26,8 @@ def test_projected_size_is_what_slim_writes(built, tmp_path: Path, capsys) -> No
         src = built(name)
         _, out, _ = run_cli(["inspect", str(src), "--json", "--keep", str(keep)], capsys)
         projected = json.loads(out)["projected_bytes"]
-        code, _, err = run_cli(["slim", str(src), "--keep", str(keep), "--out", str(tmp_path / name)], capsys)
+        args = ["slim", str(src), "--keep", str(keep), "--criterion", "router-norm", "--out", str(tmp_path / name)]
+        code, _, err = run_cli(args, capsys)
         assert code == 0, err
         assert open_checkpoint(tmp_path / name).total_bytes == projected
 

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
 
 from moeslim.errors import CheckpointError, DeviceError
 from moeslim.layout import Layout
@@ -168,6 +169,7 @@ class LayerRunner:
         """Load on-disk tensors ``names`` into the model through transformers' conversion. They are handed
         over as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_no_progress_bars())  # stderr stays for our one-line messages
             files = {
                 f: stack.enter_context(safe_open(f, framework="pt")) for f in {self.ckpt.tensors[n].file for n in names}
             }
@@ -216,6 +218,18 @@ class LayerRunner:
             for layer in self.decoder_layers:
                 del layer.forward
         return records
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar per load; a layer-by-layer run would draw hundreds."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _release_memory() -> None:

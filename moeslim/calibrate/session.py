@@ -14,6 +14,7 @@ from moeslim.calibrate.collect import Chooser, calibrate_layers
 from moeslim.calibrate.stats import Statistics
 from moeslim.calibrate.store import check_stats_fit, fingerprint, load_stats, save_stats
 from moeslim.errors import DeviceError, MissingFileError, OutputError, PlanError
+from moeslim.families import text_config
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
 from moeslim.units import parse_size
@@ -46,6 +47,12 @@ def run_calibration(
     """Calibrate ``ckpt``; with ``out``, statistics are saved after every layer and a partial run resumes."""
     if layout.family.name == "llama4" and opts.reconstruction_tokens:
         opts = dataclasses.replace(opts, reconstruction_tokens=0)  # its router returns no top-k weights
+    quant = text_config(ckpt.config).get("quantization_config") or ckpt.config.get("quantization_config") or {}
+    if quant:
+        raise PlanError(
+            f"calibration does not run quantised checkpoints yet ({quant.get('quant_method', 'quantised')});"
+            " use a data-free --criterion such as router-norm"
+        )
     dtype = _dtype(opts.dtype)
     from moeslim.calibrate.data import load_calibration  # imports tokenizers only when calibrating
 
@@ -115,7 +122,7 @@ def _tokenizer(ckpt: Checkpoint) -> Any:
 
     missing = MissingFileError(
         f"no tokenizer in {ckpt.root} (none of {', '.join(TOKENIZER_FILES)}); calibration needs the model's"
-        " tokenizer files next to its weights"
+        " tokenizer files next to its weights (or use a data-free --criterion such as router-norm)"
     )
     if not any((ckpt.root / name).is_file() for name in TOKENIZER_FILES):
         raise missing
