@@ -129,8 +129,8 @@ def main() -> None:
         print(f"| {label} | {best[mode]:.1f} | {rss[mode]:.0f} |")
     print(f"\ntime ratio streaming / in-memory: {best['stream'] / best['memory']:.2f} (target <= 1.1)")
     budget = 1.5 * one_layer + activations
-    print(f"one layer {one_layer:.0f} MB, activations {activations:.0f} MB: 1.5 × layer + activations = {budget:.0f} MB;"
-          f" streaming peak {rss['stream']:.0f} MB")  # fmt: skip
+    print(f"one layer {one_layer:.0f} MB, activations {activations:.0f} MB:"
+          f" 1.5 × layer + activations = {budget:.0f} MB; streaming peak {rss['stream']:.0f} MB")  # fmt: skip
 
 
 if __name__ == "__main__":
