@@ -16,12 +16,15 @@ from moeslim import __version__
 from moeslim.calibrate.session import CalibrationOptions, run_calibration
 from moeslim.criteria import CRITERIA, DEFAULT_CRITERION
 from moeslim.errors import MoeslimError
-from moeslim.hub import redact
+from moeslim.hub import is_hub_source, redact, resolve_source
 from moeslim.layout import resolve_layout
 from moeslim.pipeline import SlimOptions, slim
 from moeslim.publish.push import PushOptions, check_write_access, push_folder, upload_list
-from moeslim.report import format_report, human_bytes, inspect_report
+from moeslim.report import format_report as format_inspect
+from moeslim.report import human_bytes, inspect_report
 from moeslim.source import open_checkpoint
+from moeslim.validate.report import format_report, write_report
+from moeslim.validate.run import ValidateOptions, kl_exceeds, validate
 
 app = typer.Typer(
     add_completion=False,
@@ -43,6 +46,9 @@ Dtype = Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or fl
 BatchSize = Annotated[int, typer.Option(help="Sequences per forward batch.")]
 MaxMemory = Annotated[str | None, typer.Option(help="RAM for cached activations before spilling to disk, e.g. 8GB.")]
 Trust = Annotated[bool, typer.Option(help="Allow running the model's own remote code (calibration only).")]
+MaxKl = Annotated[
+    float | None, typer.Option(help="Exit with code 1 when the mean KL(original ‖ pruned) per token exceeds this.")
+]
 CalibSplit = Annotated[str, typer.Option(help="Hub dataset split.")]
 CalibColumn = Annotated[str | None, typer.Option(help="Hub dataset text column (default: text).")]
 
@@ -56,7 +62,7 @@ def inspect(
     """Describe a checkpoint: family, MoE/dense/MTP layers, experts, dtypes, quantisation, sizes."""
     ckpt = open_checkpoint(src)
     report = inspect_report(ckpt, resolve_layout(ckpt), keep)
-    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    typer.echo(json.dumps(report, indent=2) if as_json else format_inspect(report))
 
 
 @app.command(name="slim")
@@ -87,6 +93,8 @@ def slim_command(
     trust_remote_code: Trust = False,
     calib_split: CalibSplit = CalibrationOptions.calib_split,
     calib_column: CalibColumn = None,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip validating the output.")] = False,
+    max_kl: MaxKl = None,
 ) -> None:
     """Keep N experts per MoE layer; write the pruned checkpoint, its plan and model card; optionally push it."""
     calibration = CalibrationOptions(
@@ -97,7 +105,11 @@ def slim_command(
         src, keep, out, plan, criterion, seed, top_k, max_shard_size, overwrite,
         stats=stats, calibration=calibration, progressive=progressive,
         revision=revision, push_to=push_to, private=private, push_revision=push_revision, create_pr=create_pr,
-        command=redact(shlex.join(["moeslim", *sys.argv[1:]])),
+        command=redact(shlex.join(["moeslim", *sys.argv[1:]])), max_kl=max_kl,
+        validation=None if no_validate else ValidateOptions(
+            calib, samples=8, seq_len=128, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+            require_data=False,
+        ),
     )  # fmt: skip
     result = slim(opts)
     typer.echo(
@@ -113,8 +125,55 @@ def slim_command(
         )
     for path in result.skipped:
         typer.echo(f"note: not copied (weights outside the safetensors index): {path}", err=True)
+    if result.validation is not None:
+        typer.echo(format_report({**result.validation, "pruned": str(result.out)}))
     if result.url:
         typer.echo(f"pushed to {result.url}")
+    if result.validation is not None:
+        _check_kl(result.validation, max_kl, "; not pushed" if push_to else "")
+
+
+@app.command(name="validate")
+def validate_command(
+    original: Annotated[str, typer.Argument(help="The original checkpoint: folder or Hub repo id.")],
+    pruned: Annotated[str, typer.Argument(help="The pruned checkpoint: folder or Hub repo id.")],
+    calib: Annotated[
+        str | None, typer.Option(help="Held-out text: file, folder, .jsonl, Hub dataset id; default: stdlib.")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Held-out sequences.")] = ValidateOptions.samples,
+    seq_len: Annotated[int, typer.Option(help="Tokens per held-out sequence.")] = ValidateOptions.seq_len,
+    seed: Annotated[int, typer.Option(help="Seed for sampling held-out text.")] = ValidateOptions.seed,
+    batch_size: BatchSize = ValidateOptions.batch_size,
+    device: Device = ValidateOptions.device,
+    dtype: Dtype = ValidateOptions.dtype,
+    generations: Annotated[int, typer.Option(help="Greedy generations side by side (0: none).")] = 3,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the JSON report here.")] = None,
+    max_kl: MaxKl = None,
+    trust_remote_code: Trust = False,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of ORIGINAL.")] = None,
+) -> None:
+    """Check the pruned checkpoint's structure, then compare it with the original on held-out text, streaming.
+
+    The report is printed and saved as validation.json in the pruned folder (shown by its model card).
+    """
+    opts = ValidateOptions(calib, samples, seq_len, seed, batch_size, device, dtype, generations, trust_remote_code)
+    sources = ((original, revision), (pruned, None))
+    roots = [resolve_source(src, rev, preflight=lambda config: None) for src, rev in sources]
+    report = validate(roots[0], roots[1], opts)
+    typer.echo(format_report(report))
+    if not is_hub_source(pruned):
+        typer.echo(f"wrote {write_report(report, roots[1])}")
+    if json_file is not None:
+        typer.echo(f"wrote {write_report(report, json_file)}")
+    _check_kl(report, max_kl)
+
+
+def _check_kl(report: dict, max_kl: float | None, consequence: str = "") -> None:
+    """Exit with code 1 (a failed check, not a usage error) when the mean KL exceeds ``max_kl``."""
+    if kl_exceeds(report, max_kl):
+        kl = report["kl_mean"]
+        print(f"moeslim: validation failed: mean KL {kl:.6g} exceeds --max-kl {max_kl:g}{consequence}", file=sys.stderr)
+        sys.exit(1)
 
 
 @app.command()

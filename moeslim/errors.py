@@ -45,3 +45,7 @@ class DeviceError(MoeslimError, ValueError):
 
 class CalibrationDataError(MoeslimError, ValueError):
     """The calibration data cannot be read or does not hold enough tokens for the requested shape."""
+
+
+class StructureError(CheckpointError):
+    """A pruned checkpoint's tensors do not match what its config makes transformers expect."""

@@ -1,4 +1,4 @@
-"""``slim``: the whole flow, in order — resolve source → layout → plan → map → write (with the card) → push."""
+"""``slim``: the whole flow, in order — resolve source → layout → plan → map → write → validate → card → push."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from moeslim.surgery.files import atomic_folder, check_space, check_target, copy
 from moeslim.surgery.mapping import plan_outputs
 from moeslim.surgery.writer import plan_shards, write_checkpoint
 from moeslim.units import parse_size
+from moeslim.validate.report import write_report
+from moeslim.validate.run import ValidateOptions, kl_exceeds, validate
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class SlimOptions:
     push_revision: str | None = None  # branch of push_to (default: its default branch)
     create_pr: bool = False  # push as a pull request
     command: str = ""  # the command line that made it, for the model card
+    validation: ValidateOptions | None = ValidateOptions(samples=8, seq_len=128, require_data=False)  # None: skip
+    max_kl: float | None = None  # a validated mean KL above this is not pushed
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class SlimResult:
     shards: int
     skipped: list[Path]
     url: str | None = None  # where it was pushed
+    validation: dict | None = None  # the validation report, also saved as validation.json
 
 
 def slim(opts: SlimOptions) -> SlimResult:
@@ -89,10 +94,24 @@ def slim(opts: SlimOptions) -> SlimResult:
         (tmp / "config.json").write_text(dump_config(config), encoding="utf-8")
         copy_files(ckpt.root, copied, tmp)
         (tmp / PLAN_NAME).write_text(plan.to_json(), encoding="utf-8")
+        report = _validate(root, tmp, opts)  # before the card, which shows it
         name = push.repo_id.split("/")[-1] if push else out.name
         write_model_card(tmp, ckpt, layout, plan, source=str(opts.source), name=name, command=opts.command)
-    url = _push(out, push) if push else None
-    return SlimResult(out, plan, total, len(shards), skipped, url)
+    url = _push(out, push) if push and not kl_exceeds(report or {}, opts.max_kl) else None
+    return SlimResult(out, plan, total, len(shards), skipped, url, report)
+
+
+def _validate(root: Path, tmp: Path, opts: SlimOptions) -> dict | None:
+    """Validate the written output against its source and save ``validation.json`` in it (None: skipped).
+
+    The report names the source as given and the pruned model as ``.`` (the folder holding the report), so that
+    the same plan gives the same files, wherever they are written.
+    """
+    if opts.validation is None:
+        return None
+    report = {**validate(root, tmp, opts.validation), "original": str(opts.source), "pruned": "."}
+    write_report(report, tmp)
+    return report
 
 
 def _shard_limit(text: str) -> int:

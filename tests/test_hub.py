@@ -257,3 +257,12 @@ def test_usage_errors_before_any_request(args: list[str], message: str, built, t
     args = [a.replace("{folder}", str(built("qwen3_moe"))) for a in args]
     code, out, err = run_cli([*args, *(["--out", str(tmp_path / "o")] if args[0] == "slim" else [])], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.hub
+def test_slim_does_not_push_a_model_over_max_kl(hub: HubServer, tmp_path: Path) -> None:
+    command = ["slim", "org/tiny", "--keep", "4", "--out", "strict", "--push-to", "org/tiny-strict", "--max-kl", "0"]
+    run = _moeslim(command, _env(hub, tmp_path / "hf"), tmp_path)
+    assert run.code == 1, run  # the pruned model differs from the original: its mean KL is above 0
+    assert run.err.endswith("exceeds --max-kl 0; not pushed\n") and run.err.count("\n") == 1, run.err
+    assert "org/tiny-strict" not in hub.state.repos and (tmp_path / "strict" / "validation.json").is_file()

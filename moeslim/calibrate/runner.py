@@ -92,10 +92,7 @@ class LayerRunner:
         trust_remote_code: bool = False,
     ) -> None:  # fmt: skip
         self.ckpt, self.layout, self.device, self.dtype = ckpt, layout, resolve_device(device), dtype
-        config = _config(ckpt.root, trust_remote_code)
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.model.eval()
+        self.model = meta_model(ckpt.root, dtype, trust_remote_code)
         self._load_config = LoadStateDictConfig(
             device_map={"": self.device},
             dtype=dtype,
@@ -155,6 +152,53 @@ class LayerRunner:
             if update:
                 store[b] = out[0] if isinstance(out, tuple) else out
 
+    @contextlib.contextmanager
+    def loaded(self, index: int) -> Iterator[torch.nn.Module]:
+        """Decoder layer ``index`` with its weights loaded, unloaded on exit (no read-ahead)."""
+        layer = self.decoder_layers[index]
+        self._load(self._layer_names(index))
+        _release_memory()
+        try:
+            yield layer
+        finally:
+            layer.to("meta")
+            _release_memory()
+
+    def unload_embedding(self) -> None:
+        """Drop the input embedding back to meta once ``embed`` has run (it is a vocab × hidden matrix)."""
+        self.model.get_input_embeddings().to("meta")
+        _release_memory()
+
+    def load_head(self) -> None:
+        """Load what follows the decoder layers (final norm, ``lm_head``); a tied ``lm_head`` loads the embedding."""
+        self._load([n for n in self._outside_layers() if "embed" not in n])
+        head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if isinstance(head, torch.nn.Linear) and head.weight.is_meta:
+            self._load([n for n in self._outside_layers() if "embed" in n])
+            head.weight = embed.weight  # tie_word_embeddings: the checkpoint stores the matrix once
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, len(positions), vocab)`` of the last layer's ``hidden`` ``(batch, seq, hidden)``.
+
+        The model's own forward runs on ``inputs_embeds=hidden`` with every decoder layer stubbed to return
+        ``hidden``, so the final norm, ``lm_head`` and any logit scaling are the model's code (the input
+        embedding is not used); ``positions`` are passed as ``logits_to_keep``. Needs ``load_head`` first.
+        """
+        hidden = hidden.to(self.device)
+
+        def stub(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return hidden
+
+        for layer in self.decoder_layers:
+            layer.forward = stub
+        try:
+            out = self.model(inputs_embeds=hidden, use_cache=False, logits_to_keep=positions.to(self.device))
+        finally:
+            for layer in self.decoder_layers:
+                del layer.forward
+        return cast(torch.Tensor, out.logits)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
@@ -169,7 +213,7 @@ class LayerRunner:
         """Load on-disk tensors ``names`` into the model through transformers' conversion. They are handed
         over as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_no_progress_bars())  # stderr stays for our one-line messages
+            stack.enter_context(no_progress_bars())  # stderr stays for our one-line messages
             files = {
                 f: stack.enter_context(safe_open(f, framework="pt")) for f in {self.ckpt.tensors[n].file for n in names}
             }
@@ -221,7 +265,7 @@ class LayerRunner:
 
 
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """transformers draws a "Loading weights" bar per load; a layer-by-layer run would draw hundreds."""
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -245,6 +289,14 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and hasattr(module, "embed_tokens"):
             return module
     raise CheckpointError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def meta_model(root: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
+    """The model of the checkpoint in ``root``, built from its config on the meta device (no memory), in eval mode."""
+    config = _config(root, trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
 
 
 def _config(root: Path, trust_remote_code: bool) -> Any:

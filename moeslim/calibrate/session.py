@@ -53,11 +53,11 @@ def run_calibration(
             f"calibration does not run quantised checkpoints yet ({quant.get('quant_method', 'quantised')});"
             " use a data-free --criterion such as router-norm"
         )
-    dtype = _dtype(opts.dtype)
+    dtype = parse_dtype(opts.dtype)
     from moeslim.calibrate.data import load_calibration  # imports tokenizers only when calibrating
 
     data = load_calibration(
-        opts.calib, _tokenizer(ckpt), samples=opts.samples, seq_len=opts.seq_len, seed=opts.seed,
+        opts.calib, load_tokenizer(ckpt), samples=opts.samples, seq_len=opts.seq_len, seed=opts.seed,
         split=opts.calib_split, column=opts.calib_column,
     )  # fmt: skip
     meta = _meta(ckpt, layout, opts, data.source, data.digest, data.tokens.numel(), progressive is not None)
@@ -115,7 +115,7 @@ def _resume(out: Path | None, meta: dict, ckpt: Checkpoint, layout: Layout, over
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model")
 
 
-def _tokenizer(ckpt: Checkpoint) -> Any:
+def load_tokenizer(ckpt: Checkpoint) -> Any:
     """The model's own tokenizer. transformers would build an empty one from config.json alone, so the
     vocabulary file must be there."""
     from transformers import AutoTokenizer
@@ -132,7 +132,7 @@ def _tokenizer(ckpt: Checkpoint) -> Any:
         raise missing from e
 
 
-def _dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise DeviceError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]

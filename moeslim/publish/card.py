@@ -143,9 +143,13 @@ def _calibration(calibration: dict) -> str:
 
 def _validation(f: CardFacts) -> str:
     numbers = {k: v for k, v in (f.validation or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    summary = (f.validation or {}).get("summary")
+    note = f"\n\nValidation (`moeslim validate`, details in `validation.json`): {_value(summary)}." if summary else ""
     if not numbers:
-        return "## Validation\n\nNot validated yet: no `validation.json` was found next to the weights."
-    return "## Validation\n\n" + _table(["metric", "value"], [(k, _value(v)) for k, v in numbers.items()])
+        return "## Validation\n\n" + (
+            note.strip() or "Not validated yet: no `validation.json` was found next to the weights."
+        )
+    return "## Validation\n\n" + _table(["metric", "value"], [(k, _value(v)) for k, v in numbers.items()]) + note
 
 
 def _expert_map(f: CardFacts) -> str:

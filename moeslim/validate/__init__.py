@@ -1,0 +1,1 @@
+"""``moeslim validate``: the pruned model against the original, structure first, then side by side on held-out text."""

@@ -1,0 +1,158 @@
+"""``validate()``: structural check of the pruned folder, then both models side by side on held-out text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from moeslim import __version__
+from moeslim.errors import CalibrationDataError, UsageError
+from moeslim.families import text_config
+from moeslim.layout import Layout, resolve_layout
+from moeslim.plan import PLAN_NAME
+from moeslim.source import Checkpoint, open_checkpoint
+from moeslim.validate.structure import Structure, check_structure
+
+REPORT_FORMAT = "moeslim.validation/1"
+METRICS = ("kl_mean", "kl_p95", "top1_agreement", "perplexity_original", "perplexity_pruned", "scored_tokens")
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    """How to validate; recorded in the report."""
+
+    calib: str | None = None  # held-out text: file, folder, .jsonl, Hub dataset id; None: Python's stdlib sources
+    samples: int = 16
+    seq_len: int = 256
+    seed: int = 1
+    batch_size: int = 4
+    device: str = "cpu"
+    dtype: str = "float32"
+    generations: int = 3  # greedy generations side by side (0: none)
+    trust_remote_code: bool = False
+    require_data: bool = True  # False (slim): too little held-out text skips the numbers instead of failing
+
+
+def validate(original: Path, pruned: Path, opts: ValidateOptions) -> dict:
+    """The validation report of ``pruned`` against ``original`` (both local folders)."""
+    ckpt_p = open_checkpoint(pruned)
+    structure = check_structure(ckpt_p, trust_remote_code=opts.trust_remote_code)
+    ckpt_o = open_checkpoint(original)
+    layout_o = resolve_layout(ckpt_o)
+    check_pair(ckpt_o, layout_o, ckpt_p, structure.layout)
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "original": str(original),
+        "pruned": str(pruned),
+        "experts": f"{structure.layout.num_experts} of {layout_o.num_experts}",
+        "structure": structure.to_dict(),
+        "settings": {k: v for k, v in asdict(opts).items() if k not in ("trust_remote_code", "require_data")},
+        "moeslim_version": __version__,
+    }
+    reason = numeric_skip_reason(ckpt_o, ckpt_p)
+    if reason is None:
+        try:
+            report.update(numeric(ckpt_o, ckpt_p, structure, opts))
+        except CalibrationDataError as e:
+            if opts.require_data:
+                raise
+            reason = f"skipped: {e}; run `moeslim validate` with other --calib text"
+    if reason is not None:
+        report["summary"] = f"structure checked; numeric comparison {reason}"
+    return report
+
+
+def check_pair(ckpt_o: Checkpoint, layout_o: Layout, ckpt_p: Checkpoint, layout_p: Layout) -> None:
+    """The pruned checkpoint must be the same architecture as the original, with at most its experts."""
+    a, b = text_config(ckpt_o.config), text_config(ckpt_p.config)
+    for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
+        if a.get(key) != b.get(key):
+            raise UsageError(
+                f"the pruned checkpoint's {key} is {b.get(key)!r} but the original's is {a.get(key)!r};"
+                " pass the model it was pruned from"
+            )
+    if layout_p.num_experts > layout_o.num_experts or layout_p.moe_indices != layout_o.moe_indices:
+        raise UsageError(
+            f"the pruned checkpoint (MoE layers {layout_p.moe_indices}, {layout_p.num_experts} experts) is not a"
+            f" pruning of the original (MoE layers {layout_o.moe_indices}, {layout_o.num_experts} experts)"
+        )
+
+
+def numeric_skip_reason(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> str | None:
+    """Why the numeric comparison cannot run (no tokenizer, quantised weights), or None."""
+    from moeslim.calibrate.session import TOKENIZER_FILES
+
+    quant = text_config(ckpt_o.config).get("quantization_config") or ckpt_o.config.get("quantization_config")
+    if quant:
+        return f"skipped: quantised checkpoints ({quant.get('quant_method', 'quantised')}) are not run yet"
+    if not any((c.root / n).is_file() for c in (ckpt_p, ckpt_o) for n in TOKENIZER_FILES):
+        return "skipped: no tokenizer next to either model's weights"
+    return None
+
+
+def tokenizer_of(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> Any:
+    """The pruned folder's tokenizer (copied from the original), else the original's."""
+    from moeslim.calibrate.session import TOKENIZER_FILES, load_tokenizer
+
+    has = any((ckpt_p.root / n).is_file() for n in TOKENIZER_FILES)
+    return load_tokenizer(ckpt_p if has else ckpt_o)
+
+
+def numeric(ckpt_o: Checkpoint, ckpt_p: Checkpoint, structure: Structure, opts: ValidateOptions) -> dict:
+    """Metrics, per-layer errors and generations on held-out tokens."""
+    from moeslim.calibrate.runner import LayerRunner
+    from moeslim.calibrate.session import parse_dtype
+    from moeslim.validate.generate import generations, skip_reason
+    from moeslim.validate.heldout import load_heldout
+    from moeslim.validate.stream import compare
+
+    dtype = parse_dtype(opts.dtype)
+    tokenizer = tokenizer_of(ckpt_o, ckpt_p)
+    held = load_heldout(opts.calib, tokenizer, plan_calibration(ckpt_p.root), samples=opts.samples,
+                        seq_len=opts.seq_len, seed=opts.seed)  # fmt: skip
+    layout_o = resolve_layout(ckpt_o)
+    runners = [LayerRunner(c, lay, opts.device, dtype, opts.trust_remote_code)
+               for c, lay in ((ckpt_o, layout_o), (ckpt_p, structure.layout))]  # fmt: skip
+    try:
+        trunk = {layer.index for layer in layout_o.layers if not layer.mtp}
+        result = compare(runners[0], runners[1], held.tokens, opts.batch_size, trunk)
+    finally:
+        for runner in runners:
+            runner.close()
+    del runners
+    skip = skip_reason(ckpt_o, ckpt_p, dtype, opts.generations)
+    gens = [] if skip else generations(ckpt_o.root, ckpt_p.root, tokenizer, dtype, opts.device, opts.generations)
+    return {
+        **result.metrics,
+        "summary": summary(held.to_dict()),
+        "data": held.to_dict(),
+        "layers": [{"layer": i, "relative_error": e} for i, e in sorted(result.layer_errors.items())],
+        "layer_error_note": "relative error ‖h_pruned − h_original‖ / ‖h_original‖ of each MoE layer's output,"
+        " each model on its own hidden states (cumulative over the layers before it)",
+        "generations": gens,
+        "generations_note": skip or f"greedy, {len(gens)} prompt(s), up to 20 new tokens",
+    }
+
+
+def summary(data: dict) -> str:
+    return (
+        f"measured on {data['tokens']} held-out tokens ({data['sequences']} × {data['seq_len']}) of {data['source']};"
+        f" {data['heldout']}"
+    )
+
+
+def plan_calibration(folder: Path) -> dict:
+    """The calibration provenance recorded in the pruned folder's plan, or {} (data-free, or no plan)."""
+    try:
+        doc = json.loads((folder / PLAN_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    calibration = doc.get("calibration") if isinstance(doc, dict) else None
+    return calibration if isinstance(calibration, dict) else {}
+
+
+def kl_exceeds(report: dict, max_kl: float | None) -> bool:
+    """Whether the mean KL is above ``max_kl`` (a skipped numeric comparison never is)."""
+    return max_kl is not None and isinstance(report.get("kl_mean"), float) and report["kl_mean"] > max_kl

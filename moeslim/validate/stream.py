@@ -1,0 +1,67 @@
+"""Original and pruned models side by side, one decoder layer resident at a time.
+
+Each model has its own ``LayerRunner`` and its own stream of hidden states. For layer i the original's
+layer is loaded, run over all batches and unloaded, then the pruned model's, so one decoder layer is in
+memory at a time, plus both streams of hidden states (the input embeddings are dropped once the tokens are
+embedded). After each MoE layer the relative error ``‖h_pruned − h_original‖ / ‖h_original‖`` of the two streams is
+recorded: it is cumulative, since each model runs on its own outputs. At the end both heads (final norm,
+``lm_head``) run chunk by chunk over the positions that have a next token, so ``(tokens × vocab)`` logits are
+never all in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeslim.calibrate.runner import Activations, LayerRunner
+from moeslim.validate.metrics import RelativeError, TokenMetrics, position_chunks
+
+
+@dataclass(frozen=True)
+class Comparison:
+    metrics: dict[str, float]  # kl_mean, kl_p95, top1_agreement, perplexities, scored_tokens
+    layer_errors: dict[int, float]  # MoE layer index → cumulative relative error of its output
+
+
+def compare(
+    original: LayerRunner, pruned: LayerRunner, tokens: torch.Tensor, batch_size: int, moe_layers: set[int]
+) -> Comparison:
+    """Run both models over ``tokens`` ``(samples, seq_len)``; see the module docstring."""
+    a = original.embed(tokens, batch_size)
+    b = pruned.embed(tokens, batch_size)
+    for runner in (original, pruned):
+        runner.unload_embedding()
+    errors = {}
+    for i in range(original.num_layers):
+        for runner, store in ((original, a), (pruned, b)):
+            with runner.loaded(i) as layer:
+                runner.forward(i, layer, store)
+        if i in moe_layers:
+            errors[i] = relative_error(a, b)
+    original.load_head()
+    pruned.load_head()
+    return Comparison(score(original, pruned, tokens, batch_size, a, b).summary(), errors)
+
+
+def relative_error(a: Activations, b: Activations) -> float:
+    error = RelativeError()
+    for k in range(len(a)):
+        error.add(a[k], b[k])
+    return error.value
+
+
+def score(
+    original: LayerRunner, pruned: LayerRunner, tokens: torch.Tensor, batch_size: int, a: Activations, b: Activations
+) -> TokenMetrics:
+    """Next-token metrics of every position but the last of each sequence, in the same chunks for both models."""
+    metrics = TokenMetrics()
+    vocab = int(original.model.config.get_text_config().vocab_size)
+    for k, start in enumerate(range(0, tokens.shape[0], batch_size)):
+        ids = tokens[start : start + batch_size]
+        for positions in position_chunks(ids.shape[1] - 1, ids.shape[0], vocab):
+            logits_a = original.logits(a[k], positions)  # (batch, positions, vocab)
+            logits_b = pruned.logits(b[k], positions)
+            metrics.add(logits_a, logits_b, ids[:, positions + 1])
+    return metrics

@@ -1,0 +1,179 @@
+"""The structural check of a pruned checkpoint: headers and config only, no tensor data read.
+
+Three steps, each failing with one line that names the layer and the tensor:
+
+1. the config is consistent (top-k within the expert count, groups dividing it, MTP layers declared);
+2. every MoE layer (MTP layers too) holds exactly the config's expert count, each expert with the same set
+   of tensors (checked by name from the safetensors headers);
+3. transformers itself agrees: the model is instantiated from the config on the meta device and the
+   checkpoint's keys, as meta tensors of the header shapes and dtypes, go through transformers' own loading
+   conversion (the one ``from_pretrained`` uses, experts fused in memory); any missing, unexpected or
+   mismatched key is an error. Quantised checkpoints are loaded by a quantiser, not this path: their
+   quantised tensors are checked by name only (step 2), the rest as usual.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from moeslim.errors import CheckpointError, StructureError
+from moeslim.families import Family, text_config
+from moeslim.layout import Layout, Routing, resolve_layout, routing_of
+from moeslim.source import Checkpoint
+
+QUANT_SUFFIXES = ("_scale_inv", "_blocks", "_scales", ".qweight", ".qzeros", ".scales", ".g_idx", ".weight_scale")
+TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What the structural check established about a checkpoint."""
+
+    layout: Layout
+    tensors: int  # tensors in the headers
+    checked_by_transformers: int  # of which went through transformers' conversion
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": True,
+            "experts": self.layout.num_experts,
+            "top_k": self.layout.top_k,
+            "moe_layers": len(self.layout.layers),
+            "mtp_layers": sum(layer.mtp for layer in self.layout.layers),
+            "tensors": self.tensors,
+            "checked_by_transformers": self.checked_by_transformers,
+            "notes": list(self.notes),
+        }
+
+
+def check_structure(ckpt: Checkpoint, what: str = "pruned checkpoint", trust_remote_code: bool = False) -> Structure:
+    """Check ``ckpt`` against its own config without reading weights; raise ``StructureError`` on the first fault."""
+    routing = routing_of(ckpt.config)
+    check_config(routing, text_config(ckpt.config), what)
+    check_experts(ckpt, routing, what)
+    try:
+        layout = resolve_layout(ckpt)
+    except CheckpointError as e:
+        raise StructureError(f"{what}: {e}") from e
+    checked, notes = check_with_transformers(ckpt, layout, what, trust_remote_code)
+    return Structure(layout, len(ckpt.tensors), checked, notes)
+
+
+def check_config(routing: Routing, cfg: dict, what: str) -> None:
+    """Expert count, top-k and groups that an engine can serve."""
+    e, k, g = routing.num_experts, routing.top_k, routing.n_group
+    if not 1 <= k <= e:
+        raise StructureError(f"{what}: config top-k {k} is not between 1 and its {e} experts")
+    if g > 1:
+        if e % g:
+            raise StructureError(f"{what}: config has {e} experts, not divisible into its n_group={g} groups")
+        if not 1 <= routing.topk_group <= g or k > routing.topk_group * (e // g):
+            raise StructureError(
+                f"{what}: config top-k {k} exceeds topk_group={routing.topk_group} groups × {e // g} experts"
+            )
+    mtp = cfg.get(routing.family.mtp_key) if routing.family.mtp_key else None
+    if mtp is not None and (not isinstance(mtp, int) or mtp < 0):
+        raise StructureError(f"{what}: config {routing.family.mtp_key}={mtp!r} is not a layer count")
+
+
+def check_experts(ckpt: Checkpoint, routing: Routing, what: str) -> None:
+    """Per-expert families: each MoE layer holds experts 0..E-1 exactly, all with the same tensors."""
+    family = routing.family
+    if family.fused:
+        return  # one tensor per layer with experts on dim 0: resolve_layout checks its rows
+    for index, experts in sorted(per_expert_tensors(ckpt, family).items()):
+        block = experts.pop("block")
+        suffixes = sorted(set().union(*experts.values()))
+        for j in range(routing.num_experts):
+            for suffix in suffixes:
+                if suffix not in experts.get(j, set()):
+                    raise StructureError(
+                        f"{what} is missing {block}{j}.{suffix} (layer {index}, expert {j});"
+                        f" config.json says {routing.num_experts} experts"
+                    )
+        if extra := sorted(j for j in experts if j >= routing.num_experts):
+            name = f"{block}{extra[0]}.{sorted(experts[extra[0]])[0]}"
+            raise StructureError(
+                f"{what} holds {name} (layer {index}, expert {extra[0]}) but config.json says"
+                f" {routing.num_experts} experts; the config does not match the tensors"
+            )
+
+
+def per_expert_tensors(ckpt: Checkpoint, family: Family) -> dict[int, dict]:
+    """Layer index → {expert id → tensor suffixes, "block": the experts' key prefix}."""
+    prefixes = "|".join(re.escape(p) for p in family.experts)
+    pattern = re.compile(rf"^(.*?layers\.(\d+)\.{re.escape(family.block)}\.(?:{prefixes}))(\d+)\.(.+)$")
+    found: dict[int, dict] = defaultdict(lambda: defaultdict(set))
+    for name in ckpt.tensors:
+        if m := pattern.match(name):
+            layer = found[int(m.group(2))]
+            layer["block"] = m.group(1)
+            layer[int(m.group(3))].add(m.group(4))
+    return {i: dict(v) for i, v in found.items()}
+
+
+def check_with_transformers(
+    ckpt: Checkpoint, layout: Layout, what: str, trust_remote_code: bool = False
+) -> tuple[int, tuple[str, ...]]:
+    """Feed the header shapes as meta tensors through transformers' loading conversion of a meta model."""
+    import torch
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    from moeslim.calibrate.runner import meta_model, no_progress_bars
+
+    model = meta_model(ckpt.root, torch.float32, trust_remote_code)
+    mtp = tuple(layer.block[: layer.block.index(f"layers.{layer.index}.")] + f"layers.{layer.index}."
+                for layer in layout.layers if layer.mtp)  # fmt: skip
+    quantised = bool(text_config(ckpt.config).get("quantization_config") or ckpt.config.get("quantization_config"))
+    state = {
+        name: torch.empty(info.shape, dtype=getattr(torch, TORCH_DTYPES.get(info.dtype, "uint8")), device="meta")
+        for name, info in ckpt.tensors.items()
+        if not name.startswith(mtp) and not (quantised and name.endswith(QUANT_SUFFIXES))
+    }
+    config = LoadStateDictConfig(
+        device_map={"": "meta"},
+        dtype=torch.float32,
+        weight_mapping=get_model_conversion_mapping(model),  # type: ignore[arg-type]
+    )
+    with no_progress_bars():
+        info = convert_and_load_state_dict_in_model(model, state, config)[0]
+    missing = set(info.missing_keys)
+    if quantised:  # e.g. gpt-oss MXFP4: the fused weight is stored as `<name>_blocks` + `<name>_scales`
+        missing = {m for m in missing if not any(n.startswith(m + "_") for n in ckpt.tensors)}
+    _raise_first(what, missing, set(info.unexpected_keys), list(info.mismatched_keys), info.conversion_errors)
+    notes = [f"MTP layers {[layer.index for layer in layout.layers if layer.mtp]} are not run by transformers:"
+             " checked by name and expert count only"] if mtp else []  # fmt: skip
+    if quantised:
+        notes.append("quantised tensors are loaded by a quantiser: checked by name and expert count only")
+    return len(state), tuple(notes)
+
+
+def _raise_first(what: str, missing: set, unexpected: set, mismatched: list, errors: dict) -> None:
+    if missing:
+        name = sorted(missing)[0]
+        raise StructureError(f"{what} is missing {name} ({_where(name)}), which transformers expects for its config")
+    if unexpected:
+        name = sorted(unexpected)[0]
+        raise StructureError(f"{what} holds {name} ({_where(name)}), which transformers does not expect for its config")
+    if mismatched:
+        name, got, want = sorted(mismatched, key=lambda m: m[0])[0]
+        raise StructureError(
+            f"{what}: {name} ({_where(name)}) loads as shape {list(got)} but its config makes transformers expect"
+            f" {list(want)}; the config does not match the tensors"
+        )
+    if errors:
+        name = sorted(errors)[0]
+        raise StructureError(f"{what}: transformers cannot convert {name} ({_where(name)}): {errors[name]}")
+
+
+def _where(name: str) -> str:
+    m = re.search(r"layers\.(\d+)\.", name)
+    return f"layer {m.group(1)}" if m else "outside the decoder layers"
