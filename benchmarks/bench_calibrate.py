@@ -122,15 +122,15 @@ def main() -> None:
     print(
         f"model {args.model} ({args.layers} layers), {args.samples}×{args.seq_len} tokens, {args.device} {args.dtype}"
     )
-    print(f"| run | best of {args.repeat} (s) | peak RSS (MB) |")
+    print(f"| run | best of {args.repeat} (s) | peak RSS (MiB) |")
     print("| --- | --- | --- |")
     for mode, label in (("stream", "moeslim streaming calibration"), ("memory", "in-memory, same statistics"),
                         ("plain", "in-memory forward, no statistics")):  # fmt: skip
         print(f"| {label} | {best[mode]:.1f} | {rss[mode]:.0f} |")
     print(f"\ntime ratio streaming / in-memory: {best['stream'] / best['memory']:.2f} (target <= 1.1)")
     budget = 1.5 * one_layer + activations
-    print(f"one layer {one_layer:.0f} MB, activations {activations:.0f} MB:"
-          f" 1.5 × layer + activations = {budget:.0f} MB; streaming peak {rss['stream']:.0f} MB")  # fmt: skip
+    print(f"one layer {one_layer:.0f} MiB, activations {activations:.0f} MiB:"
+          f" 1.5 × layer + activations = {budget:.0f} MiB; streaming peak {rss['stream']:.0f} MiB")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def calibrate_layers(
     """Fill ``stats`` for every trunk MoE layer not already in it; layers present are only run (resuming)."""
     moe = {layer.index for layer in runner.layout.layers if not layer.mtp}
     store = runner.embed(tokens, batch_size, max_bytes)
+    runner.unload_embedding()  # a vocab × hidden matrix not needed again
     if len(store) < 2:
         raise ValueError("calibration needs at least two batches (two halves)")
     for index, layer in runner.layers():

@@ -1,8 +1,9 @@
 """Layer-by-layer forward through the model's own transformers code, one decoder layer resident at a time.
 
 The model is instantiated on the meta device; each decoder layer's on-disk tensors are turned into its
-in-memory form by transformers' own loading code (``convert_and_load_state_dict_in_model``, which fuses
-per-expert tensors), the layer runs over all cached hidden states batch by batch, and is dropped back to
+in-memory form by transformers' own loading code (``convert_and_load_state_dict_in_model``), except that
+per-expert tensors are written into the fused expert parameters one expert at a time (``fuse.py``, the same
+values at a third of the memory), the layer runs over all cached hidden states batch by batch, and is dropped back to
 meta. The arguments each layer receives (attention masks, rotary embeddings, positions) are captured
 from one run of the model's own forward with the layers stubbed out, so masks and rotary are the model's.
 While a layer computes, a background thread reads the next layer's bytes into the page cache.
@@ -31,6 +32,7 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
+from moeslim.calibrate.fuse import Fusion, fill, fused_shape, plan_fusions
 from moeslim.errors import CheckpointError, DeviceError
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
@@ -210,8 +212,16 @@ class LayerRunner:
         return [n for n in self.ckpt.tensors if not n.startswith(f"{self.prefix}layers.")]
 
     def _load(self, names: list[str]) -> None:
-        """Load on-disk tensors ``names`` into the model through transformers' conversion. They are handed
-        over as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
+        """Load on-disk tensors ``names`` into the model. Per-expert tensors that transformers would stack into
+        fused parameters are read into them one expert at a time (``fuse.py``); the rest go through
+        transformers' conversion as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
+        fusions, rest = plan_fusions(self._load_config.weight_mapping or [], [self.ckpt.tensors[n] for n in names])
+        names = [info.name for info in rest]
+        for fusion in fusions:
+            if not self._fuse(fusion):
+                names += [info.name for part in fusion.parts for info in part]
+        if not names:
+            return
         with contextlib.ExitStack() as stack:
             stack.enter_context(no_progress_bars())  # stderr stays for our one-line messages
             files = {
@@ -223,6 +233,21 @@ class LayerRunner:
         if errors:
             first = sorted(errors)[0]
             raise CheckpointError(f"transformers could not load {first} into the model; the checkpoint does not match")
+
+    def _fuse(self, fusion: Fusion) -> bool:
+        """Build the fused parameter ``fusion.target`` in place; False when the model has no such parameter."""
+        owner, _, attr = fusion.target.rpartition(".")
+        try:
+            module = self.model.get_submodule(owner)
+        except AttributeError:
+            return False
+        param = module._parameters.get(attr)
+        if param is None or tuple(param.shape) != fused_shape(fusion):
+            return False
+        data = torch.empty(param.shape, dtype=param.dtype, device=self.device)
+        fill(fusion, data)
+        module._parameters[attr] = torch.nn.Parameter(data, requires_grad=False)
+        return True
 
     def _materialize_buffers(self) -> None:
         """Non-persistent buffers (rotary frequencies) are not in the checkpoint: compute them on the device."""
