@@ -336,3 +336,23 @@ def test_split_errors(fraction):
         CalibrationDataError, match=r"^cannot split 4 samples with fraction .*: each part needs at least one sample"
     ):
         whole.split(fraction, seed=0)
+
+
+def test_samples_span_many_documents_and_one_long_file_still_fills(tok, tmp_path):
+    root = tmp_path / "long"
+    root.mkdir()
+    for c in LETTERS:  # 8 documents of 40 tokens each
+        (root / f"{c}.txt").write_text(f"{c} " * 40 + "\n")
+    got = load_calibration(str(root), tok, samples=4, seq_len=6, seed=0)
+    # need 24 tokens, at most max(seq_len 6, ceil(24 / 8) = 3) = 6 per document, then EOS: 7 ids per document,
+    # so 4 documents are read (21 ids after 3, 28 after 4), not one document's first 24 tokens
+    assert got.source == "folder long/: 4 of 8 files"
+    rows = got.tokens.flatten().tolist()
+    eos = tok.eos_token_id
+    assert [i for i, t in enumerate(rows) if t == eos] == [6, 13, 20]  # a document ends every 7 ids
+    single = tmp_path / "one.txt"
+    single.write_text("a " * 40 + "\n")
+    # one document: its cap is max(6, 24) = 24 tokens, enough on its own
+    assert load_calibration(str(single), tok, samples=4, seq_len=6, seed=0).tokens.flatten().tolist() == ids_of(
+        tok, " ".join(["a"] * 24)
+    )

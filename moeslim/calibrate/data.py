@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,7 +113,7 @@ def load_calibration(
     need = samples * seq_len
     if corpus.count == 0:
         raise CalibrationDataError(f"{corpus.name} holds no {corpus.unit}; pass data with text in it")
-    ids, used = read_tokens(corpus, tokenizer, need, seed)
+    ids, docs = read_tokens(corpus, tokenizer, need, seed, seq_len=seq_len)
     if not ids:
         raise CalibrationDataError(
             f"{corpus.name} holds no text (every one of its {corpus.unit} is empty or binary); pass UTF-8 text"
@@ -124,7 +124,7 @@ def load_calibration(
             f" (enough for {len(ids) // seq_len} samples); pass fewer --samples, a smaller --seq-len, or more data"
         )
     tokens = torch.tensor(ids, dtype=torch.int64).view(samples, seq_len)
-    return CalibrationData.of(tokens, f"{corpus.name}: {used} of {corpus.count} {corpus.unit}")
+    return CalibrationData.of(tokens, f"{corpus.name}: {len(docs)} of {corpus.count} {corpus.unit}")
 
 
 def open_corpus(spec: str, tokenizer: PreTrainedTokenizerBase, *, split: str, column: str | None) -> Corpus:
@@ -300,20 +300,37 @@ def hub_corpus(spec: str, tokenizer: PreTrainedTokenizerBase, split: str, column
     return Corpus(name, "rows", len(rows), load)
 
 
-def read_tokens(corpus: Corpus, tokenizer: PreTrainedTokenizerBase, need: int, seed: int) -> tuple[list[int], int]:
-    """Up to ``need`` token ids from documents in seeded shuffled order, EOS after each; and how many were read."""
-    eos = tokenizer.eos_token_id
+def read_tokens(
+    corpus: Corpus,
+    tokenizer: PreTrainedTokenizerBase,
+    need: int,
+    seed: int,
+    *,
+    seq_len: int,
+    exclude: Set[int] = frozenset(),
+) -> tuple[list[int], list[int]]:
+    """Up to ``need`` token ids from documents in seeded shuffled order, EOS after each; and which were read.
+
+    Each document gives at most ``max(seq_len, need / documents)`` tokens, so that the samples span many
+    documents rather than the first few long ones (a large source file alone holds thousands of tokens);
+    when that falls short, a second pass takes documents whole. Documents in ``exclude`` are skipped.
+    """
+    order = [int(i) for i in np.random.default_rng(seed).permutation(corpus.count) if int(i) not in exclude]
+    eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
     ids: list[int] = []
-    used = 0
-    for i in np.random.default_rng(seed).permutation(corpus.count):
-        text = corpus.load(int(i))
-        doc = encode_document(tokenizer, text, need - len(ids)) if text else []
-        if doc:
-            ids += doc + ([int(eos)] if eos is not None else [])
-            used += 1
-        if len(ids) >= need:
-            break
-    return ids[:need], used
+    docs: list[int] = []
+    for cap in (max(seq_len, -(-need // max(corpus.count, 1))), None):
+        ids, docs = [], []
+        for i in order:
+            text = corpus.load(i)
+            budget = need - len(ids) if cap is None else min(cap, need - len(ids))
+            doc = encode_document(tokenizer, text, budget) if text else []
+            if doc:
+                ids += (doc if cap is None else doc[:budget]) + eos
+                docs.append(i)
+            if len(ids) >= need:
+                return ids[:need], docs
+    return ids[:need], docs
 
 
 def encode_document(tokenizer: PreTrainedTokenizerBase, text: str, budget: int) -> list[int]:

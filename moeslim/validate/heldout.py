@@ -1,6 +1,6 @@
 """Held-out validation tokens: packed like calibration data, from documents calibration did not read.
 
-Calibration (``calibrate/data.py``) reads documents of a corpus in a seeded shuffled order until it has
+Calibration (``calibrate/data.py``, ``read_tokens``) reads documents of a corpus in a seeded shuffled order until it has
 ``samples × seq_len`` tokens. When the plan records a calibration on the same corpus, that reading is
 replayed here and its token digest compared with the recorded one: when they match, the exact set of
 documents calibration read is known, and validation packs its tokens from the other documents only, so no
@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from moeslim.calibrate.data import STDLIB, Corpus, encode_document, open_corpus, token_digest
+from moeslim.calibrate.data import STDLIB, Corpus, open_corpus, read_tokens, token_digest
 from moeslim.errors import CalibrationDataError
 
 if TYPE_CHECKING:
@@ -47,14 +46,14 @@ def load_heldout(
         raise CalibrationDataError(f"validation needs --samples ≥ 1 and --seq-len ≥ 2 (got {samples}, {seq_len})")
     corpus = open_corpus(spec or STDLIB, tokenizer, split="train", column=None)
     used, note = calibration_documents(corpus, tokenizer, calibration)
-    ids, read = pack(corpus, tokenizer, samples * seq_len, seed, exclude=used or set())
+    ids, docs = read_tokens(corpus, tokenizer, samples * seq_len, seed, seq_len=seq_len, exclude=used or set())
     if len(ids) < samples * seq_len:
         raise CalibrationDataError(
             f"{corpus.name} gives only {len(ids)} tokens outside the calibration documents, fewer than"
             f" --samples {samples} × --seq-len {seq_len}; pass fewer --samples, a smaller --seq-len or other text"
         )
     tokens = torch.tensor(ids, dtype=torch.int64).view(samples, seq_len)
-    source = f"{corpus.name}: {read} of {corpus.count} {corpus.unit} (seed {seed})"
+    source = f"{corpus.name}: {len(docs)} of {corpus.count} {corpus.unit} (seed {seed})"
     disjoint = True if used is not None else None if not calibration else False
     return HeldOut(tokens, source, token_digest(tokens), disjoint, note)
 
@@ -68,37 +67,8 @@ def calibration_documents(
     if not str(calibration.get("data", "")).startswith(f"{corpus.name}:"):
         return None, f"not verified: calibration read other text ({calibration.get('data')})"
     samples, seq_len, seed = (int(calibration[k]) for k in ("samples", "seq_len", "seed"))
-    ids, docs = read_documents(corpus, tokenizer, samples * seq_len, seed, set())
-    tokens = torch.tensor(ids[: samples * seq_len], dtype=torch.int64)
+    ids, docs = read_tokens(corpus, tokenizer, samples * seq_len, seed, seq_len=seq_len)
+    tokens = torch.tensor(ids, dtype=torch.int64)
     if len(ids) < samples * seq_len or token_digest(tokens.view(samples, seq_len)) != calibration.get("digest"):
         return None, "not verified: replaying calibration on this text does not reproduce its token digest"
     return set(docs), f"disjoint: the {len(docs)} {corpus.unit} calibration read (digest verified) are excluded"
-
-
-def pack(
-    corpus: Corpus, tokenizer: PreTrainedTokenizerBase, need: int, seed: int, exclude: set[int]
-) -> tuple[list[int], int]:
-    """Up to ``need`` token ids from the documents not in ``exclude``; and how many documents were read."""
-    ids, docs = read_documents(corpus, tokenizer, need, seed, exclude)
-    return ids[:need], len(docs)
-
-
-def read_documents(
-    corpus: Corpus, tokenizer: PreTrainedTokenizerBase, need: int, seed: int, exclude: set[int]
-) -> tuple[list[int], list[int]]:
-    """``calibrate.data.read_tokens``'s reading (seeded order, EOS after each document), skipping ``exclude``;
-    returns the ids (possibly more than ``need``) and the indices of the documents that gave tokens."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    docs: list[int] = []
-    for i in np.random.default_rng(seed).permutation(corpus.count):
-        if int(i) in exclude:
-            continue
-        text = corpus.load(int(i))
-        doc = encode_document(tokenizer, text, need - len(ids)) if text else []
-        if doc:
-            ids += doc + ([int(eos)] if eos is not None else [])
-            docs.append(int(i))
-        if len(ids) >= need:
-            break
-    return ids, docs
