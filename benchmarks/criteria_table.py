@@ -29,17 +29,22 @@ CALIBRATED = ["frequency", "gate-mass", "soft-mass", "ean", "reap", "reconstruct
 DATA_FREE = ["router-norm", "weight-norm"]
 
 
+PIECE_CHARS = 1500  # documents are cut into pieces so that a sample spans many files, not a few long ones
+
+
 def write_texts(files: list[Path], out: Path) -> Path:
     with out.open("w") as f:
         for path in files:
-            f.write(json.dumps({"text": path.read_text(encoding="utf-8", errors="replace")}) + "\n")
+            text = path.read_text(encoding="utf-8", errors="replace")
+            for start in range(0, len(text), PIECE_CHARS):
+                f.write(json.dumps({"text": text[start : start + PIECE_CHARS]}) + "\n")
     return out
 
 
 def split_corpus(model: Path, work: Path) -> tuple[Path, Path]:
     """(calibration .jsonl from training files, evaluation .jsonl from held-out files)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    heldout = {root / p for p in json.loads((model / "heldout_files.json").read_text())}
+    heldout = {root / p for p in json.loads((model / "heldout_files.json").read_text())["files"]}
     skip = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
     train = sorted(p for p in root.rglob("*.py") if p not in heldout and not skip & set(p.relative_to(root).parts))
     return write_texts(train, work / "calib.jsonl"), write_texts(sorted(heldout), work / "heldout.jsonl")
@@ -59,7 +64,7 @@ def perplexity(folder: Path, tokens: torch.Tensor) -> float:
 def slim(model: Path, out: Path, keep: int, criterion: str, extra: list[str]) -> float:
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "moeslim", "slim", str(model), "--keep", str(keep), "--criterion", criterion,
-           "--out", str(out), "--overwrite", *extra]  # fmt: skip
+           "--out", str(out), "--overwrite", "--no-validate", *extra]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
     return time.perf_counter() - start
 
@@ -71,12 +76,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--eval-samples", type=int, default=256, help="held-out sequences of 128 tokens")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         calib, heldout = split_corpus(args.model, work)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        tokens = load_calibration(str(heldout), tokenizer, samples=64, seq_len=128, seed=1).tokens
+        tokens = load_calibration(str(heldout), tokenizer, samples=args.eval_samples, seq_len=128, seed=1).tokens
         base = perplexity(args.model, tokens)
         stats = work / "stats"
         cal = ["--calib", str(calib), "--samples", str(args.samples), "--seq-len", str(args.seq_len)]

@@ -126,8 +126,8 @@ def test_streaming_equals_full_models_across_families(built, family: str, tmp_pa
 def test_random_plan_ranks_clearly_worse_than_the_default_criterion(pruned: dict[str, Path]) -> None:
     reports = {name: json.loads((folder / "validation.json").read_text()) for name, folder in pruned.items()}
     default, random = reports["default"], reports["random"]
-    # seeded runs on this fixture, 8 × 128 held-out tokens: default (frequency, calibrated on 64 × 256 stdlib
-    # tokens) about 0.19 mean KL, random seed 0 about 0.57
+    # seeded runs on this fixture, 8 × 128 held-out tokens: default (ean, calibrated on 64 × 256 stdlib tokens)
+    # 0.146 mean KL, top-1 0.756, ppl 38.5; random seed 0: 0.614, 0.488, 64.2 (original ppl 36.4)
     assert random["kl_mean"] > 2 * default["kl_mean"]
     assert random["top1_agreement"] < default["top1_agreement"]
     assert random["perplexity_pruned"] > default["perplexity_pruned"]
