@@ -3,8 +3,8 @@
 The model is instantiated on the meta device; each decoder layer's on-disk tensors are turned into its
 in-memory form by transformers' own loading code (``convert_and_load_state_dict_in_model``), except that
 per-expert tensors are written into the fused expert parameters one expert at a time (``fuse.py``, the same
-values at a third of the memory), the layer runs over all cached hidden states batch by batch, and is dropped back to
-meta. The arguments each layer receives (attention masks, rotary embeddings, positions) are captured
+values at a third of the memory); the layer runs over all cached hidden states batch by batch, and is
+dropped back to meta. The arguments each layer receives (attention masks, rotary embeddings, positions) are captured
 from one run of the model's own forward with the layers stubbed out, so masks and rotary are the model's.
 While a layer computes, a background thread reads the next layer's bytes into the page cache.
 
