@@ -81,9 +81,12 @@ def reference(original: Path, pruned: Path, tokens: torch.Tensor) -> dict:
         logp.append(torch.log_softmax(logits.double(), -1))
         outputs.append(layers)
     a, b = logp
-    kl = (a.exp() * (a - b)).sum(-1).flatten().numpy()
+    kl_rows = (a.exp() * (a - b)).sum(-1).numpy()  # (sequences, positions)
+    kl = kl_rows.flatten()
     targets = tokens[:, 1:, None]
+    nll = [-x.gather(-1, targets)[..., 0].mean(-1).numpy() for x in (a, b)]  # (sequences,) each
     return {
+        "per_sequence": {"kl": kl_rows.mean(-1), "nll_original": nll[0], "nll_pruned": nll[1]},
         "kl_mean": kl.mean(),
         "kl_p95": np.percentile(kl, 95),
         "top1_agreement": (a.argmax(-1) == b.argmax(-1)).double().mean().item(),
@@ -102,6 +105,8 @@ def assert_matches_reference(original: Path, pruned: Path, opts: ValidateOptions
     ref = reference(original, pruned, held.tokens)
     for key in ("kl_mean", "kl_p95", "top1_agreement", "perplexity_original", "perplexity_pruned"):
         assert report[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
+    for key, values in ref["per_sequence"].items():  # paired values, one per held-out sequence, in order
+        assert report["per_sequence"][key] == pytest.approx(values.tolist(), rel=1e-6, abs=1e-9), key
     moe = {e["layer"]: e["relative_error"] for e in report["layers"]}
     for i, error in moe.items():
         assert error == pytest.approx(ref["errors"][i], rel=1e-5), i

@@ -15,20 +15,23 @@ import torch
 
 @dataclass
 class TokenMetrics:
-    """KL(original ‖ pruned), top-1 agreement and both models' negative log-likelihoods, per scored token."""
+    """KL(original ‖ pruned), top-1 agreement and both models' negative log-likelihoods, per scored token,
+    with the sequence each token belongs to (for per-sequence means)."""
 
+    sequence: list[np.ndarray] = field(default_factory=list)
     kl: list[np.ndarray] = field(default_factory=list)
     agree: list[np.ndarray] = field(default_factory=list)
     nll_original: list[np.ndarray] = field(default_factory=list)
     nll_pruned: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, original: torch.Tensor, pruned: torch.Tensor, targets: torch.Tensor) -> None:
+    def add(self, original: torch.Tensor, pruned: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor) -> None:
         """Score logits ``(batch, positions, vocab)`` of both models whose next tokens are ``targets``
-        ``(batch, positions)``."""
+        ``(batch, positions)``; ``rows`` ``(batch,)`` numbers the sequences of the batch."""
         lo = original.double().log_softmax(-1)  # (batch, positions, vocab)
         lp = pruned.double().log_softmax(-1)
         diff = torch.where(lo == lp, 0.0, lo - lp)  # exact zeros where equal, also for -inf logits
         kl = (lo.exp() * diff).sum(-1).clamp_min(0.0)  # rounding can make a tiny KL negative
+        self.sequence.append(rows.cpu().numpy().repeat(kl.shape[1]))  # (batch · positions,)
         self.kl.append(kl.flatten().cpu().numpy())
         self.agree.append((lo.argmax(-1) == lp.argmax(-1)).flatten().cpu().numpy())
         index = targets.to(lo.device).unsqueeze(-1)
@@ -45,6 +48,18 @@ class TokenMetrics:
             "perplexity_pruned": math.exp(float(np.concatenate(self.nll_pruned).mean())),
             "scored_tokens": int(kl.size),
         }
+
+    def per_sequence(self) -> dict[str, list[float]]:
+        """Mean KL and both mean negative log-likelihoods of each sequence, in sequence order: paired values, so
+        two pruned models validated on the same tokens can be compared sequence by sequence."""
+        seq = np.concatenate(self.sequence)
+        count = np.bincount(seq)
+        present = count > 0
+        means = {}
+        for name in ("kl", "nll_original", "nll_pruned"):
+            sums = np.bincount(seq, weights=np.concatenate(getattr(self, name)), minlength=count.size)
+            means[name] = (sums[present] / count[present]).tolist()
+        return means
 
 
 @dataclass

@@ -133,6 +133,9 @@ def numeric(ckpt_o: Checkpoint, ckpt_p: Checkpoint, structure: Structure, opts: 
         " each model on its own hidden states (cumulative over the layers before it)",
         "generations": gens,
         "generations_note": skip or f"greedy, {len(gens)} prompt(s), up to 20 new tokens",
+        "per_sequence": result.per_sequence,
+        "per_sequence_note": "each held-out sequence's mean KL and mean negative log-likelihood (natural log) of"
+        " both models, in the order of the held-out data: paired values for comparing plans on the same text",
     }
 
 

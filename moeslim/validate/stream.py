@@ -23,6 +23,7 @@ from moeslim.validate.metrics import RelativeError, TokenMetrics, position_chunk
 class Comparison:
     metrics: dict[str, float]  # kl_mean, kl_p95, top1_agreement, perplexities, scored_tokens
     layer_errors: dict[int, float]  # MoE layer index → cumulative relative error of its output
+    per_sequence: dict[str, list[float]]  # kl, nll_original, nll_pruned: each sequence's mean, in order
 
 
 def compare(
@@ -42,7 +43,8 @@ def compare(
             errors[i] = relative_error(a, b)
     original.load_head()
     pruned.load_head()
-    return Comparison(score(original, pruned, tokens, batch_size, a, b).summary(), errors)
+    metrics = score(original, pruned, tokens, batch_size, a, b)
+    return Comparison(metrics.summary(), errors, metrics.per_sequence())
 
 
 def relative_error(a: Activations, b: Activations) -> float:
@@ -60,8 +62,9 @@ def score(
     vocab = int(original.model.config.get_text_config().vocab_size)
     for k, start in enumerate(range(0, tokens.shape[0], batch_size)):
         ids = tokens[start : start + batch_size]
+        rows = torch.arange(start, start + ids.shape[0])
         for positions in position_chunks(ids.shape[1] - 1, ids.shape[0], vocab):
             logits_a = original.logits(a[k], positions)  # (batch, positions, vocab)
             logits_b = pruned.logits(b[k], positions)
-            metrics.add(logits_a, logits_b, ids[:, positions + 1])
+            metrics.add(logits_a, logits_b, ids[:, positions + 1], rows)
     return metrics
