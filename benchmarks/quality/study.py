@@ -8,6 +8,10 @@ keep 75 %, 50 % and 25 % with every criterion, one-shot and ``--progressive``, a
 and KL(original ‖ pruned) through moeslim's own validation. Everything runs in-process through
 ``moeslim.pipeline.slim``, the same code path as the CLI.
 
+At keep 50 % each calibrated criterion is calibrated on several seeds (different calibration samples), every
+plan keeps its per-sequence validation values, and ``significance.py`` compares every plan with the default
+sequence by sequence (paired bootstrap), then applies the rule that picks the default criterion.
+
 Text: CPython's standard library sources (what the fixtures were trained on). Calibration comes from the
 training files only, held-out text from the files listed in each fixture's ``heldout_files.json``; documents are
 cut into 1,500-character pieces so samples span many files. The task-specific experiment splits the text into
@@ -32,7 +36,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from render import CANDIDATES, Result, load, report, save, splice
+
 from moeslim.calibrate.session import CalibrationOptions, run_calibration
+from moeslim.criteria import DEFAULT_CRITERION, is_calibrated
 from moeslim.errors import PlanError
 from moeslim.layout import resolve_layout
 from moeslim.pipeline import SlimOptions, slim
@@ -44,9 +51,6 @@ FIXTURES = {
     "mixtral": ROOT / "fixtures/trained/tiny-mixtral-16e",
     "deepseek": ROOT / "fixtures/trained/tiny-deepseek-16e",
 }
-DEFAULT_CRITERION = "ean"  # moeslim's default, restated so the table can mark it
-DATA_FREE = ["router-norm", "weight-norm"]
-CALIBRATED = ["frequency", "gate-mass", "soft-mass", "ean", "reap", "reconstruction"]
 PROGRESSIVE = ["frequency", "gate-mass", "ean", "reap"]
 PIECE_CHARS = 1500
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
@@ -55,11 +59,13 @@ SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
 @dataclass
 class Settings:
     keeps: tuple[float, ...] = (0.75, 0.5, 0.25)
-    criteria: list[str] = field(default_factory=lambda: DATA_FREE + CALIBRATED)
+    criteria: list[str] = field(default_factory=lambda: list(CANDIDATES))
     progressive: list[str] = field(default_factory=lambda: list(PROGRESSIVE))
-    random_seeds: int = 5
+    random_seeds: int = 10
     calib_samples: int = 64  # × 128 tokens
-    eval_samples: int = 32  # × 128 tokens
+    calib_seeds: int = 3  # calibration samples drawn per calibrated criterion at the deciding keep
+    decide: float = 0.5  # the keep ratio at which the default criterion is chosen
+    eval_samples: int = 256  # × 128 tokens
     sizes: tuple[int, ...] = (16, 64, 256)  # calibration samples for the size experiment
     size_criteria: tuple[str, ...] = ("ean", "reap", "frequency")
     fixtures: tuple[str, ...] = ("mixtral", "deepseek")
@@ -67,7 +73,7 @@ class Settings:
 
 SMOKE = Settings(
     keeps=(0.5,), criteria=["router-norm", "ean"], progressive=["ean"], random_seeds=2, calib_samples=16,
-    eval_samples=8, sizes=(8, 16), size_criteria=("ean",), fixtures=("mixtral",),
+    calib_seeds=2, eval_samples=8, sizes=(8, 16), size_criteria=("ean",), fixtures=("mixtral",),
 )  # fmt: skip
 
 
@@ -141,33 +147,23 @@ def make_texts(model: Path, work: Path) -> Texts:
 # --- runs ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Result:
-    fixture: str
-    keep: int
-    criterion: str  # e.g. "ean", "ean --progressive", "random --seed 3"
-    perplexity: float | None  # None: infeasible keep (say why in note)
-    kl: float | None
-    top1: float | None
-    stability: float | None
-    seconds: float
-    note: str = ""
-
-
 def run(model: Path, work: Path, keep: int, criterion: str, calib: Path, samples: int, eval_text: Path,
         eval_samples: int, *, seed: int | None = None, progressive: bool = False) -> dict:  # fmt: skip
     """Prune in-process and validate on held-out text; returns the validation report and the plan facts.
 
-    One-shot calibrated criteria share statistics calibrated once per (text, size), as ``--stats`` would."""
-    calibration = CalibrationOptions(calib=str(calib), samples=samples, seq_len=128)
+    ``seed`` is random's seed, or a calibrated criterion's calibration seed. One-shot calibrated criteria share
+    statistics calibrated once per (text, size, seed), as ``--stats`` would."""
+    calibrated = is_calibrated(criterion)
+    calibration = CalibrationOptions(calib=str(calib), samples=samples, seq_len=128, seed=seed or 0)
     stats = None
-    if criterion in CALIBRATED and not progressive:
-        stats = work / f"stats-{calib.stem}-{samples}"
+    if calibrated and not progressive:
+        stats = work / f"stats-{calib.stem}-{samples}-{seed or 0}"
         if not (stats / "stats.json").is_file():
             ckpt = open_checkpoint(model)
             run_calibration(ckpt, resolve_layout(ckpt), calibration, out=stats)
     opts = SlimOptions(
-        source=model, keep=keep, out=work / "out", criterion=criterion, seed=seed, overwrite=True, stats=stats,
+        source=model, keep=keep, out=work / "out", criterion=criterion, seed=None if calibrated else seed,
+        overwrite=True, stats=stats,
         calibration=calibration,
         progressive=progressive,
         validation=ValidateOptions(calib=str(eval_text), samples=eval_samples, seq_len=128, seed=1, generations=0),
@@ -178,144 +174,65 @@ def run(model: Path, work: Path, keep: int, criterion: str, calib: Path, samples
 
 
 def study_fixture(name: str, model: Path, work: Path, s: Settings, log: Callable[[str], None]) -> dict:
+    began = time.perf_counter()
     texts = make_texts(model, work)
     config = json.loads((model / "config.json").read_text())
     experts = int(config.get("n_routed_experts") or config["num_local_experts"])
+    decide = round(experts * s.decide)
     rows: list[Result] = []
     original: dict[str, float] = {}
 
-    def measure(keep: int, label: str, calib: Path, samples: int, eval_text: Path, **kw: object) -> Result:
+    def measure(keep: int, label: str, calib: Path, samples: int, eval_text: Path, seed: int | None = None,
+                progressive: bool = False) -> Result:  # fmt: skip
         start = time.perf_counter()
         criterion = label.split()[0]
         try:
-            r = run(model, work, keep, criterion, calib, samples, eval_text, s.eval_samples, **kw)  # type: ignore[arg-type]
+            r = run(model, work, keep, criterion, calib, samples, eval_text, s.eval_samples, seed=seed,
+                    progressive=progressive)  # fmt: skip
         except PlanError as e:
-            return Result(name, keep, label, None, None, None, None, 0.0, str(e))
+            return Result(name, keep, label, seed, None, None, None, None, 0.0, str(e))
         original.setdefault(str(eval_text), r["perplexity_original"])
-        res = Result(name, keep, label, r["perplexity_pruned"], r["kl_mean"], r["top1_agreement"], r["stability"],
-                     time.perf_counter() - start)  # fmt: skip
-        log(f"  {name} keep {keep}: {label:28s} ppl {res.perplexity:8.3f}  KL {res.kl:.4f}  ({res.seconds:.1f} s)")
+        per = r["per_sequence"]
+        paired = {"kl": rounded(per["kl"]), "nll": rounded(per["nll_pruned"])} if keep == decide else None
+        res = Result(name, keep, label, seed, r["perplexity_pruned"], r["kl_mean"], r["top1_agreement"],
+                     r["stability"], time.perf_counter() - start, per_sequence=paired)  # fmt: skip
+        log(f"  {name} keep {keep}: {label:24s} seed {seed!s:4s} ppl {res.perplexity:8.3f}  KL {res.kl:.4f}"
+            f"  ({res.seconds:.1f} s)")  # fmt: skip
         return res
 
     for fraction in s.keeps:
         keep = round(experts * fraction)
+        seeds = list(range(s.calib_seeds)) if keep == decide else [0]
         for criterion in s.criteria:
-            rows.append(measure(keep, criterion, texts.calib, s.calib_samples, texts.heldout))
+            for seed in seeds if is_calibrated(criterion) else [None]:
+                rows.append(measure(keep, criterion, texts.calib, s.calib_samples, texts.heldout, seed))
         for criterion in s.progressive:
-            rows.append(measure(keep, f"{criterion} --progressive", texts.calib, s.calib_samples, texts.heldout,
-                                progressive=True))  # fmt: skip
+            for seed in seeds:
+                rows.append(measure(keep, f"{criterion} --progressive", texts.calib, s.calib_samples, texts.heldout,
+                                    seed, progressive=True))  # fmt: skip
         for seed in range(s.random_seeds):
-            rows.append(measure(keep, f"random --seed {seed}", texts.calib, s.calib_samples, texts.heldout, seed=seed))
-    half = round(experts * 0.5)
-    task = {}
-    for domain, calib in (("code", texts.calib_code), ("prose", texts.calib_prose)):
-        task[domain] = measure(half, f"{DEFAULT_CRITERION} (calibrated on {domain})", calib, s.calib_samples,
-                               texts.heldout_code)  # fmt: skip
-    sizes = [measure(half, f"{c} ({n} × 128 tokens)", texts.calib, n, texts.heldout) for c in s.size_criteria
+            rows.append(measure(keep, "random", texts.calib, s.calib_samples, texts.heldout, seed))
+    task = [measure(decide, f"{DEFAULT_CRITERION} (calibrated on {domain})", calib, s.calib_samples,
+                    texts.heldout_code, seed)
+            for domain, calib in (("code", texts.calib_code), ("prose", texts.calib_prose))
+            for seed in range(s.calib_seeds)]  # fmt: skip
+    sizes = [measure(decide, f"{c} ({n} × 128 tokens)", texts.calib, n, texts.heldout) for c in s.size_criteria
              for n in s.sizes]  # fmt: skip
-    return {"experts": experts, "original": original[str(texts.heldout)], "rows": rows, "task": task,
-            "sizes": sizes, "original_code": original.get(str(texts.heldout_code))}  # fmt: skip
+    return {"experts": experts, "decide": decide, "original": original[str(texts.heldout)], "rows": rows,
+            "task": task, "sizes": sizes, "original_code": original.get(str(texts.heldout_code)),
+            "seconds": round(time.perf_counter() - began, 1)}  # fmt: skip
 
 
-# --- report -------------------------------------------------------------------------------------------------------
+def rounded(values: list[float]) -> list[float]:
+    """Six significant digits: enough for the paired comparison, and a JSON file a third the size."""
+    return [float(f"{v:.6g}") for v in values]
 
 
-def fmt(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
-def main_table(name: str, data: dict) -> str:
-    rows: list[Result] = data["rows"]
-    keeps = sorted({r.keep for r in rows}, reverse=True)
-    labels = [lab for lab in dict.fromkeys(r.criterion for r in rows) if not lab.startswith("random")]
-    head = "| criterion | " + " | ".join(f"keep {k}/{data['experts']}: ppl · KL" for k in keeps) + " |"
-    lines = [head, "|" + " --- |" * (len(keeps) + 1)]
-    for label in labels:
-        cells = []
-        for k in keeps:
-            r = next(r for r in rows if r.keep == k and r.criterion == label)
-            cells.append(f"{fmt(r.perplexity)} · {fmt(r.kl, 4)}" if r.perplexity is not None else "infeasible")
-        mark = f"**{label}** (default)" if label == DEFAULT_CRITERION else label
-        lines.append(f"| {mark} | " + " | ".join(cells) + " |")
-    cells = []
-    for k in keeps:
-        rs = [r for r in rows if r.keep == k and r.criterion.startswith("random") and r.perplexity is not None]
-        if not rs:
-            cells.append("infeasible")
-            continue
-        ppl, kl = [r.perplexity or 0.0 for r in rs], [r.kl or 0.0 for r in rs]
-        sd = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
-        cells.append(f"{statistics.mean(ppl):.3f} ± {sd:.3f} (best {min(ppl):.3f}) · {statistics.mean(kl):.4f}")
-    lines.append(f"| random, {len({r.criterion for r in rows if r.criterion.startswith('random')})} seeds: mean ± sd"
-                 " (best) | " + " | ".join(cells) + " |")  # fmt: skip
-    return f"### {name}: original held-out perplexity {data['original']:.3f}\n\n" + "\n".join(lines)
-
-
-def small_table(results: list[Result], what: str) -> str:
-    lines = [f"| {what} | held-out ppl | KL | stability |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {r.criterion} | {fmt(r.perplexity)} | {fmt(r.kl, 4)} | {fmt(r.stability, 2)} |" for r in results]
-    return "\n".join(lines)
-
-
-def plot(all_data: dict[str, dict], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, len(all_data), figsize=(6 * len(all_data), 4.5), squeeze=False)
-    for ax, (name, data) in zip(axes[0], all_data.items(), strict=True):
-        rows: list[Result] = data["rows"]
-        for label in dict.fromkeys(r.criterion for r in rows if not r.criterion.startswith("random")):
-            pts = sorted((r.keep, r.perplexity) for r in rows if r.criterion == label and r.perplexity is not None)
-            style = {"linewidth": 2.5, "color": "black"} if label == DEFAULT_CRITERION else {"linewidth": 1}
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **style)
-        rand = {}
-        for r in rows:
-            if r.criterion.startswith("random") and r.perplexity is not None:
-                rand.setdefault(r.keep, []).append(r.perplexity)
-        ks = sorted(rand)
-        ax.fill_between(ks, [min(rand[k]) for k in ks], [max(rand[k]) for k in ks], alpha=0.2, color="gray",
-                        label="random (range over seeds)")  # fmt: skip
-        ax.axhline(data["original"], linestyle="--", color="gray", linewidth=1)
-        ax.set(title=f"{name} ({data['experts']} experts)", xlabel="experts kept per layer", ylabel="held-out ppl")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return True
-
-
-def report(all_data: dict[str, dict], s: Settings, seconds: float, out: Path) -> str:
-    parts = [
-        f"Measured with `python benchmarks/quality/study.py` (this run: {seconds / 60:.1f} minutes); calibration"
-        f" {s.calib_samples} × 128 tokens, held-out {s.eval_samples} × 128 tokens, {s.random_seeds} random seeds."
-        " Cells: held-out perplexity · mean KL(original ‖ pruned) per token.",
-    ]
-    for name, data in all_data.items():
-        parts.append(main_table(name, data))
-    if plot(all_data, out / "quality.png"):
-        parts.append("![held-out perplexity against experts kept](quality.png)")
-    for name, data in all_data.items():
-        parts.append(f"### {name}: task-specific calibration (keep 50 %, perplexity on held-out *code*; original"
-                     f" {fmt(data['original_code'])})\n\n"
-                     + small_table(list(data["task"].values()), "calibration"))  # fmt: skip
-        parts.append(f"### {name}: calibration size (keep 50 %)\n\n" + small_table(data["sizes"], "criterion"))
-    return "\n\n".join(parts) + "\n"
-
-
-def save(data: dict, path: Path) -> None:
-    plain = {**data, "rows": [vars(r) for r in data["rows"]], "sizes": [vars(r) for r in data["sizes"]],
-             "task": {k: vars(r) for k, r in data["task"].items()}}  # fmt: skip
-    path.write_text(json.dumps(plain, indent=1) + "\n", encoding="utf-8")
-
-
-def load(path: Path) -> dict:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {**data, "rows": [Result(**r) for r in data["rows"]], "sizes": [Result(**r) for r in data["sizes"]],
-            "task": {k: Result(**r) for k, r in data["task"].items()}}  # fmt: skip
+def describe(s: Settings) -> str:
+    return (
+        f"calibration {s.calib_samples} × 128 tokens ({s.calib_seeds} calibration seeds at keep {s.decide:.0%}),"
+        f" held-out {s.eval_samples} × 128 tokens, {s.random_seeds} random seeds"
+    )
 
 
 def main() -> None:
@@ -328,7 +245,6 @@ def main() -> None:
     args = ap.parse_args()
     s = SMOKE if args.smoke else Settings()
     args.out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in [] if args.report_only else args.fixtures or s.fixtures:
             if not (FIXTURES[name] / "config.json").is_file():
@@ -340,20 +256,10 @@ def main() -> None:
     all_data = {
         FIXTURES[n].name: load(args.out / f"{n}.json") for n in s.fixtures if (args.out / f"{n}.json").is_file()
     }
-    text = report(all_data, s, time.perf_counter() - start, args.out)
+    text = report(all_data, describe(s), args.out)
     (args.out / "results.md").write_text(text, encoding="utf-8")
     splice(args.out / "README.md", text)
     print(text)
-
-
-def splice(readme: Path, text: str, start: str = "<!-- results -->", end: str = "<!-- /results -->") -> None:
-    """Put ``text`` between the markers of ``readme`` (the written analysis stays; the numbers are regenerated)."""
-    if not readme.is_file():
-        return
-    doc = readme.read_text(encoding="utf-8")
-    if start in doc and end in doc:
-        head, rest = doc.split(start, 1)
-        readme.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}", encoding="utf-8")
 
 
 if __name__ == "__main__":
