@@ -89,9 +89,9 @@ def main_table(name: str, data: dict) -> str:
     return f"### {name}: original held-out perplexity {data['original']:.3f}\n\n" + "\n".join(lines)
 
 
-def paired(data: dict) -> dict[str, Runs]:
-    """label → its replicates' per-sequence values at the deciding keep."""
-    groups = replicates(data["rows"], data["decide"])
+def paired(results: list[Result], keep: int) -> dict[str, Runs]:
+    """label → its replicates' per-sequence values at ``keep`` (the deciding keep, where they are kept)."""
+    groups = replicates(results, keep)
     return {label: Runs.of([r.per_sequence for r in rs if r.per_sequence]) for label, rs in groups.items()}
 
 
@@ -105,7 +105,7 @@ VERDICT_TASK = {"lower": "prose better", "higher": "code better", "same": "withi
 
 def comparison_table(name: str, data: dict) -> str:
     """Every plan at the deciding keep against the default, sequence by sequence, with 95 % intervals."""
-    plans = paired(data)
+    plans = paired(data["rows"], data["decide"])
     default = plans[DEFAULT_CRITERION]
     lines = [
         "| plan | ppl | Δ ppl (95 % interval) | by ppl | KL | Δ KL (95 % interval) | by KL |",
@@ -132,7 +132,7 @@ def decide_default(all_data: dict[str, dict]) -> tuple[str, dict[str, list[tuple
 
     Candidates: the one-shot criteria measured on every fixture; random's plans count as a rival, not a candidate.
     """
-    fixtures = {name: {k: v for k, v in paired(d).items() if k in CANDIDATES or k == "random"}
+    fixtures = {name: {k: v for k, v in paired(d["rows"], d["decide"]).items() if k in CANDIDATES or k == "random"}
                 for name, d in all_data.items()}  # fmt: skip
     candidates = [c for c in CANDIDATES if all(c in plans for plans in fixtures.values())]
     return choose_default(fixtures, candidates, DEFAULT_CRITERION)
@@ -171,9 +171,7 @@ def small_table(results: list[Result], what: str) -> str:
 
 def task_table(name: str, data: dict) -> str:
     """Calibrating on code against calibrating on prose, both measured on held-out code, paired."""
-    plans = {r.criterion: r for r in data["task"]}  # the labels, in order: code, then prose
-    code, prose = (Runs.of([r.per_sequence for r in data["task"] if r.criterion == label and r.per_sequence])
-                   for label in plans)  # fmt: skip
+    code, prose = paired(data["task"], data["decide"]).values()  # in the order run: code, then prose
     d = {m: difference(code, prose, m) for m in ("perplexity", "kl")}
     return (
         f"### {name}: task-specific calibration (keep {data['decide']}/{data['experts']}, measured on held-out"

@@ -163,9 +163,7 @@ def run(model: Path, work: Path, keep: int, criterion: str, calib: Path, samples
             run_calibration(ckpt, resolve_layout(ckpt), calibration, out=stats)
     opts = SlimOptions(
         source=model, keep=keep, out=work / "out", criterion=criterion, seed=None if calibrated else seed,
-        overwrite=True, stats=stats,
-        calibration=calibration,
-        progressive=progressive,
+        overwrite=True, stats=stats, calibration=calibration, progressive=progressive,
         validation=ValidateOptions(calib=str(eval_text), samples=eval_samples, seq_len=128, seed=1, generations=0),
     )  # fmt: skip
     result = slim(opts)
@@ -224,7 +222,7 @@ def study_fixture(name: str, model: Path, work: Path, s: Settings, log: Callable
 
 
 def rounded(values: list[float]) -> list[float]:
-    """Six significant digits: enough for the paired comparison, and a JSON file a third the size."""
+    """Six significant digits: enough for the paired comparison, and a smaller JSON file."""
     return [float(f"{v:.6g}") for v in values]
 
 

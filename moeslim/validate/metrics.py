@@ -52,14 +52,10 @@ class TokenMetrics:
     def per_sequence(self) -> dict[str, list[float]]:
         """Mean KL and both mean negative log-likelihoods of each sequence, in sequence order: paired values, so
         two pruned models validated on the same tokens can be compared sequence by sequence."""
-        seq = np.concatenate(self.sequence)
+        seq = np.concatenate(self.sequence)  # sequences are numbered 0..n-1, each with at least one token
         count = np.bincount(seq)
-        present = count > 0
-        means = {}
-        for name in ("kl", "nll_original", "nll_pruned"):
-            sums = np.bincount(seq, weights=np.concatenate(getattr(self, name)), minlength=count.size)
-            means[name] = (sums[present] / count[present]).tolist()
-        return means
+        return {name: (np.bincount(seq, weights=np.concatenate(getattr(self, name))) / count).tolist()
+                for name in ("kl", "nll_original", "nll_pruned")}  # fmt: skip
 
 
 @dataclass
