@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 
 from moeslim.calibrate.stats import LayerStats, Statistics
-from moeslim.errors import PlanError
+from moeslim.errors import CheckpointError, PlanError
 from moeslim.layout import Layout, MoeLayer
+from moeslim.plan import check_finite_scores
 from moeslim.shards import FLOAT_DTYPES
 from moeslim.source import Checkpoint
 
@@ -27,7 +28,9 @@ def router_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Sc
     for layer in layout.layers:
         name = layer.block + weight_name
         w = _read(ckpt, name).float()  # (experts, hidden)
+        _check_finite_rows(w, layer.index, name)
         out[layer.index] = torch.linalg.vector_norm(w, dim=1).double().numpy()
+        check_finite_scores(out[layer.index], layer.index, "router-norm")
     return out
 
 
@@ -38,8 +41,9 @@ def weight_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Sc
         sq = np.zeros(layout.num_experts)
         for j in range(layout.num_experts):
             for name in _weight_tensors(ckpt, layer, j):
-                sq[j] += _sq_norm(ckpt, name, None if layer.per_expert else j)
+                sq[j] += _sq_norm(ckpt, name, None if layer.per_expert else j, where=(layer.index, j))
         out[layer.index] = np.sqrt(sq)
+        check_finite_scores(out[layer.index], layer.index, "weight-norm")
     return out
 
 
@@ -76,11 +80,20 @@ def is_calibrated(criterion: str) -> bool:
 
 
 def layer_scores(criterion: str, stats: Statistics, index: int, half: str | None = None) -> np.ndarray | None:
-    """Scores of one trunk layer from statistics (one calibration half if given); None where undefined."""
+    """Scores of one trunk layer from statistics (one calibration half if given); None where undefined.
+
+    Every score is finite: non-finite weights or corrupt statistics fail here, naming layer and expert.
+    """
     if criterion == RECONSTRUCTION:
-        return None if half else stats.reconstruction.get(index)
-    layer = stats.total(index) if half is None else stats.halves[index][half]
-    return np.asarray(CALIBRATED[criterion](layer), dtype=np.float64)
+        scores = None if half else stats.reconstruction.get(index)
+    elif index not in stats.halves:
+        scores = None
+    else:
+        layer = stats.total(index) if half is None else stats.halves[index][half]
+        scores = np.asarray(CALIBRATED[criterion](layer), dtype=np.float64)
+    if scores is not None:
+        check_finite_scores(scores, index, criterion)
+    return scores
 
 
 def calibrated_scores(criterion: str, stats: Statistics, ckpt: Checkpoint, layout: Layout) -> Scores:
@@ -119,7 +132,18 @@ def _is_side_tensor(name: str) -> bool:
     return leaf == "bias" or leaf.endswith("_bias") or "scale" in leaf or leaf in {"g_idx", "qzeros", "zeros"}
 
 
-def _sq_norm(ckpt: Checkpoint, name: str, row: int | None) -> float:
+def _check_finite_rows(w: torch.Tensor, index: int, name: str) -> None:
+    """Refuse a router weight ``(experts, hidden)`` with a non-finite value, naming the first such expert."""
+    rows = (~torch.isfinite(w)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    if rows:
+        raise CheckpointError(
+            f"layer {index}: the router weight {name} holds non-finite values for expert {rows[0]};"
+            " the checkpoint is corrupt, re-download it"
+        )
+
+
+def _sq_norm(ckpt: Checkpoint, name: str, row: int | None, where: tuple[int, int]) -> float:
+    """Squared L2 norm of one expert's weight (one row of a fused tensor); ``where`` is (layer, expert)."""
     w = _read(ckpt, name, row).float()
     scale_name = name + "_scale_inv"
     if scale_name in ckpt.tensors:  # FP8 block scaling: one scale per (block, block) tile
@@ -127,4 +151,9 @@ def _sq_norm(ckpt: Checkpoint, name: str, row: int | None) -> float:
         bo, bi = -(-w.shape[-2] // scale.shape[-2]), -(-w.shape[-1] // scale.shape[-1])
         full = scale.repeat_interleave(bo, dim=-2).repeat_interleave(bi, dim=-1)
         w = w * full[..., : w.shape[-2], : w.shape[-1]]
+    if not bool(torch.isfinite(w).all()):
+        raise CheckpointError(
+            f"layer {where[0]}: expert {where[1]} has non-finite values in {name};"
+            " the checkpoint is corrupt, re-download it"
+        )
     return float(torch.sum(w.double() ** 2))

@@ -55,18 +55,48 @@ class Layout(Routing):
 
 
 def routing_of(config: dict) -> Routing:
-    """Routing settings from a raw ``config.json`` dict (looking through multimodal wrappers)."""
-    family = family_of(config)
+    """Routing settings from a raw ``config.json`` dict (looking through multimodal wrappers), checked for sense:
+    a top-k the experts cannot serve or groups that do not divide them fail here, for every command alike."""
+    try:
+        family = family_of(config)
+    except TypeError as e:  # an unhashable model_type (a list, an object)
+        raise CheckpointError("config.json model_type is not a string; fix or re-download the config") from e
     cfg = text_config(config)
-    n_group = family.groups(cfg)
-    return Routing(
-        family=family,
-        num_experts=_config_int(cfg, family.count_keys, "expert count"),
-        top_k=_config_int(cfg, family.top_k_keys, "top-k"),
-        n_group=n_group,
-        topk_group=int(cfg.get("topk_group") or n_group) if n_group > 1 else 1,
-        num_hidden_layers=_config_int(cfg, ("num_hidden_layers",), "layer count"),
-    )
+    num_experts = _config_int(cfg, family.count_keys, "expert count")
+    top_k = _config_int(cfg, family.top_k_keys, "top-k")
+    if not 1 <= top_k <= num_experts:
+        raise CheckpointError(
+            f"config.json routes each token to top-k {top_k} of {num_experts} experts; top-k must be between 1 and"
+            f" {num_experts}, the config is corrupt"
+        )
+    n_group, topk_group = _groups(family, cfg, num_experts)
+    num_hidden_layers = _config_int(cfg, ("num_hidden_layers",), "layer count")
+    if num_hidden_layers < 1:
+        raise CheckpointError(f"config.json says num_hidden_layers={num_hidden_layers}; the config is corrupt")
+    return Routing(family, num_experts, top_k, n_group, topk_group, num_hidden_layers)
+
+
+def _groups(family: Family, cfg: dict, num_experts: int) -> tuple[int, int]:
+    """``(n_group, topk_group)`` of group-limited routing, ``(1, 1)`` without it."""
+    try:
+        n_group = family.groups(cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"config.json n_group {cfg.get('n_group')!r} is not a whole number; fix the config"
+        ) from e
+    if n_group == 1:
+        return 1, 1
+    n_group = _config_int(cfg, ("n_group",), "group count")
+    topk_group = _config_int(cfg, ("topk_group",), "chosen group count") if cfg.get("topk_group") else n_group
+    size = num_experts // n_group if n_group > 0 else 0
+    if n_group < 1 or num_experts % n_group or size < family.min_per_group:
+        raise CheckpointError(
+            f"config.json n_group {n_group} does not split {num_experts} experts into equal groups of at least"
+            f" {family.min_per_group}; the config is corrupt"
+        )
+    if not 1 <= topk_group <= n_group:
+        raise CheckpointError(f"config.json topk_group {topk_group} must be between 1 and n_group {n_group}")
+    return n_group, topk_group
 
 
 def resolve_layout(ckpt: Checkpoint) -> Layout:
@@ -74,6 +104,7 @@ def resolve_layout(ckpt: Checkpoint) -> Layout:
     routing = routing_of(ckpt.config)
     family, n_layers = routing.family, routing.num_hidden_layers
     blocks = _moe_blocks(ckpt, family)
+    _check_layer_count(ckpt, n_layers)
     _check_layers_against_config(family, text_config(ckpt.config), blocks, n_layers)
     layers = tuple(
         _moe_layer(ckpt, family, index, block, routing.num_experts, mtp=index >= n_layers)
@@ -83,10 +114,20 @@ def resolve_layout(ckpt: Checkpoint) -> Layout:
 
 
 def _config_int(cfg: dict, keys: tuple[str, ...], what: str) -> int:
+    """The first of ``keys`` that ``cfg`` sets (not null), which must be a JSON whole number."""
     for key in keys:
-        if isinstance(cfg.get(key), int):
-            return int(cfg[key])
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if not _is_whole(value):
+            raise CheckpointError(f"config.json {key} is {value!r}, not a whole number; fix or re-download the config")
+        return value
     raise CheckpointError(f"config.json has no {what} (looked for {', '.join(keys)}); the config is incomplete")
+
+
+def _is_whole(value: object) -> bool:
+    """A JSON whole number: Python's bool is an int, but ``true`` is not a count."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _moe_blocks(ckpt: Checkpoint, family: Family) -> dict[int, str]:
@@ -108,8 +149,22 @@ def _moe_blocks(ckpt: Checkpoint, family: Family) -> dict[int, str]:
     return found
 
 
+_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _check_layer_count(ckpt: Checkpoint, n_layers: int) -> None:
+    """``num_hidden_layers`` cannot exceed the decoder layers that have weights (checked before any per-layer
+    work, so an absurd count fails at once)."""
+    found = {int(m.group(1)) for name in ckpt.tensors if (m := _DECODER_LAYER.search(name))}
+    if n_layers > max(found, default=-1) + 1:
+        raise CheckpointError(
+            f"config.json says num_hidden_layers={n_layers}, but the weights hold layers up to"
+            f" {max(found, default=-1)}; the config does not match the weights"
+        )
+
+
 def _check_layers_against_config(family: Family, cfg: dict, blocks: dict[int, str], n_layers: int) -> None:
-    expected = set(family.moe_layers(cfg))
+    expected, mtp_expected = _layer_settings(family, cfg)
     trunk = {i for i in blocks if i < n_layers}
     if missing := sorted(expected - trunk):
         raise CheckpointError(
@@ -118,7 +173,6 @@ def _check_layers_against_config(family: Family, cfg: dict, blocks: dict[int, st
         )
     if extra := sorted(trunk - expected):
         raise CheckpointError(f"layer {extra[0]}: has a router but config says it is dense; the config does not match")
-    mtp_expected = int(cfg.get(family.mtp_key) or 0) if family.mtp_key else 0
     mtp = sorted(i for i in blocks if i >= n_layers)
     if mtp and mtp != list(range(n_layers, n_layers + len(mtp))):
         raise CheckpointError(f"MoE layers {mtp} beyond num_hidden_layers={n_layers} are not consecutive MTP layers")
@@ -127,6 +181,28 @@ def _check_layers_against_config(family: Family, cfg: dict, blocks: dict[int, st
             f"layer {mtp[0]} lies beyond num_hidden_layers={n_layers} but the config declares"
             f" {mtp_expected} MTP layers; the config does not match the tensors"
         )
+
+
+def _layer_settings(family: Family, cfg: dict) -> tuple[set[int], int]:
+    """Which trunk layers the config makes MoE, and how many MTP layers it declares."""
+    mtp = cfg.get(family.mtp_key) if family.mtp_key else None
+    if mtp is not None and not (_is_whole(mtp) and mtp >= 0):
+        raise CheckpointError(f"config.json {family.mtp_key} is {mtp!r}, not a count; fix or re-download the config")
+    first = cfg.get("first_k_dense_replace")  # starts a range of layers: bounded before any list is made of it
+    if first is not None and not (_is_whole(first) and 0 <= first <= cfg["num_hidden_layers"]):
+        raise CheckpointError(
+            f"config.json first_k_dense_replace is {first!r}, not a layer count within num_hidden_layers;"
+            " fix or re-download the config"
+        )
+    try:
+        expected = set(family.moe_layers(cfg))
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise CheckpointError(
+            f"config.json cannot say which layers are MoE ({type(e).__name__}: {e}); fix or re-download the config"
+        ) from e
+    if odd := [i for i in expected if not _is_whole(i)]:
+        raise CheckpointError(f"config.json names MoE layer {odd[0]!r}, not a layer number; fix or re-download it")
+    return expected, mtp or 0
 
 
 def _moe_layer(ckpt: Checkpoint, family: Family, index: int, block: str, num_experts: int, mtp: bool) -> MoeLayer:

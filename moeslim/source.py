@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from moeslim import jsonio
 from moeslim.errors import CheckpointError, MissingFileError
 from moeslim.shards import TensorInfo, read_header
 
@@ -44,14 +44,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     for shard in dict.fromkeys(weight_map.values()):
         in_file, meta = read_header(root / shard)
         metadata = metadata or meta
-        wanted = [name for name, file in weight_map.items() if file == shard]
-        missing = [name for name in wanted if name not in in_file]
-        if missing:
-            raise CheckpointError(
-                f"{INDEX_NAME} places {missing[0]} in {shard}, but that file does not contain it;"
-                " the checkpoint is inconsistent, re-download it"
-            )
-        tensors.update((name, info) for name, info in in_file.items() if name in weight_map)
+        _check_index_matches(weight_map, shard, in_file)
+        tensors.update((name, info) for name, info in in_file.items() if weight_map[name] == shard)
     return Checkpoint(root, config, tensors, tuple(dict.fromkeys(weight_map.values())), metadata)
 
 
@@ -59,8 +53,8 @@ def read_json(path: Path, *, what: str) -> dict:
     if not path.is_file():
         raise MissingFileError(f"{path} is missing: a checkpoint folder needs its {what}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        data = jsonio.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # ValueError covers bad UTF-8, bad JSON, NaN/Infinity
         raise CheckpointError(f"{path} is not valid JSON ({e}); fix or re-download it") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not a JSON object; fix or re-download it")
@@ -74,7 +68,7 @@ def _weight_map(root: Path) -> dict[str, str]:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{root / INDEX_NAME} has no weight_map; re-download it")
-        for shard in set(weight_map.values()):
+        for shard in weight_map.values():
             _check_shard_name(root, shard)
         return weight_map
     if (root / SINGLE_NAME).is_file():
@@ -98,3 +92,22 @@ def _check_shard_name(root: Path, shard: object) -> None:
         )
     if not (root / shard).is_file():
         raise MissingFileError(f"shard {shard} named in {INDEX_NAME} is missing from {root}; download it")
+
+
+def _check_index_matches(weight_map: dict[str, str], shard: str, in_file: dict[str, TensorInfo]) -> None:
+    """Every tensor the index places in ``shard`` must be in it, and every tensor in it must be in the index.
+
+    A tensor the index does not list would silently go missing from the output. A second copy of a tensor the
+    index places in another shard is left out: the index decides which copy is read.
+    """
+    wanted = [name for name, file in weight_map.items() if file == shard]
+    if missing := [name for name in wanted if name not in in_file]:
+        raise CheckpointError(
+            f"{INDEX_NAME} places {missing[0]} in {shard}, but that file does not contain it;"
+            " the checkpoint is inconsistent, re-download it"
+        )
+    if unlisted := [name for name in in_file if name not in weight_map]:
+        raise CheckpointError(
+            f"{shard} holds {unlisted[0]}, but {INDEX_NAME} does not list it; the checkpoint is inconsistent,"
+            " re-download it"
+        )

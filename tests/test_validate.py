@@ -146,8 +146,8 @@ def test_report_is_saved_and_shown_in_the_card(pruned: dict[str, Path]) -> None:
     assert (report["original"], report["pruned"]) == (str(TRAINED), ".")  # no temporary folder names
     assert len(report["generations"]) == 3 and all(g["original"] for g in report["generations"])
     card = (pruned["random"] / "README.md").read_text()
-    assert f"| kl_mean | {report['kl_mean']:.4g} |" in card
-    assert "| top1_agreement |" in card and "held-out tokens" in card
+    assert f"| KL(original ‖ pruned), mean per token | {report['kl_mean']:.4g} |" in card
+    assert "| top-1 agreement |" in card and "held-out tokens" in card
 
 
 def test_cli_table_json_and_max_kl_exit_codes(pruned: dict[str, Path], tmp_path: Path, capsys) -> None:
@@ -186,7 +186,7 @@ def broken_copy(src: Path, dst: Path, drop: str | None = None, **config: int) ->
          "holds model.layers.0.block_sparse_moe.experts.6.w1.weight (layer 0, expert 6) but config.json says 6"),
         ("model.layers.2.self_attn.q_proj.weight", {},
          "missing model.layers.2.self_attn.q_proj.weight (layer 2), which transformers expects"),
-        (None, {"num_experts_per_tok": 9}, "config top-k 9 is not between 1 and its 8 experts"),
+        (None, {"num_experts_per_tok": 9}, "config.json routes each token to top-k 9 of 8 experts"),
     ],
 )  # fmt: skip
 def test_structural_check_names_layer_and_tensor(

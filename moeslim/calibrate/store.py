@@ -12,11 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from moeslim import jsonio
 from moeslim.calibrate.stats import FIELDS, HALVES, LayerStats, Statistics
-from moeslim.errors import MissingFileError, PlanError
+from moeslim.errors import CheckpointError, MissingFileError, PlanError
 from moeslim.layout import Layout
+from moeslim.shards import read_header
 from moeslim.source import Checkpoint
 
 STATS_FORMAT = "moeslim.stats"
@@ -44,36 +47,94 @@ def save_stats(folder: Path, stats: Statistics, meta: dict) -> None:
     arrays.update({f"layers.{i}.reconstruction": v for i, v in stats.reconstruction.items()})
     _atomic(folder / "stats.safetensors", lambda p: save_file(arrays, p))
     doc = {"format": STATS_FORMAT, "version": STATS_VERSION, **meta, "layers_done": stats.layers}
-    _atomic(folder / "stats.json", lambda p: p.write_text(json.dumps(doc, indent=2) + "\n"))
+    _atomic(folder / "stats.json", lambda p: p.write_text(jsonio.dumps(doc, indent=2) + "\n"))
 
 
 def load_stats(folder: Path) -> tuple[Statistics, dict]:
-    """Read a statistics folder written by ``save_stats``; its fit to a model is checked by the caller."""
+    """Read a statistics folder written by ``save_stats``, checking it whole; its fit to a model is checked by
+    ``check_stats_fit``."""
     if not (folder / "stats.json").is_file() or not (folder / "stats.safetensors").is_file():
         raise MissingFileError(f"{folder} is not a moeslim statistics folder (stats.json, stats.safetensors)")
-    meta = json.loads((folder / "stats.json").read_text())
-    if meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:
-        raise PlanError(f"{folder} holds statistics in an unknown format; recalibrate with this moeslim")
-    arrays = load_file(folder / "stats.safetensors")
-    stats = Statistics(int(meta["model"]["num_experts"]))
+    try:
+        meta = _read_meta(folder / "stats.json")
+        arrays = _read_arrays(folder / "stats.safetensors")
+        return _statistics(meta, arrays), meta
+    except (_Corrupt, CheckpointError) as e:
+        raise PlanError(f"{e}; recalibrate (delete {folder}) or pass another --stats") from e
+
+
+class _Corrupt(ValueError):
+    """What is wrong in a statistics folder; ``load_stats`` adds what to do."""
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = jsonio.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # ValueError covers bad UTF-8, bad JSON, NaN/Infinity
+        raise _Corrupt(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:
+        raise _Corrupt(f"{path} holds statistics in an unknown format (not {STATS_FORMAT} version {STATS_VERSION})")
+    model, layers = meta.get("model"), meta.get("layers_done")
+    if not isinstance(model, dict) or not _is_int(model.get("num_experts")) or model["num_experts"] < 2:
+        raise _Corrupt(f"{path}: model.num_experts is missing or not a whole number ≥ 2")
+    if not isinstance(model.get("fingerprint"), str):
+        raise _Corrupt(f"{path}: model.fingerprint is missing or not a string")
+    if not isinstance(layers, list) or not all(_is_int(i) for i in layers) or len(set(layers)) != len(layers):
+        raise _Corrupt(f"{path}: layers_done must list distinct layer numbers")
+    for key in ("calibration", "settings"):
+        if not isinstance(meta.get(key), dict):
+            raise _Corrupt(f"{path}: {key} is missing or not an object")
+    return meta
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of ``stats.safetensors``: float64, as ``save_stats`` writes them (header checked first)."""
+    tensors, _ = read_header(path)
+    if odd := [t for t in tensors.values() if t.dtype != "F64"]:
+        raise _Corrupt(f"{path}: {odd[0].name} is {odd[0].dtype}, not F64")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _Corrupt(f"{path} cannot be read ({e})") from e
+
+
+def _statistics(meta: dict, arrays: dict[str, np.ndarray]) -> Statistics:
+    stats = Statistics(meta["model"]["num_experts"])
     for index in meta["layers_done"]:
         stats.halves[index] = {
-            half: LayerStats(
-                stats.num_experts,
-                int(arrays[f"layers.{index}.{half}.tokens"][0]),
-                {k: arrays[f"layers.{index}.{half}.{k}"] for k in FIELDS},
-            )
-            for half in HALVES
+            half: _layer_half(arrays, stats.num_experts, f"layers.{index}.{half}") for half in HALVES
         }
         if (key := f"layers.{index}.reconstruction") in arrays:
-            stats.reconstruction[index] = arrays[key]
-    return stats, meta
+            stats.reconstruction[index] = _array(arrays, key, (stats.num_experts,))
+    return stats
+
+
+def _layer_half(arrays: dict[str, np.ndarray], num_experts: int, prefix: str) -> LayerStats:
+    tokens = _array(arrays, f"{prefix}.tokens", (1,))[0]
+    if not (np.isfinite(tokens) and tokens >= 0 and tokens == int(tokens)):
+        raise _Corrupt(f"stats.safetensors: {prefix}.tokens is {tokens}, not a token count")
+    fields = {k: _array(arrays, f"{prefix}.{k}", (num_experts,)) for k in FIELDS}
+    return LayerStats(num_experts, int(tokens), fields)
+
+
+def _array(arrays: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> np.ndarray:
+    if key not in arrays:
+        raise _Corrupt(f"stats.json lists layer {key.split('.')[1]} as done, but stats.safetensors has no {key}")
+    if arrays[key].shape != shape:
+        raise _Corrupt(f"stats.safetensors: {key} has shape {list(arrays[key].shape)}, expected {list(shape)}")
+    return arrays[key]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_stats_fit(meta: dict, ckpt: Checkpoint, layout: Layout, where: Path) -> None:
-    if meta["model"]["fingerprint"] != fingerprint(ckpt, layout):
+    """Statistics (checked by ``load_stats``) must come from this very model: same config and router weights."""
+    model = meta["model"]
+    if model["fingerprint"] != fingerprint(ckpt, layout) or model["num_experts"] != layout.num_experts:
         raise PlanError(
-            f"statistics in {where} were collected on another model ({meta['model'].get('name', '?')});"
+            f"statistics in {where} were collected on another model ({model.get('name', '?')});"
             " calibrate this model, or pass the statistics made for it"
         )
 

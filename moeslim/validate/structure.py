@@ -66,17 +66,13 @@ def check_structure(ckpt: Checkpoint, what: str = "pruned checkpoint", trust_rem
 
 
 def check_config(routing: Routing, cfg: dict, what: str) -> None:
-    """Expert count, top-k and groups that an engine can serve."""
+    """Expert count, top-k and groups that an engine can serve (``routing_of`` has checked top-k against the
+    expert count and the groups' sizes)."""
     e, k, g = routing.num_experts, routing.top_k, routing.n_group
-    if not 1 <= k <= e:
-        raise StructureError(f"{what}: config top-k {k} is not between 1 and its {e} experts")
-    if g > 1:
-        if e % g:
-            raise StructureError(f"{what}: config has {e} experts, not divisible into its n_group={g} groups")
-        if not 1 <= routing.topk_group <= g or k > routing.topk_group * (e // g):
-            raise StructureError(
-                f"{what}: config top-k {k} exceeds topk_group={routing.topk_group} groups × {e // g} experts"
-            )
+    if g > 1 and k > routing.topk_group * (e // g):
+        raise StructureError(
+            f"{what}: config top-k {k} exceeds topk_group={routing.topk_group} groups × {e // g} experts"
+        )
     mtp = cfg.get(routing.family.mtp_key) if routing.family.mtp_key else None
     if mtp is not None and (not isinstance(mtp, int) or mtp < 0):
         raise StructureError(f"{what}: config {routing.family.mtp_key}={mtp!r} is not a layer count")
