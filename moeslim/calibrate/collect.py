@@ -12,15 +12,18 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm import tqdm
 
 from moeslim.calibrate.masking import mask_router
 from moeslim.calibrate.reconstruction import ReconstructionSampler
 
 if TYPE_CHECKING:
+    from moeslim.calibrate.resume import Boundary
     from moeslim.calibrate.runner import Activations, LayerRunner
 from moeslim.calibrate.stats import HALVES, LayerStats, Statistics, collect, moe_block, router_module
 
 Chooser = Callable[[int, Statistics], tuple[int, ...]]  # (layer index, statistics so far) → kept experts
+OnLayer = Callable[[int, Statistics, "Activations"], None]  # (layer index, statistics, hidden states after it)
 
 
 def calibrate_layers(
@@ -32,26 +35,55 @@ def calibrate_layers(
     max_bytes: int | None = None,
     progressive: Chooser | None = None,
     reconstruction_tokens: int = 0,
-    on_layer: Callable[[int, Statistics], None] = lambda index, stats: None,
+    start: Boundary | None = None,
+    on_layer: OnLayer = lambda index, stats, store: None,
 ) -> Statistics:
-    """Fill ``stats`` for every trunk MoE layer not already in it; layers present are only run (resuming)."""
+    """Fill ``stats`` for every trunk MoE layer not already in it, running layers up to the last such one.
+
+    Without ``start`` the tokens are embedded and layers already in ``stats`` are only run (resuming without
+    saved hidden states); with it, the run starts at its layer from its hidden states, and no layer before it is
+    loaded. ``on_layer`` follows each newly calibrated layer, once the hidden states hold its output (with
+    ``progressive``, that of the layer routing only to its kept experts).
+    """
     moe = {layer.index for layer in runner.layout.layers if not layer.mtp}
-    store = runner.embed(tokens, batch_size, max_bytes)
-    runner.unload_embedding()  # a vocab × hidden matrix not needed again
-    if len(store) < 2:
-        raise ValueError("calibration needs at least two batches (two halves)")
-    for index, layer in runner.layers():
+    pending = sorted(moe - set(stats.halves))
+    if not pending:
+        return stats
+    first, store = _first(runner, tokens, batch_size, max_bytes, start, pending[0])
+    layers = runner.layers(first, pending[-1] + 1)
+    bar = tqdm(layers, desc="calibrating", total=pending[-1] + 1, initial=first, unit="layer", disable=None)
+    for index, layer in bar:
         block = moe_block(layer) if index in moe else None
-        if block is None or index in stats.halves and progressive is None:
+        new = index in pending
+        if block is None or not new and progressive is None:
             runner.forward(index, layer, store)
             continue
-        if index not in stats.halves:
+        if new:
             _calibrate_layer(runner, index, layer, block, store, stats, reconstruction_tokens, progressive is None)
-            on_layer(index, stats)
         if progressive is not None:
             with mask_router(block, router_module(block), progressive(index, stats)):
                 runner.forward(index, layer, store)
+        if new:
+            on_layer(index, stats, store)
     return stats
+
+
+def _first(
+    runner: LayerRunner, tokens: torch.Tensor, batch_size: int, max_bytes: int | None, start: Boundary | None,
+    pending: int,
+) -> tuple[int, Activations]:  # fmt: skip
+    """The first layer to run and its input: the embedded tokens, or the hidden states saved at ``start``."""
+    if start is None:
+        store = runner.embed(tokens, batch_size, max_bytes)
+    elif start.next_layer > pending:
+        raise ValueError(f"cannot resume at layer {start.next_layer}: layer {pending} has no statistics")
+    else:
+        runner.capture(tokens, batch_size)  # the layers' call arguments (masks, rotary) for each batch shape
+        store = start.store
+    runner.unload_embedding()  # a vocab × hidden matrix not needed again
+    if len(store) < 2:
+        raise ValueError("calibration needs at least two batches (two halves)")
+    return (0, store) if start is None else (start.next_layer, store)
 
 
 def _calibrate_layer(

@@ -32,6 +32,7 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
+from moeslim.calibrate.finite import check_finite
 from moeslim.calibrate.fuse import Fusion, fill, fused_shape, plan_fusions
 from moeslim.errors import CheckpointError, DeviceError
 from moeslim.layout import Layout
@@ -102,8 +103,10 @@ class LayerRunner:
         )
         self._materialize_buffers()
         self.decoder = decoder_of(self.model)
+        self._decoder_name = next(f"{n}." if n else "" for n, m in self.model.named_modules() if m is self.decoder)
         self.prefix = layout.layers[0].block.split("layers.")[0]  # on-disk decoder prefix, e.g. "model."
         self._kwargs: dict[int, list[dict[str, Any]]] = {}
+        self._moe = {layer.index: layer for layer in layout.layers}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeslim-prefetch")
 
     @property
@@ -116,26 +119,33 @@ class LayerRunner:
 
     def embed(self, tokens: torch.Tensor, batch_size: int, max_bytes: int | None = None) -> Activations:
         """Embed ``tokens`` ``(samples, seq)`` in batches; also captures each layer's call arguments."""
-        self._load([n for n in self._outside_layers() if "embed" in n])
+        self.capture(tokens, batch_size)
         store = Activations(max_bytes)
-        for start in range(0, tokens.shape[0], batch_size):
-            ids = tokens[start : start + batch_size].to(self.device)
-            if ids.shape[0] not in self._kwargs:
-                self._kwargs[ids.shape[0]] = self._capture_layer_kwargs(ids)
+        for ids in tokens.split(batch_size):
             with torch.no_grad():
-                store.append(cast(torch.nn.Module, self.decoder.embed_tokens)(ids))
+                store.append(cast(torch.nn.Module, self.decoder.embed_tokens)(ids.to(self.device)))
         return store
 
-    def layers(self) -> Iterator[tuple[int, torch.nn.Module]]:
-        """Yield ``(index, layer)`` with that layer's weights loaded; it is unloaded when the caller moves on."""
-        names = [self._layer_names(i) for i in range(self.num_layers)]
-        pending: Future[None] | None = self._pool.submit(_warm, self.ckpt, names[0])
-        for i, layer in enumerate(self.decoder_layers):
+    def capture(self, tokens: torch.Tensor, batch_size: int) -> None:
+        """Load the input embedding and capture each layer's call arguments (masks, rotary) for every batch
+        shape of ``tokens``; what ``embed`` does besides embedding, for a run that starts from saved hidden states."""
+        names = [n for n in self._outside_layers() if "embed" in n]
+        self._load(names)
+        check_finite(self.model, self.ckpt, names)
+        for ids in tokens.split(batch_size):
+            if ids.shape[0] not in self._kwargs:
+                self._kwargs[ids.shape[0]] = self._capture_layer_kwargs(ids.to(self.device))
+
+    def layers(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
+        """Yield ``(index, layer)`` for layers ``start`` to ``stop`` (default: the last) with that layer's weights
+        loaded; it is unloaded when the caller moves on. Layers outside the range are never read."""
+        indices = range(start, self.num_layers if stop is None else stop)
+        pending: Future[None] | None = self._warm(start) if indices else None
+        for i in indices:
             if pending is not None:
                 pending.result()
-            pending = self._pool.submit(_warm, self.ckpt, names[i + 1]) if i + 1 < len(names) else None
-            self._load(names[i])
-            _release_memory()  # the conversion's temporaries: cycles to collect, heap to hand back
+            pending = self._warm(i + 1) if i + 1 < indices.stop else None
+            layer = self._load_layer(i)
             try:
                 yield i, layer
             finally:
@@ -157,9 +167,7 @@ class LayerRunner:
     @contextlib.contextmanager
     def loaded(self, index: int) -> Iterator[torch.nn.Module]:
         """Decoder layer ``index`` with its weights loaded, unloaded on exit (no read-ahead)."""
-        layer = self.decoder_layers[index]
-        self._load(self._layer_names(index))
-        _release_memory()
+        layer = self._load_layer(index)
         try:
             yield layer
         finally:
@@ -173,11 +181,15 @@ class LayerRunner:
 
     def load_head(self) -> None:
         """Load what follows the decoder layers (final norm, ``lm_head``); a tied ``lm_head`` loads the embedding."""
-        self._load([n for n in self._outside_layers() if "embed" not in n])
+        names = [n for n in self._outside_layers() if "embed" not in n]
+        self._load(names)
         head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         if isinstance(head, torch.nn.Linear) and head.weight.is_meta:
-            self._load([n for n in self._outside_layers() if "embed" in n])
+            tied = [n for n in self._outside_layers() if "embed" in n]
+            self._load(tied)
+            names += tied
             head.weight = embed.weight  # tie_word_embeddings: the checkpoint stores the matrix once
+        check_finite(self.model, self.ckpt, names)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -203,6 +215,20 @@ class LayerRunner:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    def _load_layer(self, index: int) -> torch.nn.Module:
+        """Decoder layer ``index`` with its weights loaded and checked finite."""
+        names = self._layer_names(index)
+        self._load(names)
+        _release_memory()  # the conversion's temporaries: cycles to collect, heap to hand back
+        layer = self.decoder_layers[index]
+        prefix = f"{self._decoder_name}layers.{index}."
+        check_finite(layer, self.ckpt, names, prefix=prefix, index=index, moe=self._moe.get(index))
+        return layer
+
+    def _warm(self, index: int) -> Future[None]:
+        """Read layer ``index``'s bytes into the page cache in the background."""
+        return self._pool.submit(_warm, self.ckpt, self._layer_names(index))
 
     def _layer_names(self, index: int) -> list[str]:
         head = f"{self.prefix}layers.{index}."

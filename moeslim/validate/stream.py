@@ -6,16 +6,19 @@ memory at a time, plus both streams of hidden states (the input embeddings are d
 embedded). After each MoE layer the relative error ``‖h_pruned − h_original‖ / ‖h_original‖`` of the two streams is
 recorded: it is cumulative, since each model runs on its own outputs. At the end both heads (final norm,
 ``lm_head``) run chunk by chunk over the positions that have a next token, so ``(tokens × vocab)`` logits are
-never all in memory.
+never all in memory. A non-finite result (float16 overflow, say) is an error, never a reported NaN.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from moeslim.calibrate.runner import Activations, LayerRunner
+from moeslim.errors import CheckpointError, DeviceError
 from moeslim.validate.metrics import RelativeError, TokenMetrics, position_chunks
 
 
@@ -35,16 +38,33 @@ def compare(
     for runner in (original, pruned):
         runner.unload_embedding()
     errors = {}
-    for i in range(original.num_layers):
+    for i in tqdm(range(original.num_layers), desc="validating", unit="layer", disable=None):
         for runner, store in ((original, a), (pruned, b)):
             with runner.loaded(i) as layer:
                 runner.forward(i, layer, store)
         if i in moe_layers:
             errors[i] = relative_error(a, b)
+            require_finite({"relative_error": errors[i]}, f"after layer {i}", original.dtype)
     original.load_head()
     pruned.load_head()
     metrics = score(original, pruned, tokens, batch_size, a, b)
-    return Comparison(metrics.summary(), errors, metrics.per_sequence())
+    summary = metrics.summary()
+    require_finite(summary, "from the logits", original.dtype)
+    return Comparison(summary, errors, metrics.per_sequence())
+
+
+def require_finite(values: dict[str, float], where: str, dtype: torch.dtype) -> None:
+    """Raise when a metric is NaN or infinite: the computation overflowed ``dtype``, or the model is broken."""
+    bad = {k: v for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+    if not bad:
+        return
+    what = ", ".join(f"{k} {v}" for k, v in bad.items())
+    name = str(dtype).removeprefix("torch.")
+    if dtype != torch.float32:
+        raise DeviceError(f"validation computed non-finite values ({what}) {where} in {name}: the activations"
+                          " overflow that dtype; rerun with --dtype float32")  # fmt: skip
+    raise CheckpointError(f"validation computed non-finite values ({what}) {where}, even in float32: the model's"
+                          " activations overflow; the checkpoint's weights are probably broken")  # fmt: skip
 
 
 def relative_error(a: Activations, b: Activations) -> float:
