@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +25,10 @@ from moeslim.publish.facts import write_model_card
 from moeslim.publish.push import PushOptions, check_write_access, push_folder
 from moeslim.source import Checkpoint, open_checkpoint
 from moeslim.surgery.config import dump_config, rewrite_config
-from moeslim.surgery.files import atomic_folder, check_space, check_target, copy_files, extra_files
+from moeslim.surgery.files import check_space, copy_files, extra_files, foreign_file
 from moeslim.surgery.mapping import plan_outputs
 from moeslim.surgery.writer import plan_shards, write_checkpoint
+from moeslim.targets import atomic_folder, check_outside, check_target, locked
 from moeslim.units import parse_size
 from moeslim.validate.report import write_report
 from moeslim.validate.run import ValidateOptions, kl_exceeds, validate
@@ -67,7 +70,11 @@ class SlimResult:
 
 
 def slim(opts: SlimOptions) -> SlimResult:
-    """Prune ``opts.source`` into ``opts.out``; the source is only read, the target appears whole or not at all."""
+    """Prune ``opts.source`` into ``opts.out``; the source is only read, the target appears whole or not at all.
+
+    The target is locked from the moment it is known (before scoring, when ``--out`` or ``--keep`` names it) until
+    the finished output has been renamed into place, so a second run into the same folder is refused at once.
+    """
     shard_limit = _shard_limit(opts.max_shard_size)  # bad options fail before any download or scoring
     push = _push_options(opts)
     if push is not None:
@@ -75,30 +82,52 @@ def slim(opts: SlimOptions) -> SlimResult:
     root = resolve_source(str(opts.source), opts.revision, preflight=lambda config: preflight(config, opts))
     ckpt = open_checkpoint(root)
     layout = resolve_layout(ckpt)
-    if opts.out is not None:
-        check_target(root, opts.out, opts.overwrite)  # before scoring, which may take a while
-    plan = make_plan(ckpt, layout, opts)
-    out = opts.out or default_out(opts.source, plan.keep)
-    check_target(root, out, opts.overwrite)
+    copied, skipped = extra_files(ckpt.root, ckpt.shards)
+    with contextlib.ExitStack() as held:
+        out = opts.out or (default_out(opts.source, opts.keep) if opts.keep is not None else None)
+        if out is not None:
+            held.enter_context(claim_output(root, out, opts.overwrite, copied))
+        plan = make_plan(ckpt, layout, opts)
+        if out is None:
+            out = default_out(opts.source, plan.keep)
+            held.enter_context(claim_output(root, out, opts.overwrite, copied))
+        total, shards, report = _write(ckpt, layout, plan, out, copied, shard_limit, opts)
+    url = _push(out, push) if push and not kl_exceeds(report or {}, opts.max_kl) else None
+    return SlimResult(out, plan, total, shards, skipped, url, report)
+
+
+@contextlib.contextmanager
+def claim_output(source: Path, out: Path, overwrite: bool, copied: list[Path]) -> Iterator[None]:
+    """Hold ``out`` for this run: outside the source, locked, and absent or a replaceable slim output."""
+    check_outside(source, out)  # before the lock, whose file lies beside the target
+    with locked(out):
+        check_target(source, out, overwrite, lambda folder: foreign_file(folder, copied))
+        yield
+
+
+def _write(
+    ckpt: Checkpoint, layout: Layout, plan: Plan, out: Path, copied: list[Path], shard_limit: int,
+    opts: SlimOptions,
+) -> tuple[int, int, dict | None]:  # fmt: skip
+    """Shards, config, copied files, plan, validation and card into a temp folder renamed to ``out`` at the end.
+
+    Returns (bytes of tensors written, number of shards, validation report or None).
+    """
     outputs = plan_outputs(ckpt, layout, plan.kept)
     shards = plan_shards(outputs, shard_limit)
-    copied, skipped = extra_files(ckpt.root, ckpt.shards)
     total = sum(t.nbytes for t in outputs)
     check_space(out, total + sum((ckpt.root / f).stat().st_size for f in copied))
     config = rewrite_config(ckpt.config, layout.family, plan.keep, plan.top_k)
-    with (
-        atomic_folder(out) as tmp,
-        tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None) as bar,
-    ):
-        write_checkpoint(tmp, shards, {**ckpt.metadata, "format": "pt"}, bar.update)
+    with atomic_folder(out) as tmp:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None) as bar:
+            write_checkpoint(tmp, shards, {**ckpt.metadata, "format": "pt"}, bar.update)
         (tmp / "config.json").write_text(dump_config(config), encoding="utf-8")
         copy_files(ckpt.root, copied, tmp)
         (tmp / PLAN_NAME).write_text(plan.to_json(), encoding="utf-8")
-        report = _validate(root, tmp, opts)  # before the card, which shows it
-        name = push.repo_id.split("/")[-1] if push else out.name
+        report = _validate(ckpt.root, tmp, opts)  # before the card, which shows it
+        name = opts.push_to.split("/")[-1] if opts.push_to else out.name
         write_model_card(tmp, ckpt, layout, plan, source=str(opts.source), name=name, command=opts.command)
-    url = _push(out, push) if push and not kl_exceeds(report or {}, opts.max_kl) else None
-    return SlimResult(out, plan, total, len(shards), skipped, url, report)
+    return total, len(shards), report
 
 
 def _validate(root: Path, tmp: Path, opts: SlimOptions) -> dict | None:

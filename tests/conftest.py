@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,3 +57,14 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         sys.argv = saved
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _repository_fixtures_untouched() -> Iterator[None]:
+    """No test may write into the committed fixtures (a command pointed at them must only read them)."""
+    folder = Path(__file__).resolve().parents[1] / "fixtures"
+    before = {k: v for k, v in tree_digest(folder).items() if "__pycache__" not in k}
+    yield
+    after = {k: v for k, v in tree_digest(folder).items() if "__pycache__" not in k}
+    changed = sorted(set(before.items()) ^ set(after.items()))
+    assert not changed, f"tests changed the committed fixtures: {changed[:5]}"

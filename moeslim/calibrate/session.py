@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moeslim.calibrate.collect import Chooser, calibrate_layers
+from moeslim.calibrate.collect import Chooser, OnLayer, calibrate_layers
+from moeslim.calibrate.folder import claim_stats_folder, clear_stats
+from moeslim.calibrate.resume import Boundary, drop_boundary, load_boundary, note, save_boundary
 from moeslim.calibrate.stats import Statistics
 from moeslim.calibrate.store import check_stats_fit, fingerprint, load_stats, save_stats
 from moeslim.errors import DeviceError, MissingFileError, OutputError, PlanError
@@ -18,6 +21,9 @@ from moeslim.families import text_config
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
 from moeslim.units import parse_size
+
+if TYPE_CHECKING:
+    from moeslim.calibrate.runner import Activations
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,8 +49,11 @@ class CalibrationOptions:
 def run_calibration(
     ckpt: Checkpoint, layout: Layout, opts: CalibrationOptions, out: Path | None = None,
     progressive: Chooser | None = None, overwrite: bool = False,
+    on_layer: Callable[[int], None] = lambda index: None,
 ) -> tuple[Statistics, dict]:  # fmt: skip
-    """Calibrate ``ckpt``; with ``out``, statistics are saved after every layer and a partial run resumes."""
+    """Calibrate ``ckpt``. With ``out``, the statistics and the hidden states reached are saved after every
+    calibrated layer, and a partial run resumes after its last calibrated layer (``resume.py``). ``on_layer(index)``
+    follows each calibrated layer, once saved; an exception it raises stops the run there."""
     if layout.family.name == "llama4" and opts.reconstruction_tokens:
         opts = dataclasses.replace(opts, reconstruction_tokens=0)  # its router returns no top-k weights
     quant = text_config(ckpt.config).get("quantization_config") or ckpt.config.get("quantization_config") or {}
@@ -53,7 +62,16 @@ def run_calibration(
             f"calibration does not run quantised checkpoints yet ({quant.get('quant_method', 'quantised')});"
             " use a data-free --criterion such as router-norm"
         )
-    dtype = parse_dtype(opts.dtype)
+    dtype, max_bytes = parse_dtype(opts.dtype), _size(opts.max_memory)
+    with claim_stats_folder(ckpt.root, out) if out is not None else contextlib.nullcontext():
+        return _calibrate(ckpt, layout, opts, out, progressive, overwrite, on_layer, dtype, max_bytes)
+
+
+def _calibrate(
+    ckpt: Checkpoint, layout: Layout, opts: CalibrationOptions, out: Path | None, progressive: Chooser | None,
+    overwrite: bool, on_layer: Callable[[int], None], dtype: torch.dtype, max_bytes: int | None,
+) -> tuple[Statistics, dict]:  # fmt: skip
+    """``run_calibration`` once ``out`` (if any) is held by this run."""
     from moeslim.calibrate.data import load_calibration  # imports tokenizers only when calibrating
 
     data = load_calibration(
@@ -62,21 +80,64 @@ def run_calibration(
     )  # fmt: skip
     meta = _meta(ckpt, layout, opts, data.source, data.digest, data.tokens.numel(), progressive is not None)
     stats = _resume(out, meta, ckpt, layout, overwrite) or Statistics(layout.num_experts)
+    batch_size = min(opts.batch_size, max(1, opts.samples // 2))
+    start = _start(out, meta, stats, layout, data.tokens.split(batch_size), dtype, max_bytes)
     from moeslim.calibrate.runner import LayerRunner  # transformers' model code: imported when used
 
     runner = LayerRunner(ckpt, layout, opts.device, dtype, opts.trust_remote_code)
     try:
         calibrate_layers(
-            runner, data.tokens, min(opts.batch_size, max(1, opts.samples // 2)), stats,
-            max_bytes=_size(opts.max_memory), progressive=progressive,
-            reconstruction_tokens=opts.reconstruction_tokens,
-            on_layer=(lambda i, s: save_stats(out, s, meta)) if out is not None else (lambda i, s: None),
+            runner, data.tokens, batch_size, stats, max_bytes=max_bytes, progressive=progressive,
+            reconstruction_tokens=opts.reconstruction_tokens, start=start,
+            on_layer=_saver(out, meta, layout, on_layer),
         )  # fmt: skip
     finally:
         runner.close()
     if out is not None:
         save_stats(out, stats, meta)
+        drop_boundary(out)
     return stats, meta
+
+
+def _start(
+    out: Path | None, meta: dict, stats: Statistics, layout: Layout, batches: tuple[torch.Tensor, ...],
+    dtype: torch.dtype, max_bytes: int | None,
+) -> Boundary | None:  # fmt: skip
+    """Where a resumed run starts (said on stderr): the saved boundary, or None to run from the embedding."""
+    trunk = _trunk(layout)
+    pending = [i for i in trunk if i not in stats.halves]
+    if out is None or not stats.layers or not pending:
+        return None
+    shapes = [(ids.shape[0], ids.shape[1]) for ids in batches]
+    start = load_boundary(out, meta, pending, shapes, dtype, max_bytes)
+    if start is None:
+        note(f"resuming calibration of {out}: {len(trunk) - len(pending)} of {len(trunk)} MoE layers done, the layers"
+             f" before layer {pending[0]} run again to rebuild their hidden states")  # fmt: skip
+        return None
+    n = start.next_layer
+    done = "layer 0 done" if n == 1 else f"layers 0-{n - 1} done"
+    note(f"resuming calibration of {out} at layer {n} of {layout.num_hidden_layers} ({done})")
+    return start
+
+
+def _saver(out: Path | None, meta: dict, layout: Layout, on_layer: Callable[[int], None]) -> OnLayer:
+    """What follows each calibrated layer: with ``out``, save the statistics, then (unless it was the last MoE
+    layer) the boundary after the layer."""
+    trunk = set(_trunk(layout))
+
+    def saved(index: int, stats: Statistics, store: Activations) -> None:
+        if out is not None:
+            save_stats(out, stats, meta)  # first: a boundary never runs ahead of stats.json
+            if trunk - set(stats.halves):
+                save_boundary(out, Boundary(index + 1, store), stats.layers, meta)
+        on_layer(index)
+
+    return saved
+
+
+def _trunk(layout: Layout) -> list[int]:
+    """The MoE layers calibration covers: those of the trunk (not the MTP layers, which transformers does not run)."""
+    return [layer.index for layer in layout.layers if not layer.mtp]
 
 
 def _meta(
@@ -108,7 +169,7 @@ def _resume(out: Path | None, meta: dict, ckpt: Checkpoint, layout: Layout, over
         return previous
     if not overwrite:
         raise OutputError(f"{out} holds statistics from other data or settings; pass --overwrite or another --out")
-    shutil.rmtree(out)
+    clear_stats(out)  # moeslim's own files only: the folder and anything else in it stay
     return None
 
 

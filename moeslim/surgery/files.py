@@ -1,17 +1,18 @@
-"""Non-weight files of the source (tokenizer, generation config, chat template, custom code) and the
-atomic output folder: built beside the target, renamed into place only when complete."""
+"""The files of a pruned output besides its shards: non-weight files of the source (tokenizer, generation
+config, chat template, custom code) copied over, the free space it needs, and which files are moeslim's."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
+import re
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from moeslim.errors import OutputError
+from moeslim.plan import PLAN_NAME
+from moeslim.publish.facts import CARD_NAME, VALIDATION_NAME
+from moeslim.publish.heatmap import IMAGE_NAME
+from moeslim.targets import files_under
 
 # Never carried over: the base model's card (the pruned model gets its own), weights in other formats that
 # would be stale (unpruned), and folders of tools and caches.
@@ -44,15 +45,24 @@ def copy_files(root: Path, rels: list[Path], out_dir: Path) -> None:
         shutil.copyfile(root / rel, out_dir / rel)  # follows symlinks: Hub caches link into a blob store
 
 
-def check_target(source: Path, target: Path, overwrite: bool) -> None:
-    """Refuse a target that exists (without ``overwrite``) or overlaps the source folder."""
-    src, dst = source.resolve(), target.resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise OutputError(f"--out {target} overlaps the source folder {source}; choose a folder outside it")
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target} already exists; pass --overwrite to replace it or choose another --out")
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"{target} exists and is not a folder; remove it or choose another --out")
+# What slim writes besides the files it copies from the source.
+WRITTEN = re.compile(
+    r"config\.json|model\.safetensors|model-\d+-of-\d+\.safetensors|model\.safetensors\.index\.json|"
+    + "|".join(re.escape(n) for n in (PLAN_NAME, CARD_NAME, VALIDATION_NAME, IMAGE_NAME))
+)
+
+
+def foreign_file(folder: Path, copied: list[Path]) -> str | None:
+    """What in ``folder`` a slim of this source would not have written (None: every file is slim's).
+
+    An output is recognised by its plan file; ``copied`` are the source's files slim copies into an output.
+    """
+    files = list(files_under(folder))
+    if files and PLAN_NAME not in files:
+        return f"has no {PLAN_NAME}, so it is not a moeslim output"
+    own = {rel.as_posix() for rel in copied}
+    other = next((f for f in files if f not in own and not WRITTEN.fullmatch(f)), None)
+    return None if other is None else f"holds {other}, which moeslim did not write"
 
 
 def check_space(target: Path, needed: int) -> None:
@@ -62,45 +72,6 @@ def check_space(target: Path, needed: int) -> None:
             f"not enough disk space for {target}: needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free;"
             " free space or choose another --out"
         )
-
-
-@contextlib.contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it replaces ``target``, on failure it is gone.
-
-    A full disk during writing becomes an ``OutputError`` (one line for the user) with nothing left behind.
-    """
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".moeslim-tmp", dir=parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder
-    try:
-        yield tmp
-        _replace(tmp, target)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(
-                f"no space left on device while writing {target}; free space or choose another --out"
-            ) from e
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".moeslim-old", dir=target.parent))
-    os.rename(target, old / "previous")
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _existing_parent(path: Path) -> Path:

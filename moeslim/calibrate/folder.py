@@ -1,0 +1,49 @@
+"""The statistics folder of ``moeslim calibrate --out``: outside the model, locked while written, and cleared
+(on ``--overwrite``) of moeslim's own files only: never the folder itself, never anything else in it."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from moeslim.targets import check_outside, check_replaceable, files_under, locked
+
+STATS_FILES = ("stats.json", "stats.safetensors")
+WORK_DIRS = ("resume", "resume.tmp")  # boundary activations kept for resuming an interrupted calibration
+
+
+@contextlib.contextmanager
+def claim_stats_folder(model: Path, out: Path) -> Iterator[None]:
+    """Hold ``out`` for this calibration: outside the ``model`` folder, locked, and absent, empty or a
+    statistics folder (resumed or, with ``--overwrite``, cleared by the caller through ``clear_stats``)."""
+    check_outside(model, out)  # before the lock, whose file lies beside the folder
+    with locked(out):
+        if out.exists():
+            check_replaceable(out, foreign_in_stats, whole=False)  # only its files are ever removed
+        yield
+
+
+def foreign_in_stats(folder: Path) -> str | None:
+    """What in ``folder`` is not part of a moeslim statistics folder (None: all of it is)."""
+    files = list(files_under(folder))
+    if files and STATS_FILES[0] not in files:
+        return f"has no {STATS_FILES[0]}, so it is not a moeslim statistics folder"
+    other = next((f for f in files if not _ours(f)), None)
+    return None if other is None else f"holds {other}, which moeslim did not write"
+
+
+def clear_stats(folder: Path) -> None:
+    """Remove the statistics and resume files from ``folder``, and nothing else."""
+    for name in STATS_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for path in folder.glob("stats.*.tmp"):
+        path.unlink(missing_ok=True)
+    for name in WORK_DIRS:
+        shutil.rmtree(folder / name, ignore_errors=True)
+
+
+def _ours(rel: str) -> bool:
+    first = rel.split("/", 1)[0]
+    return first in STATS_FILES or first in WORK_DIRS or (first.startswith("stats.") and first.endswith(".tmp"))

@@ -1,0 +1,241 @@
+"""Where moeslim writes: one run per target at a time, folders built beside the target and swapped into place,
+leftovers of killed runs swept away, and ``--overwrite`` limited to what moeslim itself made.
+
+A target ``T`` in folder ``P`` uses these names in ``P``:
+
+- ``.T.moeslim-lock``: held (``flock``) by the run writing ``T``; the kernel releases it when that process dies,
+  so a killed run never blocks the next one.
+- ``.T.<random>.moeslim-tmp``: the output being built; renamed to ``T`` only when complete.
+- ``.T.<random>.moeslim-old``: a replaced output on its way out.
+
+Temp folders whose target's lock nobody holds belong to dead runs; the next run in ``P`` removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from moeslim.errors import OutputError
+
+LOCK_SUFFIX = ".moeslim-lock"
+TMP_SUFFIX = ".moeslim-tmp"
+OLD_SUFFIX = ".moeslim-old"
+
+
+class TargetLock:
+    """An exclusive, non-blocking lock on ``target`` (a file beside it), released by the kernel on death."""
+
+    def __init__(self, target: Path) -> None:
+        target = _absolute(target)  # "." has no name, and its parent is not where it lies
+        self.path = target.parent / f".{target.name}{LOCK_SUFFIX}"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock; False when a live process holds it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            if _same_file(fd, self.path):  # not unlinked by a releasing holder between our open and flock
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()  # before closing: a waiter that opened the old file re-checks and retries
+            os.close(self._fd)
+            self._fd = None
+
+    def holder(self) -> str:
+        """The pid written by the holder, or ``?``."""
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def locked(target: Path) -> Iterator[None]:
+    """Hold ``target``'s lock for the block (refusing when another run holds it); sweep dead runs' leftovers."""
+    target = _absolute(target)
+    lock = TargetLock(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        acquired = lock.acquire()
+    except OSError as e:
+        raise OutputError(f"cannot write {target} ({e.strerror}); choose another --out") from e
+    if not acquired:
+        raise OutputError(
+            f"{target} is being written by another moeslim run (pid {lock.holder()});"
+            " wait for it to finish or choose another --out"
+        )
+    try:
+        sweep(target.parent, own=target.name)
+        yield
+    finally:
+        lock.release()
+
+
+def sweep(parent: Path, own: str | None = None) -> list[Path]:
+    """Remove the temp folders in ``parent`` left by dead runs (their target's lock is free); return them.
+
+    ``own`` is the target whose lock the caller holds: its leftovers are dead by definition.
+    """
+    removed = []
+    for path in sorted(parent.glob(f".*{TMP_SUFFIX}")) + sorted(parent.glob(f".*{OLD_SUFFIX}")):
+        name = target_of(path.name)
+        if name is None or not path.is_dir():
+            continue
+        if name == own:
+            removed.append(_remove(path))
+            continue
+        lock = TargetLock(parent / name)
+        if lock.acquire():
+            try:
+                removed.append(_remove(path))
+            finally:
+                lock.release()
+    return removed
+
+
+def target_of(leftover: str) -> str | None:
+    """``.T.<random>.moeslim-tmp`` → ``T`` (None for other names)."""
+    for suffix in (TMP_SUFFIX, OLD_SUFFIX):
+        if leftover.startswith(".") and leftover.endswith(suffix):
+            name, dot, _random = leftover[1 : -len(suffix)].rpartition(".")
+            return name if dot and name else None
+    return None
+
+
+def _remove(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    print(f"moeslim: note: removed {path}, left by an interrupted run", file=sys.stderr)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; on success it replaces ``target``, on failure it is gone.
+
+    The caller holds ``locked(target)``. A full disk becomes an ``OutputError`` with nothing left behind.
+    """
+    target = _absolute(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder
+    try:
+        yield tmp
+        _replace(tmp, target)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(
+                f"no space left on device while writing {target}; free space or choose another --out"
+            ) from e
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target``; an existing target is swapped out atomically, so it is never absent."""
+    if not target.exists():
+        os.rename(tmp, target)
+    elif not _exchange(tmp, target):
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=OLD_SUFFIX, dir=target.parent))
+        os.rename(target, old / "previous")
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2``); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+
+
+def check_target(source: Path, target: Path, overwrite: bool, foreign: Callable[[Path], str | None]) -> None:
+    """Refuse a target that overlaps the source, or exists without ``overwrite``, or is not replaceable.
+
+    ``foreign(target)`` says what in an existing target moeslim did not write (None: all of it is its own).
+    Never replaced: the working directory or a folder above it, a non-folder, a folder holding other files.
+    """
+    check_outside(source, target)
+    if not target.exists():
+        return
+    if not overwrite:
+        raise OutputError(f"{target} already exists; pass --overwrite to replace it or choose another --out")
+    check_replaceable(target, foreign)
+
+
+def check_outside(source: Path, target: Path) -> None:
+    """Refuse a target that is, lies inside, or holds the source: as written and with links resolved."""
+    for src, dst in ((source.resolve(), target.resolve()), (_absolute(source), _absolute(target))):
+        if dst == src or src in dst.parents or dst in src.parents:
+            raise OutputError(f"--out {target} overlaps the source folder {source}; choose a folder outside it")
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path.expanduser()))
+
+
+def check_replaceable(target: Path, foreign: Callable[[Path], str | None], *, whole: bool = True) -> None:
+    """Only a folder moeslim made may be replaced (``whole``) or cleared of moeslim's files; a folder the user is
+    working in is never replaced."""
+    if not target.is_dir() or target.is_symlink():
+        raise OutputError(f"{target} exists and is not a folder; remove it yourself or choose another --out")
+    here = Path.cwd().resolve()
+    if whole and (target.resolve() == here or target.resolve() in here.parents):
+        raise OutputError(f"{target} is the working directory or holds it; moeslim will not replace it")
+    if (why := foreign(target)) is not None:
+        raise OutputError(
+            f"{target} {why}; moeslim only replaces or clears what it wrote itself:"
+            " remove the folder yourself or choose another --out"
+        )
+
+
+def files_under(folder: Path) -> Iterator[str]:
+    """Relative POSIX paths of every file and link under ``folder`` (folders themselves are not listed)."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(filenames) + [d for d in sorted(dirnames) if (Path(dirpath) / d).is_symlink()]:
+            yield (Path(dirpath) / name).relative_to(folder).as_posix()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
