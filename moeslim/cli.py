@@ -1,9 +1,10 @@
-"""Thin typer commands. Known errors become one line on stderr and exit code 2 (``MOESLIM_DEBUG=1``
-shows the traceback)."""
+"""Thin typer commands. Usage errors get typer's short usage message and exit code 2; moeslim's own errors
+become one line on stderr and exit code 2 (``MOESLIM_DEBUG=1`` shows the traceback); a failed ``--max-kl``
+check exits with code 1, Ctrl-C with 130."""
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import shlex
 import sys
@@ -12,26 +13,42 @@ from typing import Annotated
 
 import typer
 
-from moeslim import __version__
+from moeslim import __version__, jsonio
 from moeslim.calibrate.session import CalibrationOptions, run_calibration
 from moeslim.criteria import CRITERIA, DEFAULT_CRITERION
-from moeslim.errors import MoeslimError
+from moeslim.errors import MoeslimError, UsageError
 from moeslim.hub import is_hub_source, redact, resolve_source
-from moeslim.layout import resolve_layout
-from moeslim.pipeline import SlimOptions, slim
+from moeslim.layout import Routing, resolve_layout, routing_of
+from moeslim.pipeline import SlimOptions, SlimResult, slim
+from moeslim.plan import PLAN_NAME, check_feasible
+from moeslim.publish.facts import CARD_NAME
+from moeslim.publish.heatmap import IMAGE_NAME
 from moeslim.publish.push import PushOptions, check_write_access, push_folder, upload_list
 from moeslim.report import format_report as format_inspect
 from moeslim.report import human_bytes, inspect_report
 from moeslim.source import open_checkpoint
-from moeslim.validate.report import format_report, write_report
-from moeslim.validate.run import ValidateOptions, kl_exceeds, validate
+from moeslim.validate.report import VALIDATION_NAME, format_report, kl_gate, write_report
+from moeslim.validate.run import ValidateOptions, validate
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Prune experts out of Mixture-of-Experts checkpoints, straight in the safetensors files.",
-)
+INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
+OUTPUT_FILES = {"plan": PLAN_NAME, "validation": VALIDATION_NAME, "model card": CARD_NAME, "expert map": IMAGE_NAME}
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Prune experts out of Mixture-of-Experts checkpoints, straight in the safetensors files."""
 
 
 # Calibration options, shared by `calibrate` and `slim` (calibrated criteria).
@@ -47,7 +64,10 @@ BatchSize = Annotated[int, typer.Option(help="Sequences per forward batch.")]
 MaxMemory = Annotated[str | None, typer.Option(help="RAM for cached activations before spilling to disk, e.g. 8GB.")]
 Trust = Annotated[bool, typer.Option(help="Allow running the model's own remote code (calibration only).")]
 MaxKl = Annotated[
-    float | None, typer.Option(help="Exit with code 1 when the mean KL(original ‖ pruned) per token exceeds this.")
+    float | None,
+    typer.Option(
+        help="Exit with code 1 when the mean KL(original ‖ pruned) per token exceeds this, or was not measured."
+    ),
 ]
 CalibSplit = Annotated[str, typer.Option(help="Hub dataset split.")]
 CalibColumn = Annotated[str | None, typer.Option(help="Hub dataset text column (default: text).")]
@@ -55,14 +75,25 @@ CalibColumn = Annotated[str | None, typer.Option(help="Hub dataset text column (
 
 @app.command()
 def inspect(
-    src: Annotated[Path, typer.Argument(help="Local checkpoint folder.")],
+    src: Annotated[str, typer.Argument(help="Local checkpoint folder, or a Hub repo id (org/name).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     keep: Annotated[int | None, typer.Option(help="Also project the size after keeping N experts.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="With --keep: check it against top-k K.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub source: branch, tag or commit.")] = None,
 ) -> None:
     """Describe a checkpoint: family, MoE/dense/MTP layers, experts, dtypes, quantisation, sizes."""
-    ckpt = open_checkpoint(src)
-    report = inspect_report(ckpt, resolve_layout(ckpt), keep)
-    typer.echo(json.dumps(report, indent=2) if as_json else format_inspect(report))
+    root = resolve_source(src, revision, preflight=lambda config: _check_keep(routing_of(config), keep, top_k))
+    ckpt = open_checkpoint(root)
+    layout = resolve_layout(ckpt)
+    _check_keep(layout, keep, top_k)
+    report = inspect_report(ckpt, layout, keep)
+    typer.echo(jsonio.dumps(report, indent=2) if as_json else format_inspect(report))
+
+
+def _check_keep(routing: Routing, keep: int | None, top_k: int | None) -> None:
+    """Refuse a ``--keep`` that ``slim`` would refuse (before a Hub source's weights are downloaded)."""
+    if keep is not None:
+        check_feasible(routing, keep, routing.top_k if top_k is None else top_k)
 
 
 @app.command(name="slim")
@@ -97,6 +128,7 @@ def slim_command(
     max_kl: MaxKl = None,
 ) -> None:
     """Keep N experts per MoE layer; write the pruned checkpoint, its plan and model card; optionally push it."""
+    _check_max_kl(max_kl, validated=not no_validate)
     calibration = CalibrationOptions(
         calib, samples, seq_len, seed or 0, device, dtype, batch_size, max_memory,
         calib_split=calib_split, calib_column=calib_column, trust_remote_code=trust_remote_code,
@@ -127,10 +159,18 @@ def slim_command(
         typer.echo(f"note: not copied (weights outside the safetensors index): {path}", err=True)
     if result.validation is not None:
         typer.echo(format_report({**result.validation, "pruned": str(result.out)}))
+    typer.echo("\n".join(_written(result)))
     if result.url:
         typer.echo(f"pushed to {result.url}")
-    if result.validation is not None:
-        _check_kl(result.validation, max_kl, "; not pushed" if push_to else "")
+    _check_kl(result.validation, max_kl, "; not pushed" if push_to else "")
+
+
+def _written(result: SlimResult) -> list[str]:
+    """What ``slim`` wrote where, one path a line, for the end of its output."""
+    out = result.out
+    rows = [("checkpoint", f"{out} ({result.shards} shard(s))")]
+    rows += [(what, str(out / name)) for what, name in OUTPUT_FILES.items() if (out / name).is_file()]
+    return ["written:", *(f"  {what:<11} {path}" for what, path in rows)]
 
 
 @app.command(name="validate")
@@ -156,6 +196,7 @@ def validate_command(
 
     The report is printed and saved as validation.json in the pruned folder (shown by its model card).
     """
+    _check_max_kl(max_kl, validated=True)
     opts = ValidateOptions(calib, samples, seq_len, seed, batch_size, device, dtype, generations, trust_remote_code)
     sources = ((original, revision), (pruned, None))
     roots = [resolve_source(src, rev, preflight=lambda config: None) for src, rev in sources]
@@ -168,11 +209,21 @@ def validate_command(
     _check_kl(report, max_kl)
 
 
-def _check_kl(report: dict, max_kl: float | None, consequence: str = "") -> None:
-    """Exit with code 1 (a failed check, not a usage error) when the mean KL exceeds ``max_kl``."""
-    if kl_exceeds(report, max_kl):
-        kl = report["kl_mean"]
-        print(f"moeslim: validation failed: mean KL {kl:.6g} exceeds --max-kl {max_kl:g}{consequence}", file=sys.stderr)
+def _check_max_kl(max_kl: float | None, *, validated: bool) -> None:
+    """Refuse, before any work, a ``--max-kl`` that could never pass or that nothing would measure."""
+    if max_kl is None:
+        return
+    if not math.isfinite(max_kl) or max_kl < 0:
+        raise UsageError(f"--max-kl {max_kl:g} is not a KL bound: pass a number ≥ 0, e.g. --max-kl 0.1")
+    if not validated:
+        raise UsageError("--max-kl checks the validation that --no-validate skips: drop one of them")
+
+
+def _check_kl(report: dict | None, max_kl: float | None, consequence: str = "") -> None:
+    """Exit with code 1 (a failed check, not a usage error) when ``--max-kl`` refuses the pruned model: its mean KL
+    is above the bound, or no KL was measured."""
+    if failure := kl_gate(report, max_kl):
+        print(f"moeslim: validation failed: {failure}{consequence}", file=sys.stderr)
         sys.exit(1)
 
 
@@ -241,10 +292,21 @@ def version() -> None:
 
 
 def main() -> None:
+    """The ``moeslim`` command: a short message for every failure a user can act on, never a traceback for them.
+
+    typer reports usage errors (bad option values, missing arguments, unknown commands) with the usage line and
+    exit code 2, and turns Ctrl-C into exit code 130. moeslim's errors (exit 2) and other OS errors such as a
+    full disk or a denied permission (exit 1) become one line; ``MOESLIM_DEBUG=1`` shows their traceback.
+    """
     try:
-        app(standalone_mode=False)
-    except MoeslimError as e:
+        app(prog_name="moeslim")
+    except SystemExit as e:  # typer ends every run with one; success returns, as callers of main() expect
+        if e.code == INTERRUPTED:
+            print("moeslim: interrupted", file=sys.stderr)
+        if e.code not in (0, None):
+            raise
+    except (MoeslimError, OSError) as e:
         if os.environ.get("MOESLIM_DEBUG") == "1":
             raise
         print(f"moeslim: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, MoeslimError) else 1)

@@ -10,6 +10,7 @@ errors here that say what to do. No message ever contains the token.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import glob
 import re
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from moeslim.source import INDEX_NAME, SINGLE_NAME, read_json
 # metadata is carried over) and files such as USE_POLICY.md; weights in other formats are never fetched.
 SMALL_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py", "*.md", "LICENSE*", "NOTICE*"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+NEAR = 0.8  # difflib ratio above which a local folder's name is taken for what a mistyped source meant
 
 
 def is_repo_id(text: str) -> bool:
@@ -46,8 +48,24 @@ def is_repo_id(text: str) -> bool:
 
 
 def is_hub_source(src: str) -> bool:
-    """A source is read from the Hub when it is a repo id and no local folder of that name exists."""
-    return not Path(src).expanduser().exists() and is_repo_id(src)
+    """A source is read from the Hub when it is a repo id, no local folder of that name exists, and it is not a
+    typo of one (``fixtures/tiny-qwen3-mo`` next to a folder ``fixtures/tiny-qwen3-moe``)."""
+    return not Path(src).expanduser().exists() and is_repo_id(src) and near_folder(src) is None
+
+
+def near_folder(src: str) -> str | None:
+    """``src`` with its last part replaced by the name of a folder beside it that is spelled almost alike, or None
+    (the folder above it does not exist, or holds no such folder)."""
+    stem = src.rstrip("/")
+    path = Path(stem).expanduser()
+    if not path.name or not path.parent.is_dir():
+        return None
+    try:
+        names = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and p.name != path.name)
+    except OSError:  # unreadable: no suggestion
+        return None
+    match = difflib.get_close_matches(path.name, names, n=1, cutoff=NEAR)
+    return stem[: len(stem) - len(path.name)] + match[0] if match else None
 
 
 def resolve_source(src: str, revision: str | None, preflight: Callable[[dict], None]) -> Path:
@@ -58,7 +76,7 @@ def resolve_source(src: str, revision: str | None, preflight: Callable[[dict], N
     """
     if not is_hub_source(src):
         if not Path(src).expanduser().exists():
-            raise MissingFileError(f"{src} does not exist: pass a checkpoint folder or a Hub repo id like org/name")
+            raise missing_folder(src)
         if revision is not None:
             raise UsageError(f"--revision selects a Hub revision, but {src} is a local folder; drop --revision")
         return Path(src).expanduser()
@@ -72,6 +90,13 @@ def resolve_source(src: str, revision: str | None, preflight: Callable[[dict], N
     with hub_errors(src, revision):  # root.name is the commit: both steps read one snapshot
         _download(src, root.name, [glob.escape(name) for name in shards])  # patterns are globs
     return root
+
+
+def missing_folder(src: str) -> MissingFileError:
+    """The error for a source that is neither a folder nor a Hub repo id, with the folder it may have meant."""
+    if near := near_folder(src):
+        return MissingFileError(f"no such folder {src}; did you mean {near}?")
+    return MissingFileError(f"{src} does not exist: pass a checkpoint folder or a Hub repo id like org/name")
 
 
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:

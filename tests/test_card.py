@@ -91,19 +91,67 @@ def test_card_sections() -> None:
 def test_calibration_validation_and_a_local_source() -> None:
     plan = replace(PLAN, criterion="reap", calibration={"data": "notes | more", "tokens": 131072, "seed": 0})
     facts = replace(FACTS, plan=plan, base_model=None, source="/models/x y", source_revision=None, base_card={},
-                    validation={"ppl_original": 5.123456, "ppl_pruned": 5.9, "note": "text", "ok": True},
+                    validation={"kl_mean": 0.0123456, "perplexity_pruned": 5.9, "note": "text", "ok": True},
                     image=None, packed_fp4=True, command="")  # fmt: skip
     card = render_card(facts)
     assert "base_model" not in _meta(card) and "license" not in _meta(card)
-    assert "calibration: data: notes \\| more; tokens: 131072; seed: 0" in card  # pipes cannot break the table
-    assert "| ppl_original | 5.123 |\n| ppl_pruned | 5.9 |\n" in card  # numbers only, 4 significant digits
-    assert "| note |" not in card and "| ok |" not in card
+    assert "- calibration:\n  - data: notes \\| more\n  - tokens: 131072\n  - seed: 0\n" in card  # no pipes in tables
+    assert "| KL(original ‖ pruned), mean per token | 0.01235 |\n" in card  # labelled as validate labels it, 4 digits
+    assert "| perplexity, pruned | 5.9 |\n" in card and "| perplexity, original | not measured |\n" in card
+    assert "| note |" not in card and "| ok |" not in card and "kl_mean" not in card
     assert "Pruned from a local checkpoint (`/models/x y`)" in card
     assert "`moeslim slim '/models/x y' --plan moeslim_plan.json`" in card
     assert "matplotlib is not installed (`pip install 'moeslim[plot]'`" in card and "](expert_map.png)" not in card
     assert "The base card declares no license" in card
     assert "MXFP4 `_blocks` tensors pack two 4-bit values per byte" in card
     assert "Made through the Python API." in card
+
+
+def test_card_renders_per_layer_values_and_labels_for_humans() -> None:
+    calibration = {"data": "stdlib: 4 of 674 files", "samples": 4, "seq_len": 32, "progressive": False,
+                   "stability": {"1": 0.8333, "0": 1.0}}  # fmt: skip
+    validation = {
+        "kl_mean": 0.25, "kl_p95": None, "top1_agreement": float("nan"), "perplexity_original": 36.4,
+        "perplexity_pruned": float("inf"), "scored_tokens": 1016, "summary": "measured on 1016 tokens",
+        "layers": [{"layer": 0, "relative_error": 0.1335}, {"layer": 1, "relative_error": float("nan")}],
+    }  # fmt: skip
+    card = render_card(replace(FACTS, plan=replace(PLAN, calibration=calibration), validation=validation))
+    assert (
+        "  - kept-set stability (Jaccard of the sets chosen from two halves of the data): layer 0: 1.00, layer 1: 0.83\n"
+        in card
+    )
+    assert (
+        "  - sequences: 4\n  - tokens per sequence: 32\n  - progressive (each layer calibrated on the pruned layers before it): no\n"
+        in card
+    )
+    rows = [line for line in card.splitlines() if line.startswith("| ") and "|---" not in line]
+    assert rows[rows.index("| metric | value |") + 1 :][:6] == [
+        "| KL(original ‖ pruned), mean per token | 0.25 |",
+        "| KL(original ‖ pruned), 95th percentile | not measured |",  # null in validation.json
+        "| top-1 agreement | not measured |",  # NaN
+        "| perplexity, original | 36.4 |",
+        "| perplexity, pruned | not measured |",  # infinite
+        "| scored tokens | 1016 |",
+    ]
+    assert "Relative error of each MoE layer's output (cumulative): layer 0: 0.13, layer 1: not measured." in card
+    assert "{" not in card.split("## Expert map")[0].split("---", 2)[2]  # no raw dicts anywhere in the text
+    assert "kl_mean" not in card and "stability:" not in card and "seq_len" not in card
+
+
+def test_skipped_numeric_comparison_says_why() -> None:
+    summary = "structure checked; numeric comparison skipped: no tokenizer next to either model's weights"
+    card = render_card(replace(FACTS, validation={"structure": {"ok": True}, "summary": summary}))
+    assert f"Validation (`moeslim validate`, details in `validation.json`): {summary}." in card
+    assert "| metric | value |" not in card
+
+
+def test_the_card_is_deterministic() -> None:
+    """Per-layer values are listed in layer order, whatever order the plan's JSON held them in."""
+    shuffled = {"2": 0.5, "10": 0.25, "0": 1.0}
+    facts = replace(FACTS, plan=replace(PLAN, calibration={"data": "x", "stability": shuffled}))
+    ordered = replace(FACTS, plan=replace(PLAN, calibration={"data": "x", "stability": dict(sorted(shuffled.items()))}))
+    assert render_card(facts) == render_card(ordered)
+    assert "layer 0: 1.00, layer 2: 0.50, layer 10: 0.25" in render_card(facts)  # numeric, not string, order
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,6 @@ each layer kept, and that the base model's license applies.
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field
 
@@ -15,10 +14,21 @@ import yaml
 
 from moeslim.plan import PLAN_NAME, Plan
 from moeslim.report import format_ranges, human_bytes
+from moeslim.validate.report import LABELS, NOT_MEASURED, measured
 
 TAGS = ["moe", "pruned", "expert-pruning", "moeslim"]
 CARRIED_KEYS = ("license", "license_name", "license_link", "language")  # from the base card's metadata
 PLOT_HINT = "pip install 'moeslim[plot]'"
+CALIBRATION_LABELS = {  # keys of the plan's calibration provenance; others are shown under their own name
+    "data": "data",
+    "digest": "token digest (sha256)",
+    "tokens": "tokens",
+    "samples": "sequences",
+    "seq_len": "tokens per sequence",
+    "seed": "seed",
+    "progressive": "progressive (each layer calibrated on the pruned layers before it)",
+    "stability": "kept-set stability (Jaccard of the sets chosen from two halves of the data)",
+}
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,7 @@ def _how_made(f: CardFacts) -> str:
     lines = [
         f"- source: {source}",
         f"- criterion: `{p.criterion}` (experts with the highest scores kept in every layer)",
-        f"- calibration: {_calibration(p.calibration)}",
+        _calibration(p.calibration),
         f"- seed: {p.seed if p.seed is not None else 'not used by the criterion'}",
         f"- moeslim version: {f.version}",
         f"- plan (kept expert ids and scores per layer): `{PLAN_NAME}` in this repo",
@@ -136,20 +146,29 @@ def _how_made(f: CardFacts) -> str:
 
 
 def _calibration(calibration: dict) -> str:
+    """The calibration provenance as a nested list, one labelled item per recorded key."""
     if not calibration:
-        return "none: data-free criterion, no calibration data"
-    return "; ".join(f"{k}: {_value(v)}" for k, v in calibration.items())
+        return "- calibration: none: data-free criterion, no calibration data"
+    items = [f"{CALIBRATION_LABELS.get(k, k.replace('_', ' '))}: {_value(v)}" for k, v in calibration.items()]
+    return "- calibration:" + "".join(f"\n  - {item}" for item in items)
 
 
 def _validation(f: CardFacts) -> str:
-    numbers = {k: v for k, v in (f.validation or {}).items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    summary = (f.validation or {}).get("summary")
-    note = f"\n\nValidation (`moeslim validate`, details in `validation.json`): {_value(summary)}." if summary else ""
-    if not numbers:
-        return "## Validation\n\n" + (
-            note.strip() or "Not validated yet: no `validation.json` was found next to the weights."
-        )
-    return "## Validation\n\n" + _table(["metric", "value"], [(k, _value(v)) for k, v in numbers.items()]) + note
+    report = f.validation or {}
+    summary = report.get("summary")
+    note = f"Validation (`moeslim validate`, details in `validation.json`): {_value(summary)}." if summary else ""
+    if not any(k in report for k in LABELS):  # not validated, or the numeric comparison was skipped
+        return "## Validation\n\n" + (note or "Not validated yet: no `validation.json` was found next to the weights.")
+    parts = [_table(["metric", "value"], [(label, _metric(report.get(k))) for k, label in LABELS.items()])]
+    if errors := _layer_errors(report):
+        parts.append(f"Relative error of each MoE layer's output (cumulative): {_per_layer(errors)}.")
+    return "## Validation\n\n" + "\n\n".join([*parts, note] if note else parts)
+
+
+def _layer_errors(report: dict) -> dict:
+    """MoE layer → relative error of its output, from the report's ``layers`` list."""
+    rows = [e for e in report.get("layers") or [] if isinstance(e, dict) and isinstance(e.get("layer"), int)]
+    return {e["layer"]: e.get("relative_error") for e in rows}
 
 
 def _expert_map(f: CardFacts) -> str:
@@ -196,6 +215,35 @@ def _count(n: int) -> str:
 
 
 def _value(v: object) -> str:
-    """A value for one table cell or list item: short floats, compact JSON, no line breaks or pipes."""
-    text = f"{v:.4g}" if isinstance(v, float) else v if isinstance(v, str) else json.dumps(v, separators=(", ", ": "))
+    """A value for one table cell or list item: labelled, short, with no line breaks or pipes."""
+    if isinstance(v, dict) and v and all(str(k).isdigit() for k in v):
+        text = _per_layer(v)
+    elif isinstance(v, dict):
+        text = "; ".join(f"{str(k).replace('_', ' ')}: {_value(x)}" for k, x in v.items())
+    elif isinstance(v, list | tuple):
+        text = ", ".join(_value(x) for x in v)
+    else:
+        text = _metric(v)
     return " ".join(text.split()).replace("|", "\\|")
+
+
+def _metric(v: object) -> str:
+    """A number as 4 significant digits, yes/no for a flag, text as it is; None and NaN were not measured."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, str):
+        return v
+    if not measured(v):
+        return NOT_MEASURED
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _per_layer(values: dict) -> str:
+    """``{"0": 1.0, "1": 0.8333}`` → ``layer 0: 1.00, layer 1: 0.83`` (layers in order)."""
+    items = sorted(values.items(), key=lambda kv: int(kv[0]))
+    return ", ".join(f"layer {k}: {_short(x)}" for k, x in items)
+
+
+def _short(v: object) -> str:
+    """A per-layer value: two decimals, as in the terminal's stability line."""
+    return f"{v:.2f}" if isinstance(v, float) and measured(v) else _metric(v)

@@ -17,9 +17,9 @@ from moeslim.plan import Plan
 from moeslim.publish.card import CardFacts, Side, front_matter, render_card
 from moeslim.publish.heatmap import IMAGE_NAME, draw_expert_map
 from moeslim.source import Checkpoint, open_checkpoint
+from moeslim.validate.report import VALIDATION_NAME
 
 CARD_NAME = "README.md"
-VALIDATION_NAME = "validation.json"  # written by validation, when it has run
 
 
 def write_model_card(folder: Path, ckpt: Checkpoint, layout: Layout, plan: Plan, *, source: str, name: str,
@@ -72,6 +72,7 @@ def _text(path: Path) -> str:
 
 
 def _validation(path: Path) -> dict | None:
+    """``validation.json``, read leniently: a NaN written by an older moeslim is shown as not measured."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

@@ -1,12 +1,16 @@
-"""The validation report: a table for the terminal, and ``validation.json`` for the model card."""
+"""The validation report: a table for the terminal, ``validation.json`` for the model card, and the ``--max-kl``
+gate on its mean KL."""
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
+from typing import TypeGuard
 
-from moeslim.publish.facts import VALIDATION_NAME
+from moeslim import jsonio
 
+VALIDATION_NAME = "validation.json"  # in the pruned folder; the model card shows it
+NOT_MEASURED = "not measured"
 LABELS = {
     "kl_mean": "KL(original ‖ pruned), mean per token",
     "kl_p95": "KL(original ‖ pruned), 95th percentile",
@@ -18,10 +22,38 @@ LABELS = {
 
 
 def write_report(report: dict, path: Path) -> Path:
-    """Write ``report`` as JSON to ``path`` (a folder gets ``validation.json``); return the file."""
+    """Write ``report`` as strict JSON to ``path`` (a folder gets ``validation.json``); return the file.
+
+    A metric that could not be computed (NaN) is written as ``null``.
+    """
     target = path / VALIDATION_NAME if path.is_dir() else path
-    target.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    target.write_text(jsonio.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return target
+
+
+def measured(value: object) -> TypeGuard[float]:
+    """Whether ``value`` is a measured number: an int or a finite float (None and NaN are not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def kl_gate(report: dict | None, max_kl: float | None) -> str | None:
+    """Why ``--max-kl`` refuses the pruned model, or None when it passes (or no gate is set).
+
+    A gate that measured nothing does not open: no report, a skipped numeric comparison (no float ``kl_mean``)
+    or a NaN mean fail it, with the report's ``summary`` as the reason.
+    """
+    if max_kl is None:
+        return None
+    kl = (report or {}).get("kl_mean")
+    if not measured(kl):
+        why = (report or {}).get("summary") or "validation did not run"
+        return (
+            f"--max-kl {max_kl:g} cannot be checked because no KL was measured ({why}); pass --calib with more or"
+            " other text than calibration used, or drop --max-kl"
+        )
+    if kl > max_kl:
+        return f"mean KL {kl:.6g} exceeds --max-kl {max_kl:g}"
+    return None
 
 
 def format_report(report: dict) -> str:
@@ -40,7 +72,7 @@ def format_report(report: dict) -> str:
         f"data: {d['sequences']} × {d['seq_len']} = {d['tokens']} tokens of {d['source']}",
         f"  held out: {d['heldout']}",
         "",
-        _table([(LABELS[k], _number(report[k])) for k in LABELS]),
+        _table([(label, _number(report.get(k))) for k, label in LABELS.items()]),
         "",
         _table(
             [(f"layer {e['layer']}", _number(e["relative_error"])) for e in report["layers"]],
@@ -58,5 +90,7 @@ def _table(rows: list[tuple[str, str]], header: tuple[str, str] = ("metric", "va
     return "\n".join(f"{a:<{width}}  {b}" for a, b in [header, *rows])
 
 
-def _number(v: float | int) -> str:
+def _number(v: object) -> str:
+    if not measured(v):
+        return NOT_MEASURED
     return str(v) if isinstance(v, int) else f"{v:.6g}"

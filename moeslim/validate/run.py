@@ -157,5 +157,8 @@ def plan_calibration(folder: Path) -> dict:
 
 
 def kl_exceeds(report: dict, max_kl: float | None) -> bool:
-    """Whether the mean KL is above ``max_kl`` (a skipped numeric comparison never is)."""
-    return max_kl is not None and isinstance(report.get("kl_mean"), float) and report["kl_mean"] > max_kl
+    """Whether ``--max-kl`` refuses the pruned model: its mean KL is above ``max_kl``, or no KL was measured (a
+    skipped numeric comparison, a NaN): a gate that measured nothing does not open. ``kl_gate`` says why."""
+    from moeslim.validate.report import kl_gate
+
+    return kl_gate(report, max_kl) is not None
