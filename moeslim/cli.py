@@ -9,17 +9,16 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from moeslim import __version__, jsonio
-from moeslim.calibrate.session import CalibrationOptions, run_calibration
+from moeslim.calibrate.options import CalibrationOptions
 from moeslim.criteria import CRITERIA, DEFAULT_CRITERION
 from moeslim.errors import MoeslimError, UsageError
 from moeslim.hub import is_hub_source, redact, resolve_source
 from moeslim.layout import Routing, resolve_layout, routing_of
-from moeslim.pipeline import SlimOptions, SlimResult, slim
 from moeslim.plan import PLAN_NAME, check_feasible
 from moeslim.publish.facts import CARD_NAME
 from moeslim.publish.heatmap import IMAGE_NAME
@@ -29,6 +28,9 @@ from moeslim.report import human_bytes, inspect_report
 from moeslim.source import open_checkpoint
 from moeslim.validate.report import VALIDATION_NAME, format_report, kl_gate, write_report
 from moeslim.validate.run import ValidateOptions, validate
+
+if TYPE_CHECKING:
+    from moeslim.pipeline import SlimResult
 
 INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
 OUTPUT_FILES = {"plan": PLAN_NAME, "validation": VALIDATION_NAME, "model card": CARD_NAME, "expert map": IMAGE_NAME}
@@ -128,6 +130,8 @@ def slim_command(
     max_kl: MaxKl = None,
 ) -> None:
     """Keep N experts per MoE layer; write the pruned checkpoint, its plan and model card; optionally push it."""
+    from moeslim.pipeline import SlimOptions, slim  # writing and publishing load only for a slim
+
     _check_max_kl(max_kl, validated=not no_validate)
     calibration = CalibrationOptions(
         calib, samples, seq_len, seed or 0, device, dtype, batch_size, max_memory,
@@ -248,6 +252,8 @@ def calibrate(
     overwrite: Annotated[bool, typer.Option(help="Replace statistics made with other data or settings.")] = False,
 ) -> None:
     """Collect routing statistics layer by layer, for `moeslim slim --stats`."""
+    from moeslim.calibrate.session import run_calibration  # torch and transformers: only when calibrating
+
     opts = CalibrationOptions(
         calib, samples, seq_len, seed, device, dtype, batch_size, max_memory, reconstruction_tokens,
         calib_split, calib_column, trust_remote_code,

@@ -1,6 +1,7 @@
 """Data-free importance scores per MoE layer and expert (higher means keep first).
 
-Tensors are read one expert slice at a time through safetensors, so memory stays at one slice.
+Tensors are read one expert slice at a time straight from the shard's bytes (``floats.read_float``), so memory
+stays at one slice and scoring needs no torch.
 """
 
 from __future__ import annotations
@@ -8,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
-from safetensors import safe_open
 
-from moeslim.calibrate.stats import LayerStats, Statistics
+from moeslim.calibrate.statistics import LayerStats, Statistics
 from moeslim.errors import CheckpointError, PlanError
+from moeslim.floats import read_float
 from moeslim.layout import Layout, MoeLayer
 from moeslim.plan import check_finite_scores
 from moeslim.shards import FLOAT_DTYPES
@@ -27,9 +27,10 @@ def router_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Sc
     out = {}
     for layer in layout.layers:
         name = layer.block + weight_name
-        w = _read(ckpt, name).float()  # (experts, hidden)
+        w = _read(ckpt, name)  # (experts, hidden) float32
         _check_finite_rows(w, layer.index, name)
-        out[layer.index] = torch.linalg.vector_norm(w, dim=1).double().numpy()
+        norms = np.sqrt(np.sum(np.square(w, dtype=np.float64), axis=1))  # (experts,) summed in float64
+        out[layer.index] = norms.astype(np.float32).astype(np.float64)  # float32 norms, as the weights' precision
         check_finite_scores(out[layer.index], layer.index, "router-norm")
     return out
 
@@ -108,10 +109,12 @@ def calibrated_scores(criterion: str, stats: Statistics, ckpt: Checkpoint, layou
     return out
 
 
-def _read(ckpt: Checkpoint, name: str, row: int | None = None) -> torch.Tensor:
+def _read(ckpt: Checkpoint, name: str, row: int | None = None) -> np.ndarray:
+    """A tensor (or its ``row`` along dim 0) as float32; integer tensors are refused."""
     info = ckpt.tensors[name]
-    with safe_open(info.file, framework="pt") as f:
-        return f.get_tensor(name) if row is None else f.get_slice(name)[row]
+    if info.dtype not in FLOAT_DTYPES:
+        raise PlanError(f"cannot score from {name}: it is {info.dtype}, not floating point; use --criterion random")
+    return read_float(info, row)
 
 
 def _weight_tensors(ckpt: Checkpoint, layer: MoeLayer, j: int) -> list[str]:
@@ -132,10 +135,10 @@ def _is_side_tensor(name: str) -> bool:
     return leaf == "bias" or leaf.endswith("_bias") or "scale" in leaf or leaf in {"g_idx", "qzeros", "zeros"}
 
 
-def _check_finite_rows(w: torch.Tensor, index: int, name: str) -> None:
+def _check_finite_rows(w: np.ndarray, index: int, name: str) -> None:
     """Refuse a router weight ``(experts, hidden)`` with a non-finite value, naming the first such expert."""
-    rows = (~torch.isfinite(w)).flatten(1).any(dim=1).nonzero().flatten().tolist()
-    if rows:
+    rows = np.flatnonzero(~np.isfinite(w).reshape(w.shape[0], -1).all(axis=1))
+    if rows.size:
         raise CheckpointError(
             f"layer {index}: the router weight {name} holds non-finite values for expert {rows[0]};"
             " the checkpoint is corrupt, re-download it"
@@ -144,16 +147,16 @@ def _check_finite_rows(w: torch.Tensor, index: int, name: str) -> None:
 
 def _sq_norm(ckpt: Checkpoint, name: str, row: int | None, where: tuple[int, int]) -> float:
     """Squared L2 norm of one expert's weight (one row of a fused tensor); ``where`` is (layer, expert)."""
-    w = _read(ckpt, name, row).float()
+    w = _read(ckpt, name, row)  # float32
     scale_name = name + "_scale_inv"
     if scale_name in ckpt.tensors:  # FP8 block scaling: one scale per (block, block) tile
-        scale = _read(ckpt, scale_name, row).float()
+        scale = _read(ckpt, scale_name, row)
         bo, bi = -(-w.shape[-2] // scale.shape[-2]), -(-w.shape[-1] // scale.shape[-1])
-        full = scale.repeat_interleave(bo, dim=-2).repeat_interleave(bi, dim=-1)
+        full = scale.repeat(bo, axis=-2).repeat(bi, axis=-1)
         w = w * full[..., : w.shape[-2], : w.shape[-1]]
-    if not bool(torch.isfinite(w).all()):
+    if not np.isfinite(w).all():
         raise CheckpointError(
             f"layer {where[0]}: expert {where[1]} has non-finite values in {name};"
             " the checkpoint is corrupt, re-download it"
         )
-    return float(torch.sum(w.double() ** 2))
+    return float(np.sum(np.square(w, dtype=np.float64)))

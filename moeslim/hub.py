@@ -4,7 +4,8 @@ The small files come first (config, index, tokenizer, chat template, card, licen
 checks the config, and only then are the safetensors shards the index names downloaded: an unsupported
 family or an infeasible ``--keep`` fails in seconds, before any weights move. huggingface_hub reads
 ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT`` and ``HF_HOME`` itself; its typed errors become one-line
-errors here that say what to do. No message ever contains the token.
+errors here that say what to do. No message ever contains the token. huggingface_hub and its HTTP client are
+imported where the Hub is used, so that commands on local folders start without them.
 """
 
 from __future__ import annotations
@@ -15,25 +16,14 @@ import glob
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import httpx2
-from huggingface_hub import constants, get_cached_repo_tree, get_token, snapshot_download
-from huggingface_hub.errors import (
-    CachedRepoTreeNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    LocalTokenNotFoundError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from typing import TYPE_CHECKING
 
 from moeslim import __version__
 from moeslim.errors import CheckpointError, HubAuthError, HubError, MissingFileError, MoeslimError, UsageError
 from moeslim.source import INDEX_NAME, SINGLE_NAME, read_json
+
+if TYPE_CHECKING:
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
 # Everything a pruned checkpoint carries besides its weights. `*.md` brings the base card (its license
 # metadata is carried over) and files such as USE_POLICY.md; weights in other formats are never fetched.
@@ -100,6 +90,8 @@ def missing_folder(src: str) -> MissingFileError:
 
 
 def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
     folder = snapshot_download(
         repo_id, revision=revision, allow_patterns=patterns, library_name="moeslim", library_version=__version__
     )
@@ -116,6 +108,9 @@ def _shard_names(root: Path) -> list[str]:
 
 def _check_in_repo(repo_id: str, commit: str, shards: list[str]) -> None:
     """Refuse a repo without the weights it needs, from the file listing the first step cached."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
     try:
         listed = {f.path for f in get_cached_repo_tree(repo_id, revision=commit)}
     except CachedRepoTreeNotFoundError:
@@ -131,6 +126,15 @@ def _check_in_repo(repo_id: str, commit: str, shards: list[str]) -> None:
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None = None, *, writing: bool = False) -> Iterator[None]:
     """Turn huggingface_hub's errors about ``repo_id`` into one-line moeslim errors."""
+    import httpx2
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        LocalTokenNotFoundError,
+        OfflineModeIsEnabled,
+    )
+
     try:
         yield
     except LocalTokenNotFoundError as e:
@@ -146,6 +150,17 @@ LOGIN = "log in with `hf auth login` or set HF_TOKEN"
 
 def explain(e: Exception, repo_id: str, revision: str | None, writing: bool = False) -> MoeslimError:
     """One line for a Hub failure; order matters: gated and missing revisions are kinds of not-found."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     url = f"{constants.ENDPOINT}/{repo_id}"
     status = e.response.status_code if isinstance(e, HfHubHTTPError) and e.response is not None else None
     if isinstance(e, GatedRepoError):
@@ -171,6 +186,8 @@ def explain(e: Exception, repo_id: str, revision: str | None, writing: bool = Fa
 
 
 def _not_cached(repo_id: str) -> HubError:
+    from huggingface_hub import constants
+
     if constants.is_offline_mode():
         return HubError(
             f"HF_HUB_OFFLINE is set and {repo_id} is not (completely) in the cache {constants.HF_HUB_CACHE};"
@@ -188,5 +205,7 @@ def _entry(e: RemoteEntryNotFoundError) -> str:
 
 def redact(text: str) -> str:
     """``text`` with the Hugging Face token, if one is set and appears in it, masked."""
+    from huggingface_hub import get_token
+
     token = get_token()
     return text.replace(token, "hf_***") if token else text

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from moeslim.calibrate.session import CalibrationOptions, run_calibration
-from moeslim.calibrate.stats import HALVES, Statistics
-from moeslim.calibrate.store import check_stats_fit, load_stats
+from moeslim.calibrate.options import CalibrationOptions
+from moeslim.calibrate.statistics import HALVES, Statistics
 from moeslim.criteria import CRITERIA, DATA_FREE, DEFAULT_CRITERION, calibrated_scores, is_calibrated, layer_scores
 from moeslim.errors import MoeslimError, PlanError
 from moeslim.families import text_config
@@ -211,6 +210,9 @@ def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions) -> Plan:
 
 def _calibrated(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, keep: int) -> tuple[dict, dict]:
     """Scores from statistics (``--stats`` or calibrated now), and the provenance with per-layer stability."""
+    from moeslim.calibrate.session import run_calibration  # torch and transformers: only for calibrated criteria
+    from moeslim.calibrate.store import check_stats_fit, load_stats
+
     criterion = opts.criterion
 
     def choose(index: int, stats: Statistics) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ import torch
 
 from moeslim.calibrate.collect import Chooser, OnLayer, calibrate_layers
 from moeslim.calibrate.folder import claim_stats_folder, clear_stats
+from moeslim.calibrate.options import CalibrationOptions
 from moeslim.calibrate.resume import Boundary, drop_boundary, load_boundary, note, save_boundary
 from moeslim.calibrate.stats import Statistics
 from moeslim.calibrate.store import check_stats_fit, fingerprint, load_stats, save_stats
@@ -26,24 +27,6 @@ if TYPE_CHECKING:
     from moeslim.calibrate.runner import Activations
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class CalibrationOptions:
-    """How to calibrate; everything here is recorded with the statistics."""
-
-    calib: str | None = None  # text file, folder, .jsonl, Hub dataset id; None: Python's stdlib sources
-    samples: int = 64
-    seq_len: int = 256
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 8
-    max_memory: str | None = None  # activations kept in RAM before spilling to disk, e.g. "8GB"
-    reconstruction_tokens: int = 256  # tokens per layer sampled for the reconstruction criterion
-    calib_split: str = "train"
-    calib_column: str | None = None
-    trust_remote_code: bool = False
 
 
 def run_calibration(

@@ -11,41 +11,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-FIELDS = ("count", "gate_mass", "ean", "reap_sum", "soft_mass")
-
-
-@dataclass
-class LayerStats:
-    """Sums over calibration tokens for one MoE layer; every array is ``(experts,)`` float64.
-
-    ``count``: top-k selections |R_j|; ``gate_mass``: sum of g_j(t) over R_j; ``ean``: sum of ||f_j(t)||
-    over R_j; ``reap_sum``: sum of g_j(t)·||f_j(t)|| over R_j; ``soft_mass``: sum over all t of the
-    router's probability for j (softmax or sigmoid of its logits). ``tokens`` counts tokens seen.
-    """
-
-    num_experts: int
-    tokens: int = 0
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in FIELDS:
-            self.arrays.setdefault(name, np.zeros(self.num_experts))
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.arrays[name]
-
-    @property
-    def reap(self) -> np.ndarray:
-        """REAP: mean over routed tokens of g·||f||; 0 for an expert never routed (never NaN)."""
-        count = self.arrays["count"]
-        return np.divide(self.arrays["reap_sum"], count, out=np.zeros_like(count), where=count > 0)
+# The numpy data they fill live in statistics.py (no torch); importable from here too, their first home.
+from moeslim.calibrate.statistics import FIELDS, HALVES, LayerStats, Statistics  # noqa: F401
 
 
 def moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
@@ -169,23 +142,3 @@ def _add_routed(
 
 def _scatter(index: torch.Tensor, values: torch.Tensor, n: int) -> np.ndarray:
     return torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, index, values).cpu().numpy()
-
-
-HALVES = ("a", "b")
-
-
-@dataclass
-class Statistics:
-    """Per trunk MoE layer and calibration half, the routing statistics; plus reconstruction scores."""
-
-    num_experts: int
-    halves: dict[int, dict[str, LayerStats]] = field(default_factory=dict)
-    reconstruction: dict[int, np.ndarray] = field(default_factory=dict)  # (experts,) higher = keep first
-
-    def total(self, index: int) -> LayerStats:
-        a, b = (self.halves[index][h] for h in HALVES)
-        return LayerStats(self.num_experts, a.tokens + b.tokens, {k: a[k] + b[k] for k in a.arrays})
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.halves)

@@ -3,21 +3,22 @@
 Option names follow ``hf upload``: ``--private`` (only when the repo is created), ``--revision`` (a branch,
 created from the default branch if missing), ``--create-pr`` (a pull request against the default branch),
 ``--commit-message``. The token is huggingface_hub's (``HF_TOKEN`` or ``hf auth login``); it is checked
-before any work so that a long prune does not end in an authentication error.
+before any work so that a long prune does not end in an authentication error. huggingface_hub is imported by the
+functions that use it, so that commands that publish nothing start without it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import RevisionNotFoundError
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+from typing import TYPE_CHECKING
 
 from moeslim import __version__
 from moeslim.errors import HubAuthError, MissingFileError, UsageError
 from moeslim.hub import LOGIN, hub_errors, is_repo_id
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ def check_push_options(opts: PushOptions) -> None:
 
 def check_write_access(opts: PushOptions) -> None:
     """A token must exist, be valid and not be read-only; fine-grained scopes are left to the Hub to judge."""
+    from huggingface_hub import get_token
+
     check_push_options(opts)
     if get_token() is None:
         raise HubAuthError(f"pushing to {opts.repo_id} needs a token with write access: {LOGIN}")
@@ -75,6 +78,8 @@ def push_folder(folder: Path, opts: PushOptions) -> str:
 
 def upload_list(folder: Path) -> list[tuple[str, int]]:
     """(path in repo, bytes) of every file ``push_folder`` would upload, as huggingface_hub selects them."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
     if not folder.is_dir():
         raise MissingFileError(f"{folder} is not a folder; pass the output folder of `moeslim slim`")
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -84,6 +89,8 @@ def upload_list(folder: Path) -> list[tuple[str, int]]:
 
 def _ensure_branch(api: HfApi, repo_id: str, branch: str) -> None:
     """Like ``hf upload --revision``: a missing branch is created from the default branch."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
     try:
         api.repo_info(repo_id, revision=branch)
     except RevisionNotFoundError:
@@ -91,4 +98,6 @@ def _ensure_branch(api: HfApi, repo_id: str, branch: str) -> None:
 
 
 def _api() -> HfApi:
+    from huggingface_hub import HfApi
+
     return HfApi(library_name="moeslim", library_version=__version__)
