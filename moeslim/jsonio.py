@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 
 def dumps(obj: Any, *, indent: int | None = 2, **kwargs: Any) -> str:
@@ -20,6 +20,16 @@ def dumps(obj: Any, *, indent: int | None = 2, **kwargs: Any) -> str:
 def loads(text: str | bytes) -> Any:
     """Parse strict JSON; ``NaN``, ``Infinity`` and ``-Infinity`` raise ``ValueError``."""
     return json.loads(text, parse_constant=_reject)
+
+
+def is_whole(value: object) -> TypeGuard[int]:
+    """A JSON whole number: not a bool (Python's ``True == 1``), not a float such as ``3.0``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> TypeGuard[float]:
+    """A finite JSON number (int or float, not a bool): what a measured value or a score must be."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def finite(obj: Any) -> Any:

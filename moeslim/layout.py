@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from moeslim.errors import CheckpointError
 from moeslim.families import Family, family_of, text_config
+from moeslim.jsonio import is_whole
 from moeslim.source import Checkpoint
 
 
@@ -119,15 +120,10 @@ def _config_int(cfg: dict, keys: tuple[str, ...], what: str) -> int:
         value = cfg.get(key)
         if value is None:
             continue
-        if not _is_whole(value):
+        if not is_whole(value):
             raise CheckpointError(f"config.json {key} is {value!r}, not a whole number; fix or re-download the config")
         return value
     raise CheckpointError(f"config.json has no {what} (looked for {', '.join(keys)}); the config is incomplete")
-
-
-def _is_whole(value: object) -> bool:
-    """A JSON whole number: Python's bool is an int, but ``true`` is not a count."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _moe_blocks(ckpt: Checkpoint, family: Family) -> dict[int, str]:
@@ -186,10 +182,10 @@ def _check_layers_against_config(family: Family, cfg: dict, blocks: dict[int, st
 def _layer_settings(family: Family, cfg: dict) -> tuple[set[int], int]:
     """Which trunk layers the config makes MoE, and how many MTP layers it declares."""
     mtp = cfg.get(family.mtp_key) if family.mtp_key else None
-    if mtp is not None and not (_is_whole(mtp) and mtp >= 0):
+    if mtp is not None and not (is_whole(mtp) and mtp >= 0):
         raise CheckpointError(f"config.json {family.mtp_key} is {mtp!r}, not a count; fix or re-download the config")
     first = cfg.get("first_k_dense_replace")  # starts a range of layers: bounded before any list is made of it
-    if first is not None and not (_is_whole(first) and 0 <= first <= cfg["num_hidden_layers"]):
+    if first is not None and not (is_whole(first) and 0 <= first <= cfg["num_hidden_layers"]):
         raise CheckpointError(
             f"config.json first_k_dense_replace is {first!r}, not a layer count within num_hidden_layers;"
             " fix or re-download the config"
@@ -200,7 +196,7 @@ def _layer_settings(family: Family, cfg: dict) -> tuple[set[int], int]:
         raise CheckpointError(
             f"config.json cannot say which layers are MoE ({type(e).__name__}: {e}); fix or re-download the config"
         ) from e
-    if odd := [i for i in expected if not _is_whole(i)]:
+    if odd := [i for i in expected if not is_whole(i)]:
         raise CheckpointError(f"config.json names MoE layer {odd[0]!r}, not a layer number; fix or re-download it")
     return expected, mtp or 0
 

@@ -6,7 +6,6 @@ from a saved plan reproduces the same output byte for byte.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,11 @@ def load_plan(path: Path) -> Plan:
         doc = jsonio.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError) as e:  # ValueError covers bad UTF-8, bad JSON, NaN/Infinity
         raise PlanError(f"{path} is not valid JSON ({e}); pass a plan written by moeslim") from e
-    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT or not _is_int(doc.get("version"), PLAN_VERSION):
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != PLAN_FORMAT
+        or not (jsonio.is_whole(version := doc.get("version")) and version == PLAN_VERSION)
+    ):
         raise PlanError(f"{path} is not a moeslim plan (format {PLAN_FORMAT} version {PLAN_VERSION})")
     try:
         return _plan_of(doc)
@@ -120,7 +123,7 @@ def _layers(entries: list, num_experts: int) -> tuple[dict[int, tuple[int, ...]]
         if index in kept:
             raise _Invalid(f"layer {index} is listed twice")
         ids = _field(entry, "kept", list, "a list", f"layer {index}: ")
-        if not ids or not all(_is_int(j) for j in ids):
+        if not ids or not all(jsonio.is_whole(j) for j in ids):
             raise _Invalid(f"layer {index}: kept must list expert ids (whole numbers), not {_show(ids)}")
         kept[index] = tuple(ids)
         if "scores" in entry:
@@ -129,7 +132,7 @@ def _layers(entries: list, num_experts: int) -> tuple[dict[int, tuple[int, ...]]
 
 
 def _scores(values: object, index: int, num_experts: int) -> tuple[float, ...]:
-    if not isinstance(values, list) or not all(_is_number(v) for v in values):
+    if not isinstance(values, list) or not all(jsonio.is_number(v) for v in values):
         raise _Invalid(f"layer {index}: scores must list finite numbers, not {_show(values)}")
     if len(values) != num_experts:
         raise _Invalid(f"layer {index}: {len(values)} scores, but the plan has {num_experts} experts")
@@ -147,18 +150,9 @@ def _field(doc: dict, key: str, kind: type[T], what: str, where: str = "") -> T:
 def _int_field(doc: dict, key: str) -> int:
     if key not in doc:
         raise _Invalid(f"{key} is missing")
-    if not _is_int(doc[key]):
+    if not jsonio.is_whole(doc[key]):
         raise _Invalid(f"{key} must be a whole number, not {_show(doc[key])}")
     return doc[key]
-
-
-def _is_int(value: object, equal: int | None = None) -> bool:
-    """A JSON whole number: not a bool (Python's ``True == 1``), not a float such as ``3.0``."""
-    return isinstance(value, int) and not isinstance(value, bool) and (equal is None or value == equal)
-
-
-def _is_number(value: object) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)
 
 
 def _show(value: object) -> str:

@@ -122,8 +122,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
 
 
 def _is_count(value: object) -> bool:
-    """A JSON whole number ≥ 0 (``true`` is not one, though Python's bool is an int)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A JSON whole number ≥ 0."""
+    return jsonio.is_whole(value) and value >= 0
 
 
 def _check_contiguous(path: Path, tensors: list[TensorInfo], data_start: int, size: int) -> None:

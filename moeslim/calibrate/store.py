@@ -75,11 +75,11 @@ def _read_meta(path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:
         raise _Corrupt(f"{path} holds statistics in an unknown format (not {STATS_FORMAT} version {STATS_VERSION})")
     model, layers = meta.get("model"), meta.get("layers_done")
-    if not isinstance(model, dict) or not _is_int(model.get("num_experts")) or model["num_experts"] < 2:
+    if not isinstance(model, dict) or not jsonio.is_whole(model.get("num_experts")) or model["num_experts"] < 2:
         raise _Corrupt(f"{path}: model.num_experts is missing or not a whole number ≥ 2")
     if not isinstance(model.get("fingerprint"), str):
         raise _Corrupt(f"{path}: model.fingerprint is missing or not a string")
-    if not isinstance(layers, list) or not all(_is_int(i) for i in layers) or len(set(layers)) != len(layers):
+    if not isinstance(layers, list) or not all(jsonio.is_whole(i) for i in layers) or len(set(layers)) != len(layers):
         raise _Corrupt(f"{path}: layers_done must list distinct layer numbers")
     for key in ("calibration", "settings"):
         if not isinstance(meta.get(key), dict):
@@ -123,10 +123,6 @@ def _array(arrays: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> n
     if arrays[key].shape != shape:
         raise _Corrupt(f"stats.safetensors: {key} has shape {list(arrays[key].shape)}, expected {list(shape)}")
     return arrays[key]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_stats_fit(meta: dict, ckpt: Checkpoint, layout: Layout, where: Path) -> None:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from moeslim.jsonio import is_number as measured
 from moeslim.plan import PLAN_NAME, Plan
 from moeslim.report import format_ranges, human_bytes
-from moeslim.validate.report import LABELS, NOT_MEASURED, measured
+from moeslim.validate.report import LABELS, NOT_MEASURED
 
 TAGS = ["moe", "pruned", "expert-pruning", "moeslim"]
 CARRIED_KEYS = ("license", "license_name", "license_link", "language")  # from the base card's metadata

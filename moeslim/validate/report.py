@@ -3,9 +3,7 @@ gate on its mean KL."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import TypeGuard
 
 from moeslim import jsonio
 
@@ -31,11 +29,6 @@ def write_report(report: dict, path: Path) -> Path:
     return target
 
 
-def measured(value: object) -> TypeGuard[float]:
-    """Whether ``value`` is a measured number: an int or a finite float (None and NaN are not)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def kl_gate(report: dict | None, max_kl: float | None) -> str | None:
     """Why ``--max-kl`` refuses the pruned model, or None when it passes (or no gate is set).
 
@@ -45,7 +38,7 @@ def kl_gate(report: dict | None, max_kl: float | None) -> str | None:
     if max_kl is None:
         return None
     kl = (report or {}).get("kl_mean")
-    if not measured(kl):
+    if not jsonio.is_number(kl):
         why = (report or {}).get("summary") or "validation did not run"
         return (
             f"--max-kl {max_kl:g} cannot be checked because no KL was measured ({why}); pass --calib with more or"
@@ -91,6 +84,6 @@ def _table(rows: list[tuple[str, str]], header: tuple[str, str] = ("metric", "va
 
 
 def _number(v: object) -> str:
-    if not measured(v):
+    if not jsonio.is_number(v):
         return NOT_MEASURED
     return str(v) if isinstance(v, int) else f"{v:.6g}"

@@ -13,6 +13,7 @@ from moeslim.families import text_config
 from moeslim.layout import Layout, resolve_layout
 from moeslim.plan import PLAN_NAME
 from moeslim.source import Checkpoint, open_checkpoint
+from moeslim.validate.report import kl_gate
 from moeslim.validate.structure import Structure, check_structure
 
 REPORT_FORMAT = "moeslim.validation/1"
@@ -159,6 +160,4 @@ def plan_calibration(folder: Path) -> dict:
 def kl_exceeds(report: dict, max_kl: float | None) -> bool:
     """Whether ``--max-kl`` refuses the pruned model: its mean KL is above ``max_kl``, or no KL was measured (a
     skipped numeric comparison, a NaN): a gate that measured nothing does not open. ``kl_gate`` says why."""
-    from moeslim.validate.report import kl_gate
-
     return kl_gate(report, max_kl) is not None
