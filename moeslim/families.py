@@ -7,8 +7,10 @@ appears only where the layout depends on config values (which layers are MoE, wh
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from moeslim.errors import UnsupportedModelError
 
@@ -61,12 +63,14 @@ class Family:
     experts: tuple[str, ...] = ("experts.",)  # per-expert: then "{j}."; fused: tensors with experts on dim 0
     fused: bool = False
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
-    moe_layers: Callable[[dict], list[int]] = _all_layers
+    moe_layers: Callable[[dict], list[int]] | None = _all_layers  # None: the layers that hold a router
     groups: Callable[[dict], int] = _no_groups  # number of routing groups (1: no group-limited routing)
     min_per_group: int = 1  # experts a group must keep for the router's group score to be defined
     shared: tuple[str, ...] = ()  # shared experts: never pruned, reported by inspect
     mtp_key: str | None = None  # config key counting MTP / next-n layers after the trunk
     scoring: str = "softmax"  # how router logits become probabilities: "softmax" or "sigmoid"
+    dims: tuple[tuple[str, int], ...] = ()  # router / stacked tensors whose experts are not on dim 0
+    layers_list: str | None = None  # a per-layer config list counting the layers, where num_hidden_layers is absent
 
     @property
     def router_weight(self) -> str:
@@ -110,7 +114,42 @@ FAMILIES: dict[str, Family] = {
     )
 }  # fmt: skip
 
-_BY_MODEL_TYPE = {model_type: f for f in FAMILIES.values() for model_type in f.model_types}
+_DERIVED = Path(__file__).with_name("engine") / "families.json"
+
+
+def _group_rule(key: str | None) -> Callable[[dict], int]:
+    if key is None:
+        return _no_groups
+    return lambda cfg: int(cfg.get(key) or 1)
+
+
+def _derived() -> tuple[dict[str, Family], dict[str, str]]:
+    """Families derived from transformers' model definitions (engine/derive.py), and the refused ones with why.
+
+    The hand-written entries above win for the model types they name: they carry what derivation cannot see
+    (MTP layers, group rules, sigmoid routing of llama4, which layers the config makes MoE)."""
+    table = json.loads(_DERIVED.read_text(encoding="utf-8"))["families"]
+    hand = {t for f in FAMILIES.values() for t in f.model_types}
+    derived, refused = {}, {}
+    for name, r in table.items():
+        if name in hand:
+            continue
+        if "refused" in r:
+            refused[name] = r["refused"]
+            continue
+        groups = r.get("groups_key")
+        derived[name] = Family(
+            name, tuple(t for t in r["model_types"] if t not in hand), r["block"], tuple(r["router"]),
+            tuple(r["count_keys"]), experts=tuple(r["experts"]), fused=r["fused"], top_k_keys=tuple(r["top_k_keys"]),
+            moe_layers=None, groups=_group_rule(groups), min_per_group=2 if groups and r["scoring"] == "sigmoid" else 1,
+            shared=tuple(r["shared"]), mtp_key=r.get("mtp_key"), scoring=r["scoring"],
+            dims=tuple(sorted(r.get("dims", {}).items())), layers_list=r.get("layers_list"),
+        )  # fmt: skip
+    return derived, refused
+
+
+DERIVED, REFUSED = _derived()
+_BY_MODEL_TYPE = {model_type: f for f in (*FAMILIES.values(), *DERIVED.values()) for model_type in f.model_types}
 
 
 def supported_model_types() -> list[str]:
@@ -128,6 +167,8 @@ def text_config(config: dict) -> dict:
 def family_of(config: dict) -> Family:
     """The family of a raw ``config.json`` dict, looking through multimodal wrappers."""
     model_type = text_config(config).get("model_type")
+    if model_type in REFUSED:
+        raise UnsupportedModelError(f"model family {model_type!r} cannot be pruned: {REFUSED[model_type]}")
     if model_type not in _BY_MODEL_TYPE:
         raise UnsupportedModelError(
             f"unsupported model family {model_type!r} (model_type in config.json);"

@@ -69,7 +69,10 @@ def resolve_source(src: str, revision: str | None, preflight: Callable[[dict], N
             raise missing_folder(src)
         if revision is not None:
             raise UsageError(f"--revision selects a Hub revision, but {src} is a local folder; drop --revision")
-        return Path(src).expanduser()
+        root = Path(src).expanduser()
+        if (root / "config.json").is_file():  # refusals from the config come before any weight is read
+            preflight(read_json(root / "config.json", what="model config"))
+        return root
     with hub_errors(src, revision):
         root = _download(src, revision, SMALL_FILES)
     if not (root / "config.json").is_file():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from moeslim.errors import CheckpointError
@@ -30,6 +31,11 @@ class MoeLayer:
     fused: tuple[str, ...]
     per_expert: tuple[tuple[str, ...], ...]
     mtp: bool
+    dims: tuple[tuple[str, int], ...] = ()  # router / fused tensors whose experts are on a dim other than 0
+
+    def dim_of(self, name: str) -> int:
+        """The dim of ``name`` (a router or fused tensor) that indexes experts."""
+        return dict(self.dims).get(name, 0)
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,11 @@ def routing_of(config: dict) -> Routing:
             f" {num_experts}, the config is corrupt"
         )
     n_group, topk_group = _groups(family, cfg, num_experts)
-    num_hidden_layers = _config_int(cfg, ("num_hidden_layers",), "layer count")
+    listed = cfg.get(family.layers_list) if family.layers_list and "num_hidden_layers" not in cfg else None
+    if isinstance(listed, list):
+        num_hidden_layers = len(listed)
+    else:
+        num_hidden_layers = _config_int(cfg, ("num_hidden_layers",), "layer count")
     if num_hidden_layers < 1:
         raise CheckpointError(f"config.json says num_hidden_layers={num_hidden_layers}; the config is corrupt")
     return Routing(family, num_experts, top_k, n_group, topk_group, num_hidden_layers)
@@ -104,9 +114,10 @@ def resolve_layout(ckpt: Checkpoint) -> Layout:
     """Find the MoE layers of ``ckpt`` and check tensor names and shapes against its config."""
     routing = routing_of(ckpt.config)
     family, n_layers = routing.family, routing.num_hidden_layers
-    blocks = _moe_blocks(ckpt, family)
+    blocks = _moe_blocks(ckpt, family, n_layers)
     _check_layer_count(ckpt, n_layers)
-    _check_layers_against_config(family, text_config(ckpt.config), blocks, n_layers)
+    cfg = {**text_config(ckpt.config), "num_hidden_layers": n_layers}
+    _check_layers_against_config(family, cfg, blocks, n_layers, ckpt.tensors)
     layers = tuple(
         _moe_layer(ckpt, family, index, block, routing.num_experts, mtp=index >= n_layers)
         for index, block in sorted(blocks.items())
@@ -126,15 +137,18 @@ def _config_int(cfg: dict, keys: tuple[str, ...], what: str) -> int:
     raise CheckpointError(f"config.json has no {what} (looked for {', '.join(keys)}); the config is incomplete")
 
 
-def _moe_blocks(ckpt: Checkpoint, family: Family) -> dict[int, str]:
-    """Layer index → MoE block key prefix, found from where the router weights are."""
+def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, str]:
+    """Layer index → MoE block key prefix, found from where the router weights are. Layers under an ``mtp.``
+    prefix (Qwen3-Next releases: ``mtp.layers.0.…``) are MTP layers, numbered after the trunk."""
     pattern = re.compile(rf"^(.*?)layers\.(\d+)\.{re.escape(family.block)}\.{re.escape(family.router_weight)}$")
     found: dict[int, str] = {}
     prefixes = set()
     for name in ckpt.tensors:
         if m := pattern.match(name):
-            prefixes.add(m.group(1))
-            found[int(m.group(2))] = f"{m.group(1)}layers.{m.group(2)}.{family.block}."
+            mtp = m.group(1).endswith("mtp.")
+            if not mtp:
+                prefixes.add(m.group(1))
+            found[int(m.group(2)) + (n_layers if mtp else 0)] = f"{m.group(1)}layers.{m.group(2)}.{family.block}."
     if not found:
         raise CheckpointError(
             f"no MoE router tensors found (expected names like model.layers.N.{family.block}."
@@ -159,9 +173,20 @@ def _check_layer_count(ckpt: Checkpoint, n_layers: int) -> None:
         )
 
 
-def _check_layers_against_config(family: Family, cfg: dict, blocks: dict[int, str], n_layers: int) -> None:
+def _check_layers_against_config(
+    family: Family, cfg: dict, blocks: dict[int, str], n_layers: int, names: Iterable[str]
+) -> None:
     expected, mtp_expected = _layer_settings(family, cfg)
     trunk = {i for i in blocks if i < n_layers}
+    if expected is None:  # derived families: the MoE layers are those with a router, and experts need one
+        expected = trunk
+        experts = "|".join(re.escape(e) for e in family.experts)
+        pattern = re.compile(rf"(?:^|\.)layers\.(\d+)\.{re.escape(family.block)}\.(?:{experts})")
+        if orphan := sorted({int(m.group(1)) for n in names if (m := pattern.search(n))} - set(blocks)):
+            raise CheckpointError(
+                f"layer {orphan[0]}: holds expert tensors but no router ({family.block}.{family.router_weight});"
+                " the checkpoint is incomplete, re-download it"
+            )
     if missing := sorted(expected - trunk):
         raise CheckpointError(
             f"layer {missing[0]}: config says it is an MoE layer but its router tensor is missing;"
@@ -172,15 +197,16 @@ def _check_layers_against_config(family: Family, cfg: dict, blocks: dict[int, st
     mtp = sorted(i for i in blocks if i >= n_layers)
     if mtp and mtp != list(range(n_layers, n_layers + len(mtp))):
         raise CheckpointError(f"MoE layers {mtp} beyond num_hidden_layers={n_layers} are not consecutive MTP layers")
-    if len(mtp) > mtp_expected:
+    if len(mtp) > mtp_expected and (family.mtp_key is not None or family.moe_layers is not None):
         raise CheckpointError(
             f"layer {mtp[0]} lies beyond num_hidden_layers={n_layers} but the config declares"
             f" {mtp_expected} MTP layers; the config does not match the tensors"
         )
 
 
-def _layer_settings(family: Family, cfg: dict) -> tuple[set[int], int]:
-    """Which trunk layers the config makes MoE, and how many MTP layers it declares."""
+def _layer_settings(family: Family, cfg: dict) -> tuple[set[int] | None, int]:
+    """Which trunk layers the config makes MoE (None: the family leaves it to the tensors), and how many MTP
+    layers it declares."""
     mtp = cfg.get(family.mtp_key) if family.mtp_key else None
     if mtp is not None and not (is_whole(mtp) and mtp >= 0):
         raise CheckpointError(f"config.json {family.mtp_key} is {mtp!r}, not a count; fix or re-download the config")
@@ -190,6 +216,8 @@ def _layer_settings(family: Family, cfg: dict) -> tuple[set[int], int]:
             f"config.json first_k_dense_replace is {first!r}, not a layer count within num_hidden_layers;"
             " fix or re-download the config"
         )
+    if family.moe_layers is None:
+        return None, mtp or 0
     try:
         expected = set(family.moe_layers(cfg))
     except (TypeError, ValueError, KeyError, OverflowError) as e:
@@ -214,14 +242,16 @@ def _moe_layer(ckpt: Checkpoint, family: Family, index: int, block: str, num_exp
             fused.append(name)
         elif not family.fused and (found := _expert_part(rel, family.experts)):
             per_expert[found[0]][found[1]] = name
+    rel_dims = dict(family.dims)
+    dims = tuple((n, rel_dims[n[len(block) :]]) for n in router + fused if n[len(block) :] in rel_dims)
     for name in router + fused:
-        _check_rows(ckpt, name, num_experts, index)
+        _check_rows(ckpt, name, num_experts, index, dict(dims).get(name, 0))
     if family.fused and not fused:
         raise CheckpointError(
             f"layer {index}: no expert tensors under {block}{family.experts[0]}; checkpoint incomplete"
         )
     experts = () if family.fused else _check_per_expert(per_expert, num_experts, index, block)
-    return MoeLayer(index, block, tuple(router), tuple(fused), experts, mtp)
+    return MoeLayer(index, block, tuple(router), tuple(fused), experts, mtp, dims)
 
 
 def _matches(rel: str, names: tuple[str, ...]) -> bool:
@@ -236,9 +266,9 @@ def _expert_part(rel: str, prefixes: tuple[str, ...]) -> tuple[int, str] | None:
     return None
 
 
-def _check_rows(ckpt: Checkpoint, name: str, num_experts: int, index: int) -> None:
+def _check_rows(ckpt: Checkpoint, name: str, num_experts: int, index: int, dim: int = 0) -> None:
     shape = ckpt.tensors[name].shape
-    if not shape or shape[0] != num_experts:
+    if len(shape) <= dim or shape[dim] != num_experts:
         raise CheckpointError(
             f"layer {index}: {name} has shape {list(shape)}, but config says {num_experts} experts;"
             " the tensors do not match the config"

@@ -6,6 +6,7 @@ from collections import Counter
 
 from moeslim.families import text_config
 from moeslim.layout import Layout, MoeLayer
+from moeslim.quant import quantization_config
 from moeslim.source import Checkpoint
 from moeslim.surgery.mapping import plan_outputs
 
@@ -57,12 +58,13 @@ def _routed_bytes(ckpt: Checkpoint, layer: MoeLayer) -> int:
 def _shared(ckpt: Checkpoint, layout: Layout) -> int:
     """Shared-expert modules found in the first MoE layer (0 when the family has none)."""
     layer = layout.layers[0]
-    return sum(any(n.startswith(layer.block + s) for n in ckpt.tensors) for s in layout.family.shared)
+    shared = [s for s in layout.family.shared if not s.endswith("_gate.")]  # a shared expert's gate is no expert
+    return sum(any(n.startswith(layer.block + s) for n in ckpt.tensors) for s in shared)
 
 
 def _quantisation(ckpt: Checkpoint) -> list[str]:
     found = {kind for marker, kind in QUANT_SIBLINGS.items() for n in ckpt.tensors if marker in n.rsplit(".", 1)[-1]}
-    method = text_config(ckpt.config).get("quantization_config") or ckpt.config.get("quantization_config") or {}
+    method = quantization_config(ckpt.config)
     if method.get("quant_method"):
         found.add(str(method["quant_method"]))
     return sorted(found)

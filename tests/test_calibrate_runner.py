@@ -17,8 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeslim.calibrate.collect import HALVES, Statistics, calibrate_layers
-from moeslim.calibrate.runner import Activations, LayerRunner, decoder_of
-from moeslim.calibrate.stats import FIELDS, LayerStats, collect, moe_block
+from moeslim.calibrate.runner import Activations, LayerRunner
+from moeslim.calibrate.stats import FIELDS, LayerStats, collect
+from moeslim.engine.modules import moe_parts
 from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
 
@@ -36,9 +37,9 @@ def _reference(src: Path, layout, batches: list[list[int]]) -> dict[int, LayerSt
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     stats = {layer.index: LayerStats(layout.num_experts) for layer in layout.layers if not layer.mtp}
     with contextlib.ExitStack() as stack, torch.no_grad():
+        parts = moe_parts(model, layout)
         for index, s in stats.items():
-            block = moe_block(decoder_of(model).layers[index])
-            stack.enter_context(collect(block, s, layout.family.scoring))
+            stack.enter_context(collect(parts[index], s, layout.family.scoring))
         for rows in batches:
             model(input_ids=TOKENS[rows])
     return stats

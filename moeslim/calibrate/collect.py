@@ -20,7 +20,8 @@ from moeslim.calibrate.reconstruction import ReconstructionSampler
 if TYPE_CHECKING:
     from moeslim.calibrate.resume import Boundary
     from moeslim.calibrate.runner import Activations, LayerRunner
-from moeslim.calibrate.stats import HALVES, LayerStats, Statistics, collect, moe_block, router_module
+from moeslim.calibrate.stats import HALVES, LayerStats, Statistics, collect
+from moeslim.engine.modules import MoeParts, takes_routing
 
 Chooser = Callable[[int, Statistics], tuple[int, ...]]  # (layer index, statistics so far) → kept experts
 OnLayer = Callable[[int, Statistics, "Activations"], None]  # (layer index, statistics, hidden states after it)
@@ -53,7 +54,7 @@ def calibrate_layers(
     layers = runner.layers(first, pending[-1] + 1)
     bar = tqdm(layers, desc="calibrating", total=pending[-1] + 1, initial=first, unit="layer", disable=None)
     for index, layer in bar:
-        block = moe_block(layer) if index in moe else None
+        block = runner.parts.get(index) if index in moe else None
         new = index in pending
         if block is None or not new and progressive is None:
             runner.forward(index, layer, store)
@@ -61,7 +62,7 @@ def calibrate_layers(
         if new:
             _calibrate_layer(runner, index, layer, block, store, stats, reconstruction_tokens, progressive is None)
         if progressive is not None:
-            with mask_router(block, router_module(block), progressive(index, stats)):
+            with mask_router(block.block, block.router, progressive(index, stats), list(block.biases)):
                 runner.forward(index, layer, store)
         if new:
             on_layer(index, stats, store)
@@ -87,14 +88,19 @@ def _first(
 
 
 def _calibrate_layer(
-    runner: LayerRunner, index: int, layer: torch.nn.Module, block: torch.nn.Module, store: Activations,
+    runner: LayerRunner, index: int, layer: torch.nn.Module, block: MoeParts, store: Activations,
     stats: Statistics, reconstruction_tokens: int, update: bool,
 ) -> None:  # fmt: skip
     """One pass over all batches with statistics hooks; ``update`` also moves the hidden states on."""
     n = len(store)
     halves = {HALVES[0]: range(0, (n + 1) // 2), HALVES[1]: range((n + 1) // 2, n)}
     parts = {h: LayerStats(stats.num_experts) for h in HALVES}
-    sampler = ReconstructionSampler(block, reconstruction_tokens) if reconstruction_tokens else None
+    # reconstruction needs the experts module to take the router's choice (Llama-4's routes every token densely)
+    sampler = (
+        ReconstructionSampler(block, reconstruction_tokens)
+        if reconstruction_tokens and takes_routing(block.experts)
+        else None
+    )
     with sampler.capture() if sampler else contextlib.nullcontext():
         for half, batches in halves.items():
             with collect(block, parts[half], runner.layout.family.scoring):

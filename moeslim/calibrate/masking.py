@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moeslim.layout import Layout
+
 
 def routers_of(model: torch.nn.Module) -> dict[int, tuple[torch.nn.Module, torch.nn.Module]]:
     """Decoder layer index → (MoE block module, its router module), found by transformers' class names."""
@@ -42,12 +44,33 @@ def drop_experts(model: torch.nn.Module, kept: dict[int, tuple[int, ...]]) -> It
 
 
 @contextlib.contextmanager
-def mask_router(block: torch.nn.Module, router: torch.nn.Module, kept: tuple[int, ...]) -> Iterator[None]:
-    """Within the context, ``router`` (of MoE ``block``) routes only to the ``kept`` experts."""
+def drop_experts_of(model: torch.nn.Module, layout: Layout, kept: dict[int, tuple[int, ...]]) -> Iterator[None]:
+    """Within the context, every MoE layer of ``model`` routes only to ``kept[layer]``; routers and selection
+    biases are found from the checkpoint's own tensor names (``layout``), mapped forward by transformers."""
+    from moeslim.engine.modules import router_modules
+
+    with contextlib.ExitStack() as stack:
+        for index, (block, router, biases) in router_modules(model, layout).items():
+            stack.enter_context(mask_router(block, router, kept[index], biases))
+        yield
+
+
+@contextlib.contextmanager
+def mask_router(
+    block: torch.nn.Module,
+    router: torch.nn.Module,
+    kept: tuple[int, ...],
+    biases: list[torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """Within the context, ``router`` (of MoE ``block``) routes only to the ``kept`` experts; ``biases`` are
+    the selection biases to mask too (by default ``e_score_correction_bias`` of the block or router)."""
     weight: torch.Tensor = router.weight  # type: ignore[assignment]
     mask = torch.full((weight.shape[0],), float("-inf"), device=weight.device)  # (experts,)
     mask[list(kept)] = 0.0
-    biases = [b for h in (block, router) if isinstance(b := getattr(h, "e_score_correction_bias", None), torch.Tensor)]
+    if biases is None:
+        biases = [
+            b for h in (block, router) if isinstance(b := getattr(h, "e_score_correction_bias", None), torch.Tensor)
+        ]
     saved = [b.detach().clone() for b in biases]
     with torch.no_grad():
         for bias in biases:

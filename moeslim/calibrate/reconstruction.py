@@ -15,16 +15,16 @@ import numpy as np
 import torch
 
 from moeslim.calibrate.masking import mask_router
-from moeslim.calibrate.stats import experts_module, router_module
+from moeslim.engine.modules import MoeParts
 from moeslim.layout import Routing
 
 
 class ReconstructionSampler:
     """Keeps up to ``max_tokens`` of an MoE block's input and scores experts by greedy reconstruction."""
 
-    def __init__(self, block: torch.nn.Module, max_tokens: int) -> None:
-        self.block, self.max_tokens = block, max_tokens
-        self.router, self.experts = router_module(block), experts_module(block)
+    def __init__(self, parts: MoeParts, max_tokens: int) -> None:
+        self.block, self.max_tokens = parts.block, max_tokens
+        self.router, self.experts, self.biases = parts.router, parts.experts, list(parts.biases)
         self._inputs: list[torch.Tensor] = []
         self._router_args: tuple = ()
 
@@ -69,7 +69,7 @@ class ReconstructionSampler:
 
     def _output(self, x: torch.Tensor, outputs: torch.Tensor, kept: tuple[int, ...]) -> torch.Tensor:
         """Routed MoE output ``(tokens, hidden)`` when only ``kept`` experts can be chosen."""
-        with mask_router(self.block, self.router, kept):
+        with mask_router(self.block, self.router, kept, self.biases):
             _, weight, index = self.router(x, *self._router_args)  # (tokens, k) each
         rows = torch.arange(x.shape[0], device=x.device)
         return sum(weight[:, p, None].float() * outputs[index[:, p], rows] for p in range(index.shape[1]))

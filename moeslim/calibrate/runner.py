@@ -34,6 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from moeslim.calibrate.finite import check_finite
 from moeslim.calibrate.fuse import Fusion, fill, fused_shape, plan_fusions
+from moeslim.engine.modules import moe_parts
 from moeslim.errors import CheckpointError, DeviceError
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
@@ -107,6 +108,7 @@ class LayerRunner:
         self.prefix = layout.layers[0].block.split("layers.")[0]  # on-disk decoder prefix, e.g. "model."
         self._kwargs: dict[int, list[dict[str, Any]]] = {}
         self._moe = {layer.index: layer for layer in layout.layers}
+        self.parts = moe_parts(self.model, layout)  # MoE modules, found from the checkpoint's tensor names
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeslim-prefetch")
 
     @property
@@ -123,7 +125,7 @@ class LayerRunner:
         store = Activations(max_bytes)
         for ids in tokens.split(batch_size):
             with torch.no_grad():
-                store.append(cast(torch.nn.Module, self.decoder.embed_tokens)(ids.to(self.device)))
+                store.append(cast(torch.nn.Module, self.model.get_input_embeddings())(ids.to(self.device)))
         return store
 
     def capture(self, tokens: torch.Tensor, batch_size: int) -> None:
@@ -335,18 +337,29 @@ def _release_memory() -> None:
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack: the module holding ``embed_tokens`` and the ``layers`` list."""
+    """The decoder stack: the module holding the ``layers`` list and the input embedding (``embed_tokens``,
+    ``embeddings``: whatever the model's ``get_input_embeddings`` returns)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
     for module in model.modules():
-        if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and hasattr(module, "embed_tokens"):
+        if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and any(
+            child is embedding for child in module.children()
+        ):
             return module
     raise CheckpointError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
 def meta_model(root: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
     """The model of the checkpoint in ``root``, built from its config on the meta device (no memory), in eval mode."""
+    from moeslim.engine.build import model_class
+
     config = _config(root, trust_remote_code)
+    cls = model_class(config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        if cls is AutoModelForCausalLM:
+            model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = cls._from_config(config, dtype=dtype)
     return model.eval()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -18,8 +17,8 @@ from moeslim.calibrate.resume import Boundary, drop_boundary, load_boundary, not
 from moeslim.calibrate.stats import Statistics
 from moeslim.calibrate.store import check_stats_fit, fingerprint, load_stats, save_stats
 from moeslim.errors import DeviceError, MissingFileError, OutputError, PlanError
-from moeslim.families import text_config
 from moeslim.layout import Layout
+from moeslim.quant import quantization_config
 from moeslim.source import Checkpoint
 from moeslim.units import parse_size
 
@@ -37,9 +36,7 @@ def run_calibration(
     """Calibrate ``ckpt``. With ``out``, the statistics and the hidden states reached are saved after every
     calibrated layer, and a partial run resumes after its last calibrated layer (``resume.py``). ``on_layer(index)``
     follows each calibrated layer, once saved; an exception it raises stops the run there."""
-    if layout.family.name == "llama4" and opts.reconstruction_tokens:
-        opts = dataclasses.replace(opts, reconstruction_tokens=0)  # its router returns no top-k weights
-    quant = text_config(ckpt.config).get("quantization_config") or ckpt.config.get("quantization_config") or {}
+    quant = quantization_config(ckpt.config)
     if quant:
         raise PlanError(
             f"calibration does not run quantised checkpoints yet ({quant.get('quant_method', 'quantised')});"

@@ -9,7 +9,6 @@ included. Expert outputs are computed for routed tokens only, through the expert
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator
 from typing import cast
 
@@ -19,39 +18,13 @@ import torch.nn.functional as F
 
 # The numpy data they fill live in statistics.py (no torch); importable from here too, their first home.
 from moeslim.calibrate.statistics import FIELDS, HALVES, LayerStats, Statistics  # noqa: F401
-
-
-def moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
-    """The MoE block of a decoder layer in memory: the parent of its router (None for a dense layer).
-
-    Found by structure, not by name: in memory transformers may rename the on-disk block (Mixtral's
-    ``block_sparse_moe`` is ``mlp``).
-    """
-    for name, module in layer.named_modules():
-        if "Router" in type(module).__name__:
-            return layer.get_submodule(name.rpartition(".")[0])
-    return None
-
-
-def experts_module(block: torch.nn.Module) -> torch.nn.Module:
-    """The routed-experts submodule of an MoE block (transformers names it ``*Experts``)."""
-    found = [m for m in block.modules() if type(m).__name__.endswith("Experts")]
-    if len(found) != 1:
-        raise RuntimeError(f"expected one experts module in {type(block).__name__}, found {len(found)}")
-    return found[0]
-
-
-def router_module(block: torch.nn.Module) -> torch.nn.Module:
-    found = [m for m in block.modules() if "Router" in type(m).__name__]
-    if len(found) != 1:
-        raise RuntimeError(f"expected one router module in {type(block).__name__}, found {len(found)}")
-    return found[0]
+from moeslim.engine.modules import MoeParts, takes_routing
 
 
 @contextlib.contextmanager
-def collect(block: torch.nn.Module, stats: LayerStats, scoring: str) -> Iterator[None]:
-    """While active, every forward of the MoE ``block`` adds its routing statistics to ``stats``."""
-    experts, router = experts_module(block), router_module(block)
+def collect(parts: MoeParts, stats: LayerStats, scoring: str) -> Iterator[None]:
+    """While active, every forward of the MoE block of ``parts`` adds its routing statistics to ``stats``."""
+    experts, router = parts.experts, parts.router
 
     def on_experts(module: torch.nn.Module, args: tuple) -> None:
         hidden, index, weight = args[:3]
@@ -75,11 +48,10 @@ def collect(block: torch.nn.Module, stats: LayerStats, scoring: str) -> Iterator
         rows = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(index.shape[1])
         _add_routed(stats, index, scores.gather(1, index), lambda: _dense_expert(experts, hidden[rows], pairs))
 
-    takes_routing = len(inspect.signature(experts.forward).parameters) >= 3
     handles = [
         router.register_forward_pre_hook(on_router),
         experts.register_forward_pre_hook(on_experts)
-        if takes_routing
+        if takes_routing(experts)
         else router.register_forward_hook(on_dense_router),
     ]
     try:

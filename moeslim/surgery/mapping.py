@@ -50,7 +50,7 @@ def _layer_actions(
 ) -> dict[str, OutputTensor | None]:
     actions: dict[str, OutputTensor | None] = {}
     for name in layer.router + layer.fused:
-        actions[name] = slice_rows(tensors[name], kept)
+        actions[name] = slice_rows(tensors[name], kept, layer.dim_of(name))
     new_id = {old: new for new, old in enumerate(kept)}
     for old, names in enumerate(layer.per_expert):
         for name in names:
@@ -74,16 +74,21 @@ def rename_expert(name: str, block: str, old: int, new: int) -> str:
     return f"{block}{head}.{new}.{tail}"
 
 
-def slice_rows(info: TensorInfo, rows: tuple[int, ...]) -> OutputTensor:
-    """Keep ``rows`` (ascending) of dim 0, as byte ranges; runs of consecutive rows become one range."""
-    row_bits = DTYPE_BITS[info.dtype] * math.prod(info.shape[1:])
+def slice_rows(info: TensorInfo, rows: tuple[int, ...], dim: int = 0) -> OutputTensor:
+    """Keep ``rows`` (ascending) of ``dim``, as byte ranges; runs of consecutive rows become one range.
+
+    On a dim other than 0 the tensor is read as ``[outer, experts, inner]`` and each outer slice contributes
+    its kept rows in turn (``[1, E]`` selection biases, experts stacked inside a wider tensor)."""
+    row_bits = DTYPE_BITS[info.dtype] * math.prod(info.shape[dim + 1 :])
     assert row_bits % 8 == 0, f"{info.name}: a row of {info.dtype} {list(info.shape)} is not whole bytes"
-    row = row_bits // 8
+    row, count = row_bits // 8, info.shape[dim]
     pieces: list[Piece] = []
-    for r in rows:
-        start = info.start + r * row
-        if pieces and pieces[-1][2] == start:
-            pieces[-1] = (info.file, pieces[-1][1], start + row)
-        else:
-            pieces.append((info.file, start, start + row))
-    return OutputTensor(info.name, info.dtype, (len(rows), *info.shape[1:]), tuple(pieces))
+    for outer in range(math.prod(info.shape[:dim])):
+        for r in rows:
+            start = info.start + (outer * count + r) * row
+            if pieces and pieces[-1][2] == start:
+                pieces[-1] = (info.file, pieces[-1][1], start + row)
+            else:
+                pieces.append((info.file, start, start + row))
+    shape = (*info.shape[:dim], len(rows), *info.shape[dim + 1 :])
+    return OutputTensor(info.name, info.dtype, shape, tuple(pieces))

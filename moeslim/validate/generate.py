@@ -59,12 +59,13 @@ def prompt_ids(tokenizer: Any, prompt: str) -> torch.Tensor:
 @torch.no_grad()
 def greedy(folder: Path, tokenizer: Any, prompts: list[str], dtype: torch.dtype, device: str) -> list[str]:
     """``NEW_TOKENS`` greedy tokens after each prompt, decoded; the model is freed before returning."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from moeslim.calibrate.runner import no_progress_bars
+    from moeslim.engine.build import model_class
 
     with no_progress_bars():
-        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model: Any = model_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype)
     model = model.to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts = []

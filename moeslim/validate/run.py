@@ -12,6 +12,7 @@ from moeslim.errors import CalibrationDataError, UsageError
 from moeslim.families import text_config
 from moeslim.layout import Layout, resolve_layout
 from moeslim.plan import PLAN_NAME
+from moeslim.quant import quantization_config
 from moeslim.source import Checkpoint, open_checkpoint
 from moeslim.validate.report import kl_gate
 from moeslim.validate.structure import Structure, check_structure
@@ -85,7 +86,7 @@ def numeric_skip_reason(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> str | None:
     """Why the numeric comparison cannot run (no tokenizer, quantised weights), or None."""
     from moeslim.calibrate.session import TOKENIZER_FILES
 
-    quant = text_config(ckpt_o.config).get("quantization_config") or ckpt_o.config.get("quantization_config")
+    quant = quantization_config(ckpt_o.config)
     if quant:
         return f"skipped: quantised checkpoints ({quant.get('quant_method', 'quantised')}) are not run yet"
     if not any((c.root / n).is_file() for c in (ckpt_p, ckpt_o) for n in TOKENIZER_FILES):

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from moeslim.errors import CheckpointError, StructureError
 from moeslim.families import Family, text_config
 from moeslim.layout import Layout, Routing, resolve_layout, routing_of
+from moeslim.quant import QUANT_SUFFIXES, quantization_config
 from moeslim.source import Checkpoint
 
-QUANT_SUFFIXES = ("_scale_inv", "_blocks", "_scales", ".qweight", ".qzeros", ".scales", ".g_idx", ".weight_scale")
 TORCH_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
@@ -126,9 +126,8 @@ def check_with_transformers(
     from moeslim.calibrate.runner import meta_model, no_progress_bars
 
     model = meta_model(ckpt.root, torch.float32, trust_remote_code)
-    mtp = tuple(layer.block[: layer.block.index(f"layers.{layer.index}.")] + f"layers.{layer.index}."
-                for layer in layout.layers if layer.mtp)  # fmt: skip
-    quantised = bool(text_config(ckpt.config).get("quantization_config") or ckpt.config.get("quantization_config"))
+    mtp = tuple(_mtp_prefix(layer.block, layout.family.block) for layer in layout.layers if layer.mtp)
+    quantised = bool(quantization_config(ckpt.config))
     state = {
         name: torch.empty(info.shape, dtype=getattr(torch, TORCH_DTYPES.get(info.dtype, "uint8")), device="meta")
         for name, info in ckpt.tensors.items()
@@ -141,7 +140,8 @@ def check_with_transformers(
     )
     with no_progress_bars():
         info = convert_and_load_state_dict_in_model(model, state, config)[0]
-    missing = set(info.missing_keys)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    missing = {m for m in info.missing_keys if not (m in tied and tied[m] not in info.missing_keys)}
     if quantised:  # e.g. gpt-oss MXFP4: the fused weight is stored as `<name>_blocks` + `<name>_scales`
         missing = {m for m in missing if not any(n.startswith(m + "_") for n in ckpt.tensors)}
     _raise_first(what, missing, set(info.unexpected_keys), list(info.mismatched_keys), info.conversion_errors)
@@ -150,6 +150,14 @@ def check_with_transformers(
     if quantised:
         notes.append("quantised tensors are loaded by a quantiser: checked by name and expert count only")
     return len(state), tuple(notes)
+
+
+def _mtp_prefix(block: str, module: str) -> str:
+    """What transformers does not model of an MTP layer: ``model.layers.61.`` or, under its own root, all of
+    ``mtp.`` (Qwen3-Next releases: ``mtp.layers.0.…``, ``mtp.fc.…``)."""
+    layer = block[: -len(module) - 1]
+    root = layer[: layer.rindex("layers.")]
+    return root if root.endswith("mtp.") else layer
 
 
 def _raise_first(what: str, missing: set, unexpected: set, mismatched: list, errors: dict) -> None:

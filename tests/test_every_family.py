@@ -1,0 +1,207 @@
+"""Every MoE family the installed transformers defines: pruned correctly, or refused in one line with why.
+
+The families are discovered, not listed (``moe_model_types``). For each, the committed layout record
+(``moeslim/engine/families.json``) must equal a fresh derivation from the model definition, so a new
+transformers release shows new or changed families here. A supported family gets a tiny random checkpoint
+written by ``save_pretrained``; moeslim prunes it with a random plan; the pruned checkpoint must load
+strictly in the family's own class, give the logits of the original whose routers cannot reach the dropped
+experts (float32, 1e-5), and keep every other tensor byte for byte. A refused family must be refused by the
+CLI in one line that carries the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from moeslim.calibrate.collect import calibrate_layers
+from moeslim.calibrate.masking import drop_experts_of
+from moeslim.calibrate.runner import LayerRunner
+from moeslim.calibrate.stats import FIELDS, LayerStats, Statistics, collect
+from moeslim.engine.derive import DERIVED_PATH, derive_all, moe_model_types
+from moeslim.engine.modules import moe_parts
+from moeslim.engine.tiny import tiny_model
+from moeslim.families import FAMILIES
+from moeslim.layout import _matches, resolve_layout
+from moeslim.pipeline import SlimOptions, slim
+from moeslim.plan import PLAN_NAME
+from moeslim.source import open_checkpoint
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+TABLE: dict[str, Any] = json.loads(DERIVED_PATH.read_text(encoding="utf-8"))["families"]
+TYPES = moe_model_types()
+COVERAGE: dict[str, tuple[str, str]] = {}  # model type → (result, layout or reason)
+HAND = {t: f for f in FAMILIES.values() for t in f.model_types}
+
+
+class CoverageTable:
+    """Printed in pytest's summary: every family, what moeslim does with it."""
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not COVERAGE:
+            return
+        pruned = sum(r == "pruned" for r, _ in COVERAGE.values())
+        terminalreporter.write_sep("-", f"MoE families of transformers {transformers.__version__}: {pruned} of"
+                                   f" {len(COVERAGE)} pruned and proven, the rest refused with a reason")  # fmt: skip
+        for model_type, (result, detail) in sorted(COVERAGE.items()):
+            terminalreporter.write_line(f"{model_type:<28}{result:<9}{detail}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def coverage_table(request: pytest.FixtureRequest) -> None:
+    if not request.config.pluginmanager.has_plugin("moeslim-coverage-table"):
+        request.config.pluginmanager.register(CoverageTable(), "moeslim-coverage-table")
+
+
+def test_the_committed_table_names_exactly_the_installed_families() -> None:
+    assert sorted(TABLE) == TYPES, "regenerate with: python -m moeslim.engine.derive"
+
+
+def _layout_text(record: dict[str, Any]) -> str:
+    experts = "stacked " + ", ".join(record["experts"]) if record["fused"] else f"per-expert {record['experts'][0]}N."
+    return f"{record['block']}: router {', '.join(record['router'])}; {experts}"
+
+
+def _distinct(model: Any) -> Any:
+    """Every matrix drawn afresh: families that initialise routers to zero would tie every expert, and a tie
+    is broken by position, which pruning changes."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and p.is_floating_point():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=_ids(), use_cache=False).logits
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_family_is_pruned_exactly_or_refused_with_its_reason(model_type: str, tmp_path: Path, capsys) -> None:
+    fresh = derive_all([model_type])["families"][model_type]
+    assert TABLE.get(model_type) == fresh, "regenerate with: python -m moeslim.engine.derive"
+    if "refused" in fresh:
+        _assert_refused(model_type, fresh["refused"], tmp_path, capsys)
+        return
+    if model_type in HAND:  # the hand-written record must agree with what transformers' definition says
+        hand = HAND[model_type]
+        assert (hand.block, hand.router_weight, hand.fused) == (fresh["block"], fresh["router"][0], fresh["fused"])
+        assert all(_matches(r, hand.router) for r in fresh["router"])
+        assert all(_matches(e, hand.experts) for e in fresh["experts"])
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    original = _distinct(tiny_model(model_type, 8))
+    original.save_pretrained(src)
+    slim(SlimOptions(src, keep=4, out=out, criterion="random", seed=7))
+    plan = json.loads((out / PLAN_NAME).read_text())
+    kept = {entry["layer"]: tuple(entry["kept"]) for entry in plan["layers"]}
+    assert kept and all(len(k) == 4 for k in kept.values())
+
+    cls = getattr(transformers, fresh["architecture"])
+    pruned, info = cls.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+    layout = resolve_layout(open_checkpoint(src))
+    with drop_experts_of(original, layout, kept):
+        expected = _logits(original)
+    actual = _logits(pruned.eval())
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_logits(original), actual, atol=1e-4)  # pruning did change the model
+    _assert_untouched_bytes_equal(src, out, layout)
+    _assert_streaming_statistics_equal_full_forward(original, src, layout)
+    COVERAGE[model_type] = ("pruned", _layout_text(fresh))
+
+
+def _assert_streaming_statistics_equal_full_forward(model: Any, src: Path, layout: Any) -> None:
+    """Calibration one layer at a time gives the statistics of the whole model's own forward."""
+    tokens = torch.randint(3, 200, (4, 10), generator=torch.Generator().manual_seed(2))
+    runner = LayerRunner(open_checkpoint(src), layout)
+    try:
+        stats = calibrate_layers(runner, tokens, 2, Statistics(layout.num_experts), reconstruction_tokens=0)
+    finally:
+        runner.close()
+    parts = moe_parts(model, layout)
+    expected = {i: LayerStats(layout.num_experts) for i in parts}
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for index, s in expected.items():
+            stack.enter_context(collect(parts[index], s, layout.family.scoring))
+        for rows in tokens.split(2):
+            model(input_ids=rows, use_cache=False)
+    assert sorted(stats.layers) == sorted(expected)
+    for index, ref in expected.items():
+        total = stats.total(index)
+        assert np.array_equal(total["count"], ref["count"]), index  # the same routing, exactly
+        assert total["count"].sum() == 4 * 10 * layout.top_k
+        for field in FIELDS:
+            np.testing.assert_allclose(total[field], ref[field], rtol=1e-5, atol=1e-9)
+
+
+def _assert_untouched_bytes_equal(src: Path, out: Path, layout: Any) -> None:
+    before, after = open_checkpoint(src), open_checkpoint(out)
+    routed = {n for layer in layout.layers for n in (*layer.router, *layer.fused)}
+    routed |= {n for layer in layout.layers for names in layer.per_expert for n in names}
+    untouched = [n for n in before.tensors if n not in routed]
+    assert untouched
+    for name in untouched:
+        a, b = before.tensors[name], after.tensors[name]
+        assert (a.dtype, a.shape) == (b.dtype, b.shape)
+        with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+            fa.seek(a.start)
+            fb.seek(b.start)
+            assert fa.read(a.nbytes) == fb.read(b.nbytes), name
+
+
+def _assert_refused(model_type: str, reason: str, tmp_path: Path, capsys) -> None:
+    """``slim`` refuses the family in one line carrying the reason, before reading any weight."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": ["X"]}))
+    (src / "model.safetensors").write_bytes(b"not read")  # a refusal must come before any weight is read
+    code, _, err = run_cli(["slim", str(src), "--keep", "2", "--out", str(tmp_path / "out")], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and reason in lines[0], err
+    assert not (tmp_path / "out").exists()
+    COVERAGE[model_type] = ("refused", reason)
+
+
+def test_release_naming_mtp_under_its_own_prefix_is_pruned_with_the_trunk(tmp_path: Path) -> None:
+    """Qwen3-Next releases keep their MTP layer as ``mtp.layers.0.…`` beside the trunk's ``model.layers.N.…``;
+    it is pruned with the trunk (index ``num_hidden_layers``), and the trunk still loads strictly."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = _distinct(tiny_model("qwen3_next", 8))
+    model.save_pretrained(src)
+    tensors = load_file(src / "model.safetensors")
+    mtp = {"mtp." + n.removeprefix("model."): t.clone() for n, t in tensors.items() if n.startswith("model.layers.0.")}
+    mtp["mtp.fc.weight"] = torch.randn(64, 128)
+    save_file({**tensors, **mtp}, src / "model.safetensors", metadata={"format": "pt"})
+
+    slim(SlimOptions(src, keep=4, out=out, criterion="router-norm"))
+    n = model.config.num_hidden_layers
+    kept = {e["layer"]: tuple(e["kept"]) for e in json.loads((out / PLAN_NAME).read_text())["layers"]}
+    assert sorted(kept) == [*range(n), n]
+    after = load_file(out / "model.safetensors")
+    assert torch.equal(after["mtp.layers.0.mlp.gate.weight"], mtp["mtp.layers.0.mlp.gate.weight"][list(kept[n])])
+    for new, old in enumerate(kept[n]):
+        name = "mtp.layers.0.mlp.experts.{}.down_proj.weight"
+        assert torch.equal(after[name.format(new)], mtp[name.format(old)])
+    assert not any(k.startswith("mtp.layers.0.mlp.experts.4.") for k in after)
+    assert torch.equal(after["mtp.fc.weight"], mtp["mtp.fc.weight"])
+    pruned, info = transformers.Qwen3NextForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["mismatched_keys"] == set()
+    assert all(k.startswith("mtp.") for k in info["unexpected_keys"])
