@@ -70,7 +70,20 @@ class Family:
     mtp_key: str | None = None  # config key counting MTP / next-n layers after the trunk
     scoring: str = "softmax"  # how router logits become probabilities: "softmax" or "sigmoid"
     dims: tuple[tuple[str, int], ...] = ()  # router / stacked tensors whose experts are not on dim 0
-    layers_list: str | None = None  # a per-layer config list counting the layers, where num_hidden_layers is absent
+    layers_list: str | None = None  # where num_hidden_layers is absent: a per-layer list, or the count's own key
+    flattened: tuple[str, ...] = ()  # stacked tensors holding a block of rows per expert (DBRX: experts × ffn)
+    extra_rows: tuple[tuple[str, int], ...] = ()  # router / stacked tensors with rows after the experts' (zero
+    # -computation experts: LongCat-Flash), kept as they are
+    extra_experts: bool = False  # per-expert tensors past the routed experts (LongCat-Flash's zero experts'): kept
+    layers_name: str = "layers"  # the decoder's list of layers, as tensor names spell it (DBRX: "blocks")
+    group_keys: tuple[str, str] = ("n_group", "topk_group")  # config keys of the group count and groups chosen
+    calibration: str | None = None  # why its decoder cannot run one layer at a time (calibration, validation)
+
+    @property
+    def block_path(self) -> str:
+        """The MoE block's key prefix within a decoder layer: ``"mlp."``; ``""`` where router and experts sit in
+        the decoder layer itself (Gemma 4)."""
+        return f"{self.block}." if self.block else ""
 
     @property
     def router_weight(self) -> str:
@@ -117,6 +130,11 @@ FAMILIES: dict[str, Family] = {
 _DERIVED = Path(__file__).with_name("engine") / "families.json"
 
 
+def _group_keys(key: str | None) -> tuple[str, str]:
+    """The config keys of the group count and of the groups chosen (``num_expert_group`` / ``topk_group``)."""
+    return (key or "n_group", "topk_group")
+
+
 def _group_rule(key: str | None) -> Callable[[dict], int]:
     if key is None:
         return _no_groups
@@ -144,6 +162,9 @@ def _derived() -> tuple[dict[str, Family], dict[str, str]]:
             moe_layers=None, groups=_group_rule(groups), min_per_group=2 if groups and r["scoring"] == "sigmoid" else 1,
             shared=tuple(r["shared"]), mtp_key=r.get("mtp_key"), scoring=r["scoring"],
             dims=tuple(sorted(r.get("dims", {}).items())), layers_list=r.get("layers_list"),
+            group_keys=_group_keys(groups), calibration=r.get("calibration"), flattened=tuple(r.get("flattened", ())),
+            extra_rows=tuple(sorted(r.get("extra_rows", {}).items())), layers_name=r.get("layers_name", "layers"),
+            extra_experts=r.get("extra_experts", False),
         )  # fmt: skip
     return derived, refused
 
@@ -156,6 +177,29 @@ def supported_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
 
 
+def config_value(cfg: dict, key: str) -> object:
+    """``cfg[key]``, where a dotted key reads a nested dict (DBRX: ``ffn_config.moe_num_experts``); None if absent."""
+    *path, last = key.split(".")
+    for part in path:
+        cfg = cfg.get(part)  # type: ignore[assignment]
+        if not isinstance(cfg, dict):
+            return None
+    return cfg.get(last)
+
+
+def set_config_value(cfg: dict, key: str, value: object) -> bool:
+    """Set ``key`` (dotted: nested) in ``cfg`` if the file has it; True if it was set."""
+    *path, last = key.split(".")
+    for part in path:
+        cfg = cfg.get(part)  # type: ignore[assignment]
+        if not isinstance(cfg, dict):
+            return False
+    if last not in cfg:
+        return False
+    cfg[last] = value
+    return True
+
+
 def text_config(config: dict) -> dict:
     """The part of ``config.json`` describing the language model: itself, or ``text_config`` of a wrapper."""
     nested = config.get("text_config")
@@ -166,7 +210,9 @@ def text_config(config: dict) -> dict:
 
 def family_of(config: dict) -> Family:
     """The family of a raw ``config.json`` dict, looking through multimodal wrappers."""
-    model_type = text_config(config).get("model_type")
+    outer = config.get("model_type")
+    # A wrapper family's own record first (its checkpoints are named as the wrapper saves them), then its text's.
+    model_type = outer if isinstance(outer, str) and outer in _BY_MODEL_TYPE else text_config(config).get("model_type")
     if model_type in REFUSED:
         raise UnsupportedModelError(f"model family {model_type!r} cannot be pruned: {REFUSED[model_type]}")
     if model_type not in _BY_MODEL_TYPE:
@@ -175,3 +221,12 @@ def family_of(config: dict) -> Family:
             f" moeslim supports: {', '.join(supported_model_types())}"
         )
     return _BY_MODEL_TYPE[model_type]
+
+
+def check_calibratable(family: Family) -> None:
+    """Calibration and numeric validation run a family's decoder one layer at a time; refuse one that cannot."""
+    if family.calibration:
+        raise UnsupportedModelError(
+            f"calibration cannot run {family.name} layer by layer: {family.calibration}; prune it with a data-free"
+            " criterion (--criterion router-norm)"
+        )

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from moeslim.errors import CheckpointError
-from moeslim.families import Family, family_of, text_config
+from moeslim.families import Family, config_value, family_of, text_config
 from moeslim.jsonio import is_whole
 from moeslim.source import Checkpoint
 
@@ -32,10 +32,21 @@ class MoeLayer:
     per_expert: tuple[tuple[str, ...], ...]
     mtp: bool
     dims: tuple[tuple[str, int], ...] = ()  # router / fused tensors whose experts are on a dim other than 0
+    # router / fused tensors with (rows per expert, extra rows after the experts) other than (1, 0): experts
+    # flattened into a matrix (DBRX's ``w1`` is ``[experts × ffn, hidden]``), zero-computation experts' rows
+    blocks: tuple[tuple[str, int, int], ...] = ()
+    extra: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (index, names) of per-expert tensors past the experts
 
     def dim_of(self, name: str) -> int:
         """The dim of ``name`` (a router or fused tensor) that indexes experts."""
         return dict(self.dims).get(name, 0)
+
+    def rows_of(self, name: str, kept: tuple[int, ...], size: int) -> tuple[int, ...]:
+        """The rows of ``name``'s expert dim (``size`` long) that keep experts ``kept``: each expert's block of
+        rows, then every extra row after the experts (zero-computation experts stay)."""
+        per, extra = next(((k, z) for n, k, z in self.blocks if n == name), (1, 0))
+        experts = (size - extra) // per
+        return (*(j * per + r for j in kept for r in range(per)), *range(experts * per, size))
 
 
 @dataclass(frozen=True)
@@ -80,8 +91,8 @@ def routing_of(config: dict) -> Routing:
     listed = cfg.get(family.layers_list) if family.layers_list and "num_hidden_layers" not in cfg else None
     if isinstance(listed, list):
         num_hidden_layers = len(listed)
-    else:
-        num_hidden_layers = _config_int(cfg, ("num_hidden_layers",), "layer count")
+    else:  # the count itself, under its own name or the one the family's config stores it as (DBRX: n_layers)
+        num_hidden_layers = _config_int(cfg, ("num_hidden_layers", *filter(None, [family.layers_list])), "layer count")
     if num_hidden_layers < 1:
         raise CheckpointError(f"config.json says num_hidden_layers={num_hidden_layers}; the config is corrupt")
     return Routing(family, num_experts, top_k, n_group, topk_group, num_hidden_layers)
@@ -93,20 +104,24 @@ def _groups(family: Family, cfg: dict, num_experts: int) -> tuple[int, int]:
         n_group = family.groups(cfg)
     except (TypeError, ValueError) as e:
         raise CheckpointError(
-            f"config.json n_group {cfg.get('n_group')!r} is not a whole number; fix the config"
+            f"config.json {family.group_keys[0]} {cfg.get(family.group_keys[0])!r} is not a whole number;"
+            " fix the config"
         ) from e
     if n_group == 1:
         return 1, 1
-    n_group = _config_int(cfg, ("n_group",), "group count")
-    topk_group = _config_int(cfg, ("topk_group",), "chosen group count") if cfg.get("topk_group") else n_group
+    group_key, chosen_key = family.group_keys
+    n_group = _config_int(cfg, (group_key,), "group count")
+    topk_group = _config_int(cfg, (chosen_key,), "chosen group count") if cfg.get(chosen_key) else n_group
     size = num_experts // n_group if n_group > 0 else 0
     if n_group < 1 or num_experts % n_group or size < family.min_per_group:
         raise CheckpointError(
-            f"config.json n_group {n_group} does not split {num_experts} experts into equal groups of at least"
+            f"config.json {group_key} {n_group} does not split {num_experts} experts into equal groups of at least"
             f" {family.min_per_group}; the config is corrupt"
         )
     if not 1 <= topk_group <= n_group:
-        raise CheckpointError(f"config.json topk_group {topk_group} must be between 1 and n_group {n_group}")
+        raise CheckpointError(
+            f"config.json {chosen_key} {topk_group} must be between 1 and {group_key} {n_group}; the config is corrupt"
+        )
     return n_group, topk_group
 
 
@@ -115,7 +130,7 @@ def resolve_layout(ckpt: Checkpoint) -> Layout:
     routing = routing_of(ckpt.config)
     family, n_layers = routing.family, routing.num_hidden_layers
     blocks = _moe_blocks(ckpt, family, n_layers)
-    _check_layer_count(ckpt, n_layers)
+    _check_layer_count(ckpt, family, n_layers)
     cfg = {**text_config(ckpt.config), "num_hidden_layers": n_layers}
     _check_layers_against_config(family, cfg, blocks, n_layers, ckpt.tensors)
     layers = tuple(
@@ -128,7 +143,7 @@ def resolve_layout(ckpt: Checkpoint) -> Layout:
 def _config_int(cfg: dict, keys: tuple[str, ...], what: str) -> int:
     """The first of ``keys`` that ``cfg`` sets (not null), which must be a JSON whole number."""
     for key in keys:
-        value = cfg.get(key)
+        value = config_value(cfg, key)
         if value is None:
             continue
         if not is_whole(value):
@@ -140,7 +155,8 @@ def _config_int(cfg: dict, keys: tuple[str, ...], what: str) -> int:
 def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, str]:
     """Layer index → MoE block key prefix, found from where the router weights are. Layers under an ``mtp.``
     prefix (Qwen3-Next releases: ``mtp.layers.0.…``) are MTP layers, numbered after the trunk."""
-    pattern = re.compile(rf"^(.*?)layers\.(\d+)\.{re.escape(family.block)}\.{re.escape(family.router_weight)}$")
+    stack = re.escape(family.layers_name)
+    pattern = re.compile(rf"^(.*?){stack}\.(\d+)\.{re.escape(family.block_path)}{re.escape(family.router_weight)}$")
     found: dict[int, str] = {}
     prefixes = set()
     for name in ckpt.tensors:
@@ -148,10 +164,11 @@ def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, st
             mtp = m.group(1).endswith("mtp.")
             if not mtp:
                 prefixes.add(m.group(1))
-            found[int(m.group(2)) + (n_layers if mtp else 0)] = f"{m.group(1)}layers.{m.group(2)}.{family.block}."
+            index = int(m.group(2)) + (n_layers if mtp else 0)
+            found[index] = f"{m.group(1)}{family.layers_name}.{m.group(2)}.{family.block_path}"
     if not found:
         raise CheckpointError(
-            f"no MoE router tensors found (expected names like model.layers.N.{family.block}."
+            f"no MoE router tensors found (expected names like model.{family.layers_name}.N.{family.block_path}"
             f"{family.router_weight} for a {family.name} model); the checkpoint does not match its config"
         )
     if len(prefixes) > 1:
@@ -159,13 +176,11 @@ def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, st
     return found
 
 
-_DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _check_layer_count(ckpt: Checkpoint, n_layers: int) -> None:
+def _check_layer_count(ckpt: Checkpoint, family: Family, n_layers: int) -> None:
     """``num_hidden_layers`` cannot exceed the decoder layers that have weights (checked before any per-layer
     work, so an absurd count fails at once)."""
-    found = {int(m.group(1)) for name in ckpt.tensors if (m := _DECODER_LAYER.search(name))}
+    decoder_layer = re.compile(rf"(?:^|\.){re.escape(family.layers_name)}\.(\d+)\.")
+    found = {int(m.group(1)) for name in ckpt.tensors if (m := decoder_layer.search(name))}
     if n_layers > max(found, default=-1) + 1:
         raise CheckpointError(
             f"config.json says num_hidden_layers={n_layers}, but the weights hold layers up to"
@@ -181,10 +196,11 @@ def _check_layers_against_config(
     if expected is None:  # derived families: the MoE layers are those with a router, and experts need one
         expected = trunk
         experts = "|".join(re.escape(e) for e in family.experts)
-        pattern = re.compile(rf"(?:^|\.)layers\.(\d+)\.{re.escape(family.block)}\.(?:{experts})")
+        stack = re.escape(family.layers_name)
+        pattern = re.compile(rf"(?:^|\.){stack}\.(\d+)\.{re.escape(family.block_path)}(?:{experts})")
         if orphan := sorted({int(m.group(1)) for n in names if (m := pattern.search(n))} - set(blocks)):
             raise CheckpointError(
-                f"layer {orphan[0]}: holds expert tensors but no router ({family.block}.{family.router_weight});"
+                f"layer {orphan[0]}: holds expert tensors but no router ({family.block_path}{family.router_weight});"
                 " the checkpoint is incomplete, re-download it"
             )
     if missing := sorted(expected - trunk):
@@ -244,14 +260,17 @@ def _moe_layer(ckpt: Checkpoint, family: Family, index: int, block: str, num_exp
             per_expert[found[0]][found[1]] = name
     rel_dims = dict(family.dims)
     dims = tuple((n, rel_dims[n[len(block) :]]) for n in router + fused if n[len(block) :] in rel_dims)
-    for name in router + fused:
-        _check_rows(ckpt, name, num_experts, index, dict(dims).get(name, 0))
+    blocks = tuple(_blocks(ckpt, family, block, n, num_experts, index, dict(dims).get(n, 0)) for n in router + fused)
     if family.fused and not fused:
         raise CheckpointError(
             f"layer {index}: no expert tensors under {block}{family.experts[0]}; checkpoint incomplete"
         )
+    extra: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    if family.extra_experts:  # e.g. zero-computation experts' unused weights: kept after the kept experts
+        extra = tuple((j, tuple(per_expert.pop(j).values())) for j in sorted(per_expert) if j >= num_experts)
     experts = () if family.fused else _check_per_expert(per_expert, num_experts, index, block)
-    return MoeLayer(index, block, tuple(router), tuple(fused), experts, mtp, dims)
+    odd = tuple(b for b in blocks if b[1:] != (1, 0))
+    return MoeLayer(index, block, tuple(router), tuple(fused), experts, mtp, dims, odd, extra)
 
 
 def _matches(rel: str, names: tuple[str, ...]) -> bool:
@@ -266,13 +285,21 @@ def _expert_part(rel: str, prefixes: tuple[str, ...]) -> tuple[int, str] | None:
     return None
 
 
-def _check_rows(ckpt: Checkpoint, name: str, num_experts: int, index: int, dim: int = 0) -> None:
+def _blocks(
+    ckpt: Checkpoint, family: Family, block: str, name: str, num_experts: int, index: int, dim: int
+) -> tuple[str, int, int]:
+    """``(name, rows per expert, extra rows)`` of a router or fused tensor, checked against its shape."""
+    rel = name[len(block) :]
+    extra = dict(family.extra_rows).get(rel, 0)
     shape = ckpt.tensors[name].shape
-    if len(shape) <= dim or shape[dim] != num_experts:
+    size = shape[dim] if len(shape) > dim else 0
+    per = (size - extra) // num_experts if rel in family.flattened else 1
+    if per < 1 or size != per * num_experts + extra:
         raise CheckpointError(
             f"layer {index}: {name} has shape {list(shape)}, but config says {num_experts} experts;"
             " the tensors do not match the config"
         )
+    return name, per, extra
 
 
 def _check_per_expert(

@@ -16,7 +16,7 @@ from moeslim.calibrate.options import CalibrationOptions
 from moeslim.calibrate.statistics import HALVES, Statistics
 from moeslim.criteria import CRITERIA, DATA_FREE, DEFAULT_CRITERION, calibrated_scores, is_calibrated, layer_scores
 from moeslim.errors import MoeslimError, PlanError
-from moeslim.families import text_config
+from moeslim.families import check_calibratable, text_config
 from moeslim.hub import resolve_source
 from moeslim.layout import Layout, resolve_layout, routing_of
 from moeslim.plan import PLAN_NAME, Plan, check_feasible, check_plan, jaccard, load_plan, select, select_one
@@ -156,6 +156,8 @@ def preflight(config: dict, opts: SlimOptions) -> None:
         raise PlanError("say how many experts to keep per layer: pass --keep N (or --plan FILE)")
     if opts.plan is None and opts.keep is not None:
         check_feasible(routing, opts.keep, routing.top_k if opts.top_k is None else opts.top_k)
+    if opts.plan is None and opts.stats is None and is_calibrated(opts.criterion):
+        check_calibratable(routing.family)
 
 
 def _push(out: Path, push: PushOptions) -> str:

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeslim.calibrate.data import load_calibration
-from moeslim.calibrate.masking import drop_experts
+from moeslim.calibrate.masking import drop_experts_of
 from moeslim.calibrate.stats import LayerStats, collect
 from moeslim.engine.modules import moe_parts
 from moeslim.layout import resolve_layout
@@ -90,8 +90,9 @@ def test_progressive_calibrates_each_layer_on_the_pruned_ones_before(
     tokens = load_calibration(str(calib), AutoTokenizer.from_pretrained(src), samples=4, seq_len=16, seed=0).tokens
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     stats = LayerStats(8)
-    masked = drop_experts(model, {0: kept[0], 1: kept[1], 2: tuple(range(8))})
-    with masked, torch.no_grad(), collect(moe_parts(model, resolve_layout(open_checkpoint(src)))[2], stats, "softmax"):
+    layout = resolve_layout(open_checkpoint(src))
+    masked = drop_experts_of(model, layout, {0: kept[0], 1: kept[1], 2: tuple(range(8))})
+    with masked, torch.no_grad(), collect(moe_parts(model, layout)[2], stats, "softmax"):
         for b in range(0, 4, 2):
             model(input_ids=tokens[b : b + 2])
     np.testing.assert_allclose(plan["layers"][2]["scores"], stats["gate_mass"], rtol=1e-5)

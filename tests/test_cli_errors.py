@@ -59,7 +59,7 @@ def _wrong_expert_count(src: Path) -> None:
 
 
 def _unknown_family(src: Path) -> None:
-    _edit_json(src / "config.json", lambda d: d.update(model_type="dbrx"))
+    _edit_json(src / "config.json", lambda d: d.update(model_type="llama"))
 
 
 def _expert_tensor_missing(src: Path) -> None:
@@ -79,7 +79,7 @@ BROKEN_SOURCES = {
     "corrupt header": (_corrupt_header, "corrupt safetensors header"),
     "data cut short": (_data_cut_short, "lies outside the file"),
     "shape vs config": (_wrong_expert_count, "has shape [8, 32], but config says 6 experts"),
-    "unknown family": (_unknown_family, "unsupported model family 'dbrx'"),
+    "unknown family": (_unknown_family, "unsupported model family 'llama'"),
     "expert tensor missing": (_expert_tensor_missing, "model.safetensors.index.json does not list it"),
 }
 

@@ -352,7 +352,7 @@ CONFIG_KEYS = {
                     "first_k_dense_replace", "num_nextn_predict_layers", "model_type"],
 }  # fmt: skip
 KEEP = {"qwen3_moe": "4", "mixtral": "4", "deepseek_v3": "8"}
-MODEL_TYPES = st.sampled_from(["mixtral", "qwen3_moe", "deepseek_v3", "llama4_text", "dbrx"])
+MODEL_TYPES = st.sampled_from(["mixtral", "qwen3_moe", "deepseek_v3", "llama4_text", "llama"])
 CONFIG_FAULTS = st.one_of(
     st.tuples(st.just("set"), st.integers(0, 99), ANY | MODEL_TYPES),
     st.tuples(st.just("delete"), st.integers(0, 99)),

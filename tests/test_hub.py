@@ -41,7 +41,7 @@ def hub(built: Callable[[str], Path]) -> Iterator[HubServer]:
     state.add_repo("org/tiny", tiny)
     state.add_repo("org/gated", tiny, gated=True)
     config = json.loads(tiny["config.json"])
-    state.add_repo("org/dbrx", {**tiny, "config.json": json.dumps({**config, "model_type": "dbrx"}).encode()})
+    state.add_repo("org/llama", {**tiny, "config.json": json.dumps({**config, "model_type": "llama"}).encode()})
     sharded = folder_files(built("qwen3_moe_multishard"))
     state.add_repo("org/sharded", {**sharded, "pytorch_model.bin": b"stale", "original/consolidated.pth": b"x"})
     repo = state.repos["org/sharded"]
@@ -134,7 +134,7 @@ def test_revision_and_sharded_repo_then_offline_from_the_cache(hub: HubServer, t
 # Refusals: (token, arguments, extra environment, the error's message). Each case has a repo of its own,
 # so that what the server saw can be told apart while the cases run side by side.
 REFUSALS = {
-    "unsupported family": (WRITE, ["slim", "org/dbrx", "--keep", "4"], {}, "unsupported model family 'dbrx'"),
+    "unsupported family": (WRITE, ["slim", "org/llama", "--keep", "4"], {}, "unsupported model family 'llama'"),
     "infeasible keep": (WRITE, ["slim", "org/tiny-8", "--keep", "8"], {}, "--keep 8 must be between 1 and 7"),
     "no safetensors": (WRITE, ["slim", "org/bin-only", "--keep", "4"], {}, "org/bin-only has no model.safetensors or"),
     "shard missing": (WRITE, ["slim", "org/holes", "--keep", "4"], {},
@@ -190,7 +190,7 @@ def test_refusals_are_one_line(case: str, refused: dict, hub: HubServer) -> None
 
 
 @pytest.mark.hub
-@pytest.mark.parametrize("repo_id", ["org/dbrx", "org/tiny-8"])
+@pytest.mark.parametrize("repo_id", ["org/llama", "org/tiny-8"])
 def test_refused_from_the_config_before_weights_move(repo_id: str, refused: dict, hub: HubServer) -> None:
     assert set(hub.state.downloads(repo_id)) == SMALL  # config, tokenizer, card: no weights
 

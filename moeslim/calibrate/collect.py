@@ -62,7 +62,8 @@ def calibrate_layers(
         if new:
             _calibrate_layer(runner, index, layer, block, store, stats, reconstruction_tokens, progressive is None)
         if progressive is not None:
-            with mask_router(block.block, block.router, progressive(index, stats), list(block.biases)):
+            kept = progressive(index, stats)
+            with mask_router(block, kept, runner.layout.num_experts):
                 runner.forward(index, layer, store)
         if new:
             on_layer(index, stats, store)

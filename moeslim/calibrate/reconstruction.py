@@ -23,8 +23,8 @@ class ReconstructionSampler:
     """Keeps up to ``max_tokens`` of an MoE block's input and scores experts by greedy reconstruction."""
 
     def __init__(self, parts: MoeParts, max_tokens: int) -> None:
-        self.block, self.max_tokens = parts.block, max_tokens
-        self.router, self.experts, self.biases = parts.router, parts.experts, list(parts.biases)
+        self.parts, self.max_tokens = parts, max_tokens
+        self.router, self.experts = parts.router, parts.experts
         self._inputs: list[torch.Tensor] = []
         self._router_args: tuple = ()
 
@@ -49,7 +49,7 @@ class ReconstructionSampler:
         x = torch.cat(self._inputs)  # (tokens, hidden)
         e = routing.num_experts
         outputs = torch.stack([self._expert_output(x, j) for j in range(e)])  # (experts, tokens, hidden)
-        full = self._output(x, outputs, tuple(range(e)))
+        full = self._output(x, outputs, tuple(range(e)), e)
         kept, score = list(range(e)), np.zeros(e)
         for step in range(e - routing.top_k):
             errors = {j: self._error(x, outputs, full, kept, j) for j in kept if self._removable(kept, j, routing)}
@@ -67,16 +67,17 @@ class ReconstructionSampler:
         ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
         return self.experts.forward(x, index, ones).float()
 
-    def _output(self, x: torch.Tensor, outputs: torch.Tensor, kept: tuple[int, ...]) -> torch.Tensor:
-        """Routed MoE output ``(tokens, hidden)`` when only ``kept`` experts can be chosen."""
-        with mask_router(self.block, self.router, kept, self.biases):
+    def _output(self, x: torch.Tensor, outputs: torch.Tensor, kept: tuple[int, ...], experts: int) -> torch.Tensor:
+        """Routed MoE output ``(tokens, hidden)`` when only ``kept`` of the ``experts`` can be chosen."""
+        with mask_router(self.parts, kept, experts):
             _, weight, index = self.router(x, *self._router_args)  # (tokens, k) each
         rows = torch.arange(x.shape[0], device=x.device)
         return sum(weight[:, p, None].float() * outputs[index[:, p], rows] for p in range(index.shape[1]))
 
     def _error(self, x: torch.Tensor, outputs: torch.Tensor, full: torch.Tensor, kept: list[int], j: int) -> float:
         without = tuple(i for i in kept if i != j)
-        return float(torch.linalg.vector_norm(full - self._output(x, outputs, without), dim=-1).mean())
+        error = full - self._output(x, outputs, without, outputs.shape[0])
+        return float(torch.linalg.vector_norm(error, dim=-1).mean())
 
     @staticmethod
     def _removable(kept: list[int], j: int, routing: Routing) -> bool:

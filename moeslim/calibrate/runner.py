@@ -34,8 +34,10 @@ from transformers.utils import logging as hf_logging
 
 from moeslim.calibrate.finite import check_finite
 from moeslim.calibrate.fuse import Fusion, fill, fused_shape, plan_fusions
-from moeslim.engine.modules import moe_parts
-from moeslim.errors import CheckpointError, DeviceError
+from moeslim.engine.modules import loaded_names, moe_parts
+from moeslim.engine.stub import LayerProtocolError, layer_inputs, layer_list_name
+from moeslim.engine.stub import decoder_of as find_decoder
+from moeslim.errors import CheckpointError, DeviceError, UnsupportedModelError
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
 
@@ -105,38 +107,45 @@ class LayerRunner:
         self._materialize_buffers()
         self.decoder = decoder_of(self.model)
         self._decoder_name = next(f"{n}." if n else "" for n, m in self.model.named_modules() if m is self.decoder)
-        self.prefix = layout.layers[0].block.split("layers.")[0]  # on-disk decoder prefix, e.g. "model."
+        self._stack = f"{layout.family.layers_name}."  # the layer list, as tensor names spell it
+        self.prefix = layout.layers[0].block.split(self._stack)[0]  # on-disk decoder prefix, e.g. "model."
         self._kwargs: dict[int, list[dict[str, Any]]] = {}
         self._moe = {layer.index: layer for layer in layout.layers}
         self.parts = moe_parts(self.model, layout)  # MoE modules, found from the checkpoint's tensor names
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeslim-prefetch")
+        self._full_gc = ckpt.total_bytes >= FULL_COLLECTION_BYTES * max(1, layout.num_hidden_layers)
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
-        return cast(torch.nn.ModuleList, self.decoder.layers)
+        return cast(torch.nn.ModuleList, getattr(self.decoder, layer_list_name(self.decoder) or "layers"))
 
     @property
     def num_layers(self) -> int:
         return len(self.decoder_layers)
 
     def embed(self, tokens: torch.Tensor, batch_size: int, max_bytes: int | None = None) -> Activations:
-        """Embed ``tokens`` ``(samples, seq)`` in batches; also captures each layer's call arguments."""
-        self.capture(tokens, batch_size)
+        """The first decoder layer's input for ``tokens`` ``(samples, seq)``, in batches, from the model's own
+        forward (embedding scale, hyper-connection streams and all); also captures each layer's call arguments."""
+        self._load_embedding()
         store = Activations(max_bytes)
         for ids in tokens.split(batch_size):
-            with torch.no_grad():
-                store.append(cast(torch.nn.Module, self.model.get_input_embeddings())(ids.to(self.device)))
+            first, kwargs = self._capture_layer_kwargs(ids.to(self.device))
+            self._kwargs.setdefault(ids.shape[0], kwargs)
+            store.append(first)
         return store
 
     def capture(self, tokens: torch.Tensor, batch_size: int) -> None:
         """Load the input embedding and capture each layer's call arguments (masks, rotary) for every batch
         shape of ``tokens``; what ``embed`` does besides embedding, for a run that starts from saved hidden states."""
-        names = [n for n in self._outside_layers() if "embed" in n]
-        self._load(names)
-        check_finite(self.model, self.ckpt, names)
+        self._load_embedding()
         for ids in tokens.split(batch_size):
             if ids.shape[0] not in self._kwargs:
-                self._kwargs[ids.shape[0]] = self._capture_layer_kwargs(ids.to(self.device))
+                self._kwargs[ids.shape[0]] = self._capture_layer_kwargs(ids.to(self.device))[1]
+
+    def _load_embedding(self) -> None:
+        names = self._embedding_names()
+        self._load(names)
+        check_finite(self.model, self.ckpt, names)
 
     def layers(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
         """Yield ``(index, layer)`` for layers ``start`` to ``stop`` (default: the last) with that layer's weights
@@ -152,7 +161,7 @@ class LayerRunner:
                 yield i, layer
             finally:
                 layer.to("meta")
-                _release_memory()
+                _release_memory(self._full_gc)
 
     @torch.no_grad()
     def forward(
@@ -174,20 +183,21 @@ class LayerRunner:
             yield layer
         finally:
             layer.to("meta")
-            _release_memory()
+            _release_memory(self._full_gc)
 
     def unload_embedding(self) -> None:
         """Drop the input embedding back to meta once ``embed`` has run (it is a vocab × hidden matrix)."""
         self.model.get_input_embeddings().to("meta")
-        _release_memory()
+        _release_memory(self._full_gc)
 
     def load_head(self) -> None:
         """Load what follows the decoder layers (final norm, ``lm_head``); a tied ``lm_head`` loads the embedding."""
-        names = [n for n in self._outside_layers() if "embed" not in n]
+        embedding = set(self._embedding_names())
+        names = [n for n in self._outside_layers() if n not in embedding]
         self._load(names)
         head, embed = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         if isinstance(head, torch.nn.Linear) and head.weight.is_meta:
-            tied = [n for n in self._outside_layers() if "embed" in n]
+            tied = sorted(embedding)
             self._load(tied)
             names += tied
             head.weight = embed.weight  # tie_word_embeddings: the checkpoint stores the matrix once
@@ -222,9 +232,9 @@ class LayerRunner:
         """Decoder layer ``index`` with its weights loaded and checked finite."""
         names = self._layer_names(index)
         self._load(names)
-        _release_memory()  # the conversion's temporaries: cycles to collect, heap to hand back
+        _release_memory(self._full_gc)  # the conversion's temporaries: cycles to collect, heap to hand back
         layer = self.decoder_layers[index]
-        prefix = f"{self._decoder_name}layers.{index}."
+        prefix = f"{self._decoder_name}{layer_list_name(self.decoder)}.{index}."
         check_finite(layer, self.ckpt, names, prefix=prefix, index=index, moe=self._moe.get(index))
         return layer
 
@@ -233,11 +243,18 @@ class LayerRunner:
         return self._pool.submit(_warm, self.ckpt, self._layer_names(index))
 
     def _layer_names(self, index: int) -> list[str]:
-        head = f"{self.prefix}layers.{index}."
+        head = f"{self.prefix}{self._stack}{index}."
         return [n for n in self.ckpt.tensors if n.startswith(head)]
 
+    def _embedding_names(self) -> list[str]:
+        """The on-disk tensors of the input embedding (``embed_tokens``, DBRX's ``wte``), by where they load."""
+        embedding = self.model.get_input_embeddings()
+        module = next(n for n, m in self.model.named_modules() if m is embedding)
+        outside = self._outside_layers()
+        return [n for n, target in loaded_names(self.model, outside).items() if target.startswith(f"{module}.")]
+
     def _outside_layers(self) -> list[str]:
-        return [n for n in self.ckpt.tensors if not n.startswith(f"{self.prefix}layers.")]
+        return [n for n in self.ckpt.tensors if not n.startswith(f"{self.prefix}{self._stack}")]
 
     def _load(self, names: list[str]) -> None:
         """Load on-disk tensors ``names`` into the model. Per-expert tensors that transformers would stack into
@@ -289,32 +306,15 @@ class LayerRunner:
             for module in modules.values():
                 self.model._init_weights(module)
 
-    def _capture_layer_kwargs(self, ids: torch.Tensor) -> list[dict[str, Any]]:
-        """Run the model's own forward with every layer stubbed to record its keyword arguments."""
-        records: list[dict[str, Any]] = []
-
-        class _Done(Exception):
-            pass
-
-        def stub(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if args:
-                raise RuntimeError("decoder layers are expected to take keyword arguments after hidden_states")
-            records.append(kwargs)
-            if len(records) == self.num_layers:
-                raise _Done
-            return hidden_states
-
-        for layer in self.decoder_layers:
-            layer.forward = stub
+    def _capture_layer_kwargs(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """The first layer's input for ``ids`` and each layer's keyword arguments, from the model's own forward."""
         try:
-            with torch.no_grad():
-                self.decoder(input_ids=ids, use_cache=False)
-        except _Done:
-            pass
-        finally:
-            for layer in self.decoder_layers:
-                del layer.forward
-        return records
+            return layer_inputs(self.decoder, ids)
+        except LayerProtocolError as e:
+            raise UnsupportedModelError(
+                f"calibration cannot run {self.layout.family.name} layer by layer: {e}; prune it with a data-free"
+                " criterion (--criterion router-norm)"
+            ) from e
 
 
 @contextlib.contextmanager
@@ -329,24 +329,24 @@ def no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _release_memory() -> None:
-    """Collect garbage and give freed heap back to the OS (glibc keeps it otherwise, and RSS would grow)."""
-    gc.collect()
+FULL_COLLECTION_BYTES = 64 * 2**20  # layers at least this big get a full garbage collection after each use
+
+
+def _release_memory(full: bool = True) -> None:
+    """Collect garbage and give freed heap back to the OS (glibc keeps it otherwise, and RSS would grow). A full
+    collection walks every object of torch and transformers (~0.2 s); for small layers the young generations,
+    where a load's temporaries are, suffice."""
+    gc.collect() if full else gc.collect(1)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack: the module holding the ``layers`` list and the input embedding (``embed_tokens``,
-    ``embeddings``: whatever the model's ``get_input_embeddings`` returns)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    for module in model.modules():
-        if isinstance(getattr(module, "layers", None), torch.nn.ModuleList) and any(
-            child is embedding for child in module.children()
-        ):
-            return module
-    raise CheckpointError(f"cannot find the decoder layers of {type(model).__name__}")
+    """The decoder stack (see ``engine.stub.decoder_of``)."""
+    decoder = find_decoder(model)
+    if decoder is None:
+        raise CheckpointError(f"cannot find the decoder layers of {type(model).__name__}")
+    return decoder
 
 
 def meta_model(root: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:

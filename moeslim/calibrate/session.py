@@ -17,6 +17,7 @@ from moeslim.calibrate.resume import Boundary, drop_boundary, load_boundary, not
 from moeslim.calibrate.stats import Statistics
 from moeslim.calibrate.store import check_stats_fit, fingerprint, load_stats, save_stats
 from moeslim.errors import DeviceError, MissingFileError, OutputError, PlanError
+from moeslim.families import check_calibratable
 from moeslim.layout import Layout
 from moeslim.quant import quantization_config
 from moeslim.source import Checkpoint
@@ -36,6 +37,7 @@ def run_calibration(
     """Calibrate ``ckpt``. With ``out``, the statistics and the hidden states reached are saved after every
     calibrated layer, and a partial run resumes after its last calibrated layer (``resume.py``). ``on_layer(index)``
     follows each calibrated layer, once saved; an exception it raises stops the run there."""
+    check_calibratable(layout.family)
     quant = quantization_config(ckpt.config)
     if quant:
         raise PlanError(

@@ -14,7 +14,8 @@ from typing import cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from moeslim.calibrate.masking import router_logits
 
 # The numpy data they fill live in statistics.py (no torch); importable from here too, their first home.
 from moeslim.calibrate.statistics import FIELDS, HALVES, LayerStats, Statistics  # noqa: F401
@@ -28,15 +29,15 @@ def collect(parts: MoeParts, stats: LayerStats, scoring: str) -> Iterator[None]:
 
     def on_experts(module: torch.nn.Module, args: tuple) -> None:
         hidden, index, weight = args[:3]
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # DBRX's experts get (batch, seq, hidden) and flatten them
         _add_routed(stats, index, weight, lambda: _routed_outputs(module, hidden, index))
 
-    def on_router(module: torch.nn.Module, args: tuple) -> None:
-        weight: torch.Tensor = module.weight  # type: ignore[assignment]
-        hidden = args[0].reshape(-1, weight.shape[1])
-        logits = F.linear(hidden.float(), weight.float(), _bias(module))  # (tokens, experts)
+    def on_logits(out: torch.Tensor) -> torch.Tensor:
+        logits = out.reshape(-1, out.shape[-1]).float()  # (tokens, rows): the router's own logits
         probs = torch.sigmoid(logits) if scoring == "sigmoid" else torch.softmax(logits, dim=-1)
-        stats.arrays["soft_mass"] += probs.sum(0).double().cpu().numpy()
-        stats.tokens += hidden.shape[0]
+        stats.arrays["soft_mass"] += probs.sum(0)[: stats.num_experts].double().cpu().numpy()  # not extra rows
+        stats.tokens += logits.shape[0]
+        return out
 
     def on_dense_router(module: torch.nn.Module, args: tuple, output: tuple) -> None:
         # Llama-4: the router returns (scores (tokens, experts), logits); experts then run on every token
@@ -49,21 +50,16 @@ def collect(parts: MoeParts, stats: LayerStats, scoring: str) -> Iterator[None]:
         _add_routed(stats, index, scores.gather(1, index), lambda: _dense_expert(experts, hidden[rows], pairs))
 
     handles = [
-        router.register_forward_pre_hook(on_router),
         experts.register_forward_pre_hook(on_experts)
         if takes_routing(experts)
         else router.register_forward_hook(on_dense_router),
     ]
     try:
-        yield
+        with router_logits(parts, on_logits):
+            yield
     finally:
         for h in handles:
             h.remove()
-
-
-def _bias(router: torch.nn.Module) -> torch.Tensor | None:
-    bias = getattr(router, "bias", None)
-    return bias.float() if isinstance(bias, torch.Tensor) else None
 
 
 def _dense_expert(experts: torch.nn.Module, hidden: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
@@ -90,9 +86,21 @@ def _routed_outputs(experts: torch.nn.Module, hidden: torch.Tensor, index: torch
     for start in range(0, pairs.shape[0], PAIRS_PER_CALL):
         chosen = pairs[start : start + PAIRS_PER_CALL]
         rows = hidden[torch.arange(start, start + chosen.shape[0], device=hidden.device) // k]
-        ones = torch.ones(chosen.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
-        out.append(torch.linalg.vector_norm(experts.forward(rows, chosen, ones).double(), dim=-1))
+        output = _one_expert_each(experts, rows, chosen)
+        out.append(torch.linalg.vector_norm(output.reshape(-1, output.shape[-1]).double(), dim=-1))
     return torch.cat(out)
+
+
+def _one_expert_each(experts: torch.nn.Module, rows: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The experts module's output for each row through its one ``chosen`` expert, weight 1. An experts module
+    that cannot take a single choice per token (LongCat-Flash's squeezes it away) gets the expert twice, with
+    weights 1 and 0: the same output."""
+    ones = torch.ones(chosen.shape[0], 1, dtype=rows.dtype, device=rows.device)
+    try:
+        return experts.forward(rows, chosen, ones)
+    except ValueError:
+        twice = torch.cat([chosen, chosen], dim=1)
+        return experts.forward(rows, twice, torch.cat([ones, torch.zeros_like(ones)], dim=1))
 
 
 @torch.no_grad()
@@ -103,8 +111,10 @@ def _add_routed(
     ``(tokens·k,)`` ``||f_j(t)||`` of each routed pair, token-major like ``index.reshape(-1)``."""
     e = stats.num_experts
     flat_index = index.reshape(-1)
-    flat_weight = weight.reshape(-1).double()
-    norms = routed_norms()
+    routed = flat_index < e  # choices beyond the routed experts (zero-computation experts) are not scored
+    flat_index = flat_index[routed]
+    flat_weight = weight.reshape(-1).double()[routed]
+    norms = routed_norms()[routed]
     add = stats.arrays
     add["count"] += torch.bincount(flat_index, minlength=e).double().cpu().numpy()
     add["gate_mass"] += _scatter(flat_index, flat_weight, e)

@@ -12,19 +12,24 @@ are those that read 8 and 10. The result is plain data (``families.json``), so m
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import tempfile
+import textwrap
+import tokenize
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from moeslim.engine.tiny import COUNT_KEYS, GROUP_KEYS, TOP_K, architecture_of, tiny_model
+from moeslim.engine.modules import loaded_names, owner, without_index
+from moeslim.engine.tiny import _DATA_DICTS, COUNT_KEYS, GROUP_KEYS, TOP_K, _text_path, architecture_of, tiny_model
 
 SMALL, LARGE = 8, 10  # the two expert counts the probe models are built with
 DERIVED_PATH = Path(__file__).with_name("families.json")
 _MTP = re.compile(r"nextn|(^|_)mtp(_|$)")
-_LAYER = re.compile(r"^(?P<prefix>.*?)layers\.(?P<i>\d+)\.(?P<rel>.+)$")
+_NESTED_SETTINGS = ("ffn_config", "attn_config")  # settings dicts that are saved as sub-configs (DBRX)
+_LAYER = re.compile(r"^(?P<prefix>.*?)(?P<stack>layers|blocks)\.(?P<i>\d+)\.(?P<rel>.+)$")
 
 
 class Refused(Exception):
@@ -65,23 +70,38 @@ def _saved_shapes(model: Any, where: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _text_dict(config: Any) -> dict[str, Any]:
+    """The language model's part of the saved config.json, as moeslim reads it (itself, or ``text_config``),
+    flattened one level: a nested settings dict's keys read ``outer.inner`` (DBRX's ``ffn_config.moe_top_k``)."""
     d = config.to_dict()
-    return d["text_config"] if isinstance(d.get("text_config"), dict) else d
+    path = _text_path(config)
+    if len(path) > 1:
+        raise Refused(f"the language model's config sits at {'.'.join(path)}, deeper than text_config")
+    text = d[path[0]] if path else d
+    flat = dict(text)
+    for k, v in text.items():
+        if isinstance(v, dict) and (k in _NESTED_SETTINGS or k not in _DATA_DICTS and not k.endswith("_config")):
+            flat.update({f"{k}.{inner}": x for inner, x in v.items() if not isinstance(x, dict)})
+    return flat
 
 
-def derive(model_type: str) -> dict[str, Any]:
-    """The family record of ``model_type`` (see ``families.json``); raises ``Refused`` with the reason."""
+def derive(model_type: str, built: list[Any] | None = None) -> dict[str, Any]:
+    """The family record of ``model_type`` (see ``families.json``); raises ``Refused`` with the reason. The tiny
+    model with ``SMALL`` experts is appended to ``built`` once made (tests reuse it)."""
     with tempfile.TemporaryDirectory() as tmp:
         small = tiny_model(model_type, SMALL)
+        if built is not None:
+            built.append(small)
         large = tiny_model(model_type, LARGE)
         a = _saved_shapes(small, Path(tmp, "a"))
         b = _saved_shapes(large, Path(tmp, "b"))
     count_keys = _count_keys(small.config, large.config)
-    stacked, per_expert = _expert_tensors(a, b)
+    stacked, per_expert_extra = _expert_tensors(a, b)
+    per_expert = {first: template for first, (template, _) in per_expert_extra.items()}
     layers = _by_layer(stacked, per_expert)
     if not layers:
         raise Refused("no tensor follows the expert count in any decoder layer; experts are not prunable by slicing")
-    roles = _roles(small, a, stacked, per_expert)
+    loaded = _loaded(small, stacked, per_expert)
+    roles = _roles(small, loaded, stacked, per_expert)
     records = {i: _layer_record(rel, roles, stacked, a) for i, rel in layers.items()}
     first = next(iter(records.values()))
     if odd := [i for i, r in records.items() if r != first]:
@@ -92,24 +112,54 @@ def derive(model_type: str) -> dict[str, Any]:
         "model_types": sorted({model_type, text.get("model_type") or model_type}),
         **first,
         "count_keys": count_keys,
-        "top_k_keys": sorted(k for k in text if TOP_K.match(k)),
+        "top_k_keys": sorted(k for k in text if TOP_K.match(k.rpartition(".")[2])),
         "groups_key": next((k for k in GROUP_KEYS if k in text), None),
-        "layers_list": _layers_list(small.config, text),
+        "layers_list": _layers_list(small, text),
         "mtp_key": next((k for k in sorted(text) if _MTP.search(k) and _is_count(text[k])), None),
-        "scoring": _scoring(text, first["router"]),
+        "scoring": _scoring(text, small, loaded, roles),
         "moe_layers_seen": sorted(layers),
         "architecture": architecture_of(model_type),
+        "calibration": _calibration(small),
     }
+    if any(extra for _, extra in per_expert_extra.values()):
+        record["extra_experts"] = True  # kept, renumbered after the kept experts
+    stacks = {m["stack"] for name in [*stacked, *per_expert.values()] if (m := _LAYER.match(name))}
+    if stacks != {"layers"}:
+        record["layers_name"] = "".join(stacks)
     if not record["top_k_keys"]:
         raise Refused("the config names no top-k key (num_experts_per_tok or alike); routing cannot be rewritten")
     return record
 
 
-def _layers_list(config: Any, text: dict[str, Any]) -> str | None:
-    """The per-layer list whose length is the layer count, for configs that store no ``num_hidden_layers``."""
+def _calibration(model: Any) -> str | None:
+    """Why the family's decoder cannot be run one layer at a time (what calibration does), or None."""
+    import torch
+
+    from moeslim.engine.stub import LayerProtocolError, decoder_of, layer_inputs
+
+    decoder = decoder_of(model)
+    if decoder is None:
+        return "no decoder module holds both the layers and the input embedding"
+    try:
+        layer_inputs(decoder, torch.arange(3, 11).reshape(2, 4))
+    except LayerProtocolError as e:
+        return str(e)
+    return None
+
+
+def _layers_list(model: Any, text: dict[str, Any]) -> str | None:
+    """Where a config that stores no ``num_hidden_layers`` keeps the layer count: a key holding it (DBRX's alias
+    ``n_layers``, LongCat-Flash's ``num_layers``), else a per-layer list of that length (Nemotron-H's pattern)."""
     if "num_hidden_layers" in text:
         return None
-    n = config.get_text_config().num_hidden_layers
+    from moeslim.engine.stub import decoder_of, layer_list_name
+
+    decoder = decoder_of(model)
+    n = len(getattr(decoder, layer_list_name(decoder) or "layers")) if decoder is not None else None
+    alias = getattr(model.config.get_text_config(), "attribute_map", {}).get("num_hidden_layers")
+    for key in (alias, "num_layers", "n_layers"):
+        if key in text and _is_count(text[key]) and text[key] == n:
+            return str(key)
     found = sorted(k for k, v in text.items() if isinstance(v, list) and len(v) == n)
     if not found:
         raise Refused("the config stores neither num_hidden_layers nor a per-layer list of that length")
@@ -129,9 +179,10 @@ def _count_keys(small: Any, large: Any) -> list[str]:
 
 def _expert_tensors(
     a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]]
-) -> tuple[dict[str, int], dict[str, str]]:
-    """Stacked tensors → the dim that indexes experts; per-expert names of expert 0 → their template."""
-    stacked: dict[str, int] = {}
+) -> tuple[dict[str, tuple[int, int, int]], dict[str, tuple[str, int]]]:
+    """Stacked tensors → (the dim that indexes experts, rows per expert, extra rows after the experts); per-expert
+    names of expert 0 → their template."""
+    stacked: dict[str, tuple[int, int, int]] = {}
     for name, shape in a.items():
         other = b.get(name)
         if other is None or other == shape:
@@ -140,28 +191,42 @@ def _expert_tensors(
         if len(shape) != len(other) or len(dims) != 1:
             raise Refused(f"{name} changes shape {list(shape)} → {list(other)} with the expert count; cannot slice it")
         d = dims[0]
-        if (shape[d], other[d]) != (SMALL, LARGE):
+        per, rest = divmod(other[d] - shape[d], LARGE - SMALL)  # rows per expert
+        extra = shape[d] - per * SMALL  # rows that do not follow the count: zero-computation experts' and alike
+        if rest or per < 1 or extra < 0 or (per > 1 and extra):
             raise Refused(
-                f"{name} has {shape[d]} rows for {SMALL} experts (extra rows beyond the routed experts,"
-                " e.g. zero-computation experts); slicing would misalign them"
+                f"{name} has {shape[d]} rows for {SMALL} experts and {other[d]} for {LARGE}; the rows do not map"
+                " to experts"
             )
-        stacked[name] = d
-    per_expert: dict[str, str] = {}
-    for name in b.keys() - a.keys():
+        stacked[name] = (d, per, extra)
+    return stacked, _per_expert(a, b)
+
+
+def _per_expert(a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, int]]:
+    """Per-expert tensors: the name of expert 0 → (its template with ``{j}``, how many tensors of that template
+    come after the routed experts, e.g. a zero-computation expert's unused weights). A template is per-expert
+    when its indices run 0..n-1 in both models and n grows by exactly the expert count's growth."""
+    seen: dict[str, tuple[set[int], set[int]]] = defaultdict(lambda: (set(), set()))
+    for name in {*a, *b}:
         parts = name.split(".")
-        hits = [k for k, p in enumerate(parts) if p in (str(SMALL), str(LARGE - 1))]
-        if len(hits) != 1:
-            raise Refused(f"{name} appears with more experts but carries no single expert index")
-        k = hits[0]
-        template = ".".join([*parts[:k], "{j}", *parts[k + 1 :]])
-        for j in range(SMALL):
-            if template.format(j=j) not in a:
-                raise Refused(f"{template} has no expert {j}")
-        per_expert[template.format(j=0)] = template
-    return stacked, per_expert
+        for k, part in enumerate(parts):
+            if part.isdigit():
+                sets = seen[".".join([*parts[:k], "{j}", *parts[k + 1 :]])]
+                for model, indices in zip((a, b), sets, strict=True):
+                    if name in model:
+                        indices.add(int(part))
+    found: dict[str, tuple[str, int]] = {}
+    for template, (small, large) in seen.items():
+        runs = small == set(range(len(small))) and large == set(range(len(large)))
+        if runs and len(small) >= SMALL and len(large) - len(small) == LARGE - SMALL:
+            found[template.format(j=0)] = (template, len(small) - SMALL)
+    covered = {t.format(j=j) for t, z in found.values() for j in range(LARGE + z)}
+    if stray := sorted(b.keys() - a.keys() - covered):
+        raise Refused(f"{stray[0]} appears with more experts but carries no single expert index")
+    return found
 
 
-def _by_layer(stacked: dict[str, int], per_expert: dict[str, str]) -> dict[int, dict[str, str]]:
+def _by_layer(stacked: dict[str, tuple[int, int, int]], per_expert: dict[str, str]) -> dict[int, dict[str, str]]:
     """Decoder layer → {name relative to the layer: full name} of its expert-indexed tensors."""
     layers: dict[int, dict[str, str]] = defaultdict(dict)
     for name in [*stacked, *per_expert.values()]:
@@ -173,42 +238,36 @@ def _by_layer(stacked: dict[str, int], per_expert: dict[str, str]) -> dict[int, 
 
 
 def _roles(
-    model: Any, saved: dict[str, tuple[int, ...]], stacked: dict[str, int], per_expert: dict[str, str]
+    model: Any, loaded: dict[str, str], stacked: dict[str, tuple[int, int, int]], per_expert: dict[str, str]
 ) -> dict[str, str]:
     """Saved name (per-expert: its template) → "router" or "experts", from the module each loads into
-    through the forward conversion."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    through the forward conversion: in each layer, the module of the largest tensor holds the experts."""
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
-    target = {}
-    for name in [*stacked, *per_expert.values()]:
-        loaded, _ = rename_source_key(name.format(j=0), renamings, converters, model.base_model_prefix, params)
-        if loaded not in params:
-            raise Refused(f"{name} loads into {loaded}, which the model does not have; conversion unknown")
-        target[name] = loaded
     by_layer: dict[str, list[str]] = defaultdict(list)
-    for name, loaded in target.items():
-        m = _LAYER.match(loaded)
+    for name in [*stacked, *per_expert.values()]:
+        m = _LAYER.match(loaded[name])
         by_layer[m["prefix"] + m["i"] if m else ""].append(name)
     roles = {}
     for names in by_layer.values():
-        biggest = max(names, key=lambda n: (params[target[n]].numel(), n))
-        experts_module = _module(target[biggest])
+        biggest = max(names, key=lambda n: (params[loaded[n]].numel(), n))
+        experts_module = without_index(owner(loaded[biggest]))
         for name in names:
-            roles[name] = "experts" if _module(target[name]) == experts_module else "router"
+            roles[name] = "experts" if without_index(owner(loaded[name])) == experts_module else "router"
     return roles
 
 
-def _module(param: str) -> str:
-    """The module owning ``param``, with trailing expert indices dropped (``experts.3.w1`` → ``experts``)."""
-    parts = param.split(".")[:-1]
-    while parts and parts[-1].isdigit():
-        parts.pop()
-    return ".".join(parts)
+def _loaded(model: Any, stacked: dict[str, tuple[int, int, int]], per_expert: dict[str, str]) -> dict[str, str]:
+    """Saved name (per-expert: its template) → the parameter it loads into, through the forward conversion."""
+    names = [*stacked, *per_expert.values()]
+    loaded = loaded_names(model, [n.format(j=0) for n in names])
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    out = {}
+    for name in names:
+        target = loaded[name.format(j=0)]
+        if target not in params:
+            raise Refused(f"{name} loads into {target}, which the model does not have; conversion unknown")
+        out[name] = target
+    return out
 
 
 def _is_count(v: object) -> bool:
@@ -216,21 +275,31 @@ def _is_count(v: object) -> bool:
 
 
 def _layer_record(
-    rel: dict[str, str], roles: dict[str, str], stacked: dict[str, int], saved: dict[str, tuple[int, ...]]
+    rel: dict[str, str],
+    roles: dict[str, str],
+    stacked: dict[str, tuple[int, int, int]],
+    saved: dict[str, tuple[int, ...]],
 ) -> dict[str, Any]:
     """One MoE layer as a family record: block, router tensors, expert tensors, fused or per-expert, shared
     experts, and the expert dim of stacked tensors where it is not 0."""
     names = list(rel)
     block = _common_module(names)
-    if not block:
-        tops = sorted({n.split(".")[0] for n in names})
-        raise Refused(
-            f"experts sit in several modules of a decoder layer ({', '.join(tops)}), e.g. attention experts;"
-            " one plan cannot prune them together"
-        )
-    cut = len(block) + 1
-    dims = {r[cut:]: stacked[rel[r]] for r in names if stacked.get(rel[r])}  # where experts are not on dim 0
-    layer_prefix = rel[names[0]][: -len(names[0])] + block + "."
+    for role in ("experts", "router"):  # no common block: router and experts sit in the decoder layer itself
+        tops = sorted({n.split(".")[0] for n in names if roles[rel[n]] == role})
+        if not block and len(tops) > 1:
+            raise Refused(
+                f"{role} tensors sit in several modules of a decoder layer ({', '.join(tops)}), e.g. experts in"
+                " attention too; moeslim prunes one MoE block"
+            )
+    cut = len(block) + 1 if block else 0
+    shapes = {r[cut:]: stacked[rel[r]] for r in names if rel[r] in stacked}
+    dims = {r: d for r, (d, _, _) in shapes.items() if d}  # where experts are not on dim 0
+    odd = {
+        "flattened": sorted(r for r, (_, per, _) in shapes.items() if per > 1),
+        "extra_rows": {r: extra for r, (_, _, extra) in shapes.items() if extra},
+    }
+    odd = {k: v for k, v in odd.items() if v}  # only where a family has them
+    layer_prefix = rel[names[0]][: -len(names[0])] + (block + "." if block else "")
     shared = sorted(
         {
             n[len(layer_prefix) :].split(".")[0] + "."
@@ -248,8 +317,9 @@ def _layer_record(
     router.sort(key=lambda r: (not r.endswith("weight"), r))
     if templated:
         prefixes = sorted({e.split("{j}")[0] for e in templated})
-        return {"block": block, "router": router, "experts": prefixes, "fused": False, "shared": shared, "dims": dims}
-    return {"block": block, "router": router, "experts": experts, "fused": True, "shared": shared, "dims": dims}
+        return {"block": block, "router": router, "experts": prefixes, "fused": False, "shared": shared, "dims": dims,
+                **odd}  # fmt: skip
+    return {"block": block, "router": router, "experts": experts, "fused": True, "shared": shared, "dims": dims, **odd}
 
 
 def _common_module(names: list[str]) -> str:
@@ -262,11 +332,43 @@ def _common_module(names: list[str]) -> str:
     return ".".join(common)
 
 
-def _scoring(text: dict[str, Any], router: list[str]) -> str:
+def _scoring(text: dict[str, Any], model: Any, loaded: dict[str, str], roles: dict[str, str]) -> str:
+    """How router logits become probabilities: the config's ``scoring_func``, else what the router's own code
+    applies (a router module's forward, or the MoE block's where the router is a plain linear layer)."""
+    import inspect
+
     func = text.get("scoring_func")
     if func in ("sigmoid", "softmax"):
         return str(func)
-    return "sigmoid" if any("bias" in r and "correction" in r for r in router) else "softmax"
+    router = min((loaded[n] for n, role in roles.items() if role == "router"), key=lambda n: (len(n), n))
+    experts = next(loaded[n] for n, role in roles.items() if role == "experts")
+    block = owner(router)
+    while block and not without_index(owner(experts)).startswith(block + "."):
+        block = owner(block)
+    for module in (model.get_submodule(owner(router)), model.get_submodule(block)):
+        try:
+            code = inspect.getsource(type(module).forward)
+        except (OSError, TypeError):
+            continue
+        names = [t.string for t in tokenize.generate_tokens(io.StringIO(textwrap.dedent(code)).readline)
+                 if t.type == tokenize.NAME and t.string in ("sigmoid", "softmax")]  # code, not comments  # fmt: skip
+        if names:
+            return names[0]
+    return "softmax"
+
+
+def probe(model_type: str) -> tuple[dict[str, Any], Any]:
+    """``model_type``'s record (or why it is refused) and its tiny model with ``SMALL`` experts (None if none
+    builds)."""
+    built: list[Any] = []
+    try:
+        record = derive(model_type, built)
+    except Refused as e:
+        record = {"name": model_type, "refused": str(e)}
+    except Exception as e:  # noqa: BLE001 - a tiny model that transformers cannot build or run on CPU
+        reason = str(e).splitlines()[0][:160] if str(e) else ""
+        record = {"name": model_type, "refused": f"no tiny model builds here ({type(e).__name__}: {reason})"}
+    return record, (built[0] if built else None)
 
 
 def derive_all(model_types: list[str] | None = None) -> dict[str, Any]:
@@ -276,32 +378,23 @@ def derive_all(model_types: list[str] | None = None) -> dict[str, Any]:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    out: dict[str, Any] = {}
-    for model_type in model_types or moe_model_types():
-        try:
-            out[model_type] = derive(model_type)
-        except Refused as e:
-            out[model_type] = {"name": model_type, "refused": str(e)}
-        except Exception as e:  # noqa: BLE001 - a tiny model that transformers cannot build or run on CPU
-            reason = str(e).splitlines()[0][:160] if str(e) else ""
-            out[model_type] = {
-                "name": model_type,
-                "refused": f"no tiny model builds here ({type(e).__name__}: {reason})",
-            }
+    out = {model_type: probe(model_type)[0] for model_type in model_types or moe_model_types()}
     return {"transformers": transformers.__version__, "families": out}
 
 
 def markdown_table(table: dict[str, Any]) -> str:
-    """The README's coverage table: every family, its layout or why it is refused."""
-    rows = ["| model type | MoE block | router | experts |", "|---|---|---|---|"]
+    """The README's coverage table: every family, its layout and whether it calibrates, or why it is refused."""
+    rows = ["| model type | MoE block | router | experts | calibration |", "|---|---|---|---|---|"]
     for name, r in sorted(table["families"].items()):
         if "refused" in r:
-            rows.append(f"| `{name}` | refused: {r['refused']} | | |")
+            rows.append(f"| `{name}` | refused: {r['refused']} | | | |")
             continue
         experts = ", ".join(r["experts"]) if r["fused"] else f"{r['experts'][0]}N.*"
-        kind = "stacked" if r["fused"] else "per-expert"
-        router = ", ".join(r["router"])
-        rows.append(f"| `{name}` | `{r['block']}` | `{router}` | {kind} `{experts}` |")
+        kind = "flattened" if r.get("flattened") else "stacked" if r["fused"] else "per-expert"
+        router = ", ".join(r["router"]) + (" (+ extra rows kept)" if r.get("extra_rows") else "")
+        block = f"`{r['block']}`" if r["block"] else "(the decoder layer)"
+        calibration = f"no: {r['calibration']}" if r.get("calibration") else "yes"
+        rows.append(f"| `{name}` | {block} | `{router}` | {kind} `{experts}` | {calibration} |")
     return "\n".join(rows) + "\n"
 
 

@@ -31,21 +31,27 @@ def owner(param: str) -> str:
     return param.rpartition(".")[0]
 
 
-def router_modules(model: Any, layout: Layout) -> dict[int, tuple[Any, Any, list[Any]]]:
-    """MoE layer index → (MoE block module, router module, selection biases) of ``model``, for the layers it
-    has (MTP layers beyond ``num_hidden_layers`` are not modelled by transformers). The biases are the
-    router tensors other than the weight: correction biases, ``[1, E]`` statics, a router's own bias."""
-    return {i: (p.block, p.router, list(p.biases)) for i, p in moe_parts(model, layout).items()}
-
-
 @dataclass(frozen=True)
 class MoeParts:
-    """The modules of one MoE layer in a transformers model, found from the checkpoint's tensor names."""
+    """The modules of one MoE layer in a transformers model, found from the checkpoint's tensor names.
+
+    Tensors are looked up when used: loading a layer replaces its parameters, the modules stay."""
 
     block: Any  # the module holding router and experts
-    router: Any  # the module whose ``weight`` gives the router logits
-    experts: Any  # the module holding the routed experts' weights
-    biases: tuple[Any, ...]  # selection biases: router tensors other than the weight
+    router: Any  # the block's child that computes the router logits (with ``weight``, one F.linear call)
+    experts: Any  # the block's child holding the routed experts' weights
+    bias_slots: tuple[tuple[Any, str], ...]  # (module, attribute) of each selection bias: router tensors
+    # other than the weight (correction biases, ``[1, E]`` statics, a router's own bias)
+    weight_slot: tuple[Any, str]  # (module, attribute) of the router's logit weight ``(rows, hidden)``
+
+    @property
+    def weight(self) -> Any:
+        """The router's logit weight: a routed expert per row, then any extra rows."""
+        return getattr(*self.weight_slot)
+
+    @property
+    def biases(self) -> tuple[Any, ...]:
+        return tuple(getattr(module, name) for module, name in self.bias_slots)
 
 
 def moe_parts(model: Any, layout: Layout) -> dict[int, MoeParts]:
@@ -55,19 +61,33 @@ def moe_parts(model: Any, layout: Layout) -> dict[int, MoeParts]:
     experts_names = {layer.index: (layer.fused or layer.per_expert[0])[0] for layer in layers}
     loaded = loaded_names(model, [n for layer in layers for n in layer.router] + list(experts_names.values()))
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+
+    def slot(name: str) -> tuple[Any, str]:
+        module, _, attr = name.rpartition(".")
+        return model.get_submodule(module), attr
+
     found = {}
     for layer in layers:
-        router = owner(loaded[layer.block + weight])
-        experts = _without_index(owner(loaded[experts_names[layer.index]]))
-        block = _common(router, experts)
-        biases = tuple(params[loaded[n]] for n in layer.router if n != layer.block + weight and loaded[n] in params)
+        router_owner = owner(loaded[layer.block + weight])  # e.g. mlp.gate, or LongCat's mlp.router.classifier
+        inner = owner(loaded[experts_names[layer.index]])  # e.g. mlp.experts, or DBRX's ffn.experts.mlp
+        block = _common(router_owner, inner)
+        # router and experts are the block's children on the way to their weights, not helpers below them
+        router, experts = (_child(block, name) for name in (router_owner, inner))
+        biases = tuple(slot(loaded[n]) for n in layer.router if n != layer.block + weight and loaded[n] in params)
         found[layer.index] = MoeParts(
-            model.get_submodule(block), model.get_submodule(router), model.get_submodule(experts), biases
-        )
+            model.get_submodule(block), model.get_submodule(router), model.get_submodule(experts), biases,
+            slot(loaded[layer.block + weight]),
+        )  # fmt: skip
     return found
 
 
-def _without_index(module: str) -> str:
+def _child(block: str, module: str) -> str:
+    """The child of ``block`` on the way to ``module`` (``block`` "" is the decoder layer's own children)."""
+    rest = module[len(block) + 1 :] if block else module
+    return f"{block}.{rest.split('.')[0]}" if block else rest.split(".")[0]
+
+
+def without_index(module: str) -> str:
     """``mlp.experts.3`` (one expert of a module list) → ``mlp.experts``."""
     parts = module.split(".")
     while parts and parts[-1].isdigit():

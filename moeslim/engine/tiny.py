@@ -23,11 +23,13 @@ SHRINK: dict[str, int] = {
     "qk_nope_head_dim": 8, "v_head_dim": 16, "qk_head_dim": 16, "n_shared_experts": 1, "num_shared_experts": 1,
     "moe_num_shared_experts": 1, "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8, "index_kpool": 4,
     "mamba_d_state": 16, "mamba_d_head": 16, "mamba_dt_rank": 8, "mamba_chunk_size": 16, "moe_hidden_size": 32,
-    "intermediate_size_mlp": 64, "unpadded_vocab_size": 256, "linear_head_dim": 16, "linear_num_heads": 4,
+    "intermediate_size_mlp": 64, "unpadded_vocab_size": 256, "vocab_size_per_layer_input": 256,
+    "hidden_size_per_layer_input": 16, "linear_head_dim": 16, "linear_num_heads": 4,
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "zero_expert_num": 2,
 }  # fmt: skip
 COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K = re.compile(r"^(num_experts_per_tok(en)?|experts_per_token|moe_k|moe_topk|moe_top_k|top_k)$")
+TOP_K = re.compile(r"^(num_experts_per_tok(en)?|experts_per_token|moe_k|moe_topk|moe_top_k|top_k|top_k_experts)$")
 GROUP_KEYS = ("n_group", "num_expert_group")
 TINY_LAYERS = 4
 # Dicts inside a config that are data, not sub-configs: never shrunk.
@@ -67,6 +69,9 @@ TINY_OVERRIDES: dict[str, Override] = {
         "indexer_compress_ratio": 4,
     },
     "step3p5": {"sliding_window": 512},  # the sliding mask is always built; the default leaves the window unset
+    # the MoE block is optional and off by default (the 26B-A4B release turns it on)
+    "gemma4_text": {"enable_moe_block": True, "moe_intermediate_size": 32},
+    "gemma4": {"text_config.enable_moe_block": True, "text_config.moe_intermediate_size": 32},
     "zaya": {"top_k": 1},  # "ZAYA currently supports num_experts_per_tok=1 only"
 }
 
@@ -124,6 +129,9 @@ def _shrink_values(d: dict[str, Any], experts: int, top_k: int, aliases: dict[st
     old = dict(d)
     widths = _width_keys(d)
     has_count = any(_is_int(d.get(k)) for k in COUNT_KEYS)
+    if not has_count and (unset := [k for k in COUNT_KEYS if k in d and d[k] is None]):
+        d[unset[0]] = experts  # a config that leaves the count unset by default (dots.llm1, Gemma 4's MoE)
+        has_count = True
     for k, v in list(d.items()):
         if isinstance(v, dict) and k not in _DATA_DICTS:
             for sub in v.values() if _per_layer_dict(v, 1 << 30) else [v]:
@@ -141,7 +149,7 @@ def _shrink_values(d: dict[str, Any], experts: int, top_k: int, aliases: dict[st
             d[k] = 0
         elif isinstance(v, list) and v and all(_is_int(x) and x > 0 for x in v) and (name := _per_layer_width(k)):
             d[k] = [shrink_keys[name]] * len(v)  # a width given per layer, or per modality (ERNIE-VL's experts)
-        elif k in _SHARED_KEYS and v == 0:
+        elif k in _SHARED_KEYS and v in (0, None):
             d[k] = SHRINK[k]  # an optional shared expert: in the probe, so its tensors are known
         elif not _is_int(v) or v <= 0:
             continue

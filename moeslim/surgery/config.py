@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
-from moeslim.families import Family, text_config
+from moeslim.families import Family, set_config_value, text_config
 
 
 def rewrite_config(config: dict, family: Family, keep: int, top_k: int) -> dict:
@@ -17,11 +17,9 @@ def rewrite_config(config: dict, family: Family, keep: int, top_k: int) -> dict:
     out = copy.deepcopy(config)
     scope = text_config(out)
     for key in family.count_keys:
-        if key in scope:
-            scope[key] = keep
+        set_config_value(scope, key, keep)
     for key in family.top_k_keys:
-        if key in scope:
-            scope[key] = top_k
+        set_config_value(scope, key, top_k)
     return out
 
 

@@ -50,9 +50,12 @@ def _layer_actions(
 ) -> dict[str, OutputTensor | None]:
     actions: dict[str, OutputTensor | None] = {}
     for name in layer.router + layer.fused:
-        actions[name] = slice_rows(tensors[name], kept, layer.dim_of(name))
+        info, dim = tensors[name], layer.dim_of(name)
+        actions[name] = slice_rows(info, layer.rows_of(name, kept, info.shape[dim]), dim)
     new_id = {old: new for new, old in enumerate(kept)}
-    for old, names in enumerate(layer.per_expert):
+    # tensors past the routed experts keep their place after them: expert E + i becomes len(kept) + i
+    new_id.update({old: len(kept) + old - len(layer.per_expert) for old, _ in layer.extra})
+    for old, names in [*enumerate(layer.per_expert), *layer.extra]:
         for name in names:
             info = tensors[name]
             renamed = None

@@ -9,7 +9,7 @@ from typing import Any
 
 from moeslim import __version__
 from moeslim.errors import CalibrationDataError, UsageError
-from moeslim.families import text_config
+from moeslim.families import family_of, text_config
 from moeslim.layout import Layout, resolve_layout
 from moeslim.plan import PLAN_NAME
 from moeslim.quant import quantization_config
@@ -86,6 +86,9 @@ def numeric_skip_reason(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> str | None:
     """Why the numeric comparison cannot run (no tokenizer, quantised weights), or None."""
     from moeslim.calibrate.session import TOKENIZER_FILES
 
+    calibration = family_of(ckpt_o.config).calibration
+    if calibration:
+        return f"skipped: the decoder cannot run one layer at a time ({calibration})"
     quant = quantization_config(ckpt_o.config)
     if quant:
         return f"skipped: quantised checkpoints ({quant.get('quant_method', 'quantised')}) are not run yet"

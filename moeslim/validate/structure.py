@@ -93,7 +93,8 @@ def check_experts(ckpt: Checkpoint, routing: Routing, what: str) -> None:
                         f"{what} is missing {block}{j}.{suffix} (layer {index}, expert {j});"
                         f" config.json says {routing.num_experts} experts"
                     )
-        if extra := sorted(j for j in experts if j >= routing.num_experts):
+        extra = sorted(j for j in experts if j >= routing.num_experts)
+        if extra and not family.extra_experts:
             name = f"{block}{extra[0]}.{sorted(experts[extra[0]])[0]}"
             raise StructureError(
                 f"{what} holds {name} (layer {index}, expert {extra[0]}) but config.json says"
@@ -104,7 +105,8 @@ def check_experts(ckpt: Checkpoint, routing: Routing, what: str) -> None:
 def per_expert_tensors(ckpt: Checkpoint, family: Family) -> dict[int, dict]:
     """Layer index → {expert id → tensor suffixes, "block": the experts' key prefix}."""
     prefixes = "|".join(re.escape(p) for p in family.experts)
-    pattern = re.compile(rf"^(.*?layers\.(\d+)\.{re.escape(family.block)}\.(?:{prefixes}))(\d+)\.(.+)$")
+    stack, block = re.escape(family.layers_name), re.escape(family.block_path)
+    pattern = re.compile(rf"^(.*?{stack}\.(\d+)\.{block}(?:{prefixes}))(\d+)\.(.+)$")
     found: dict[int, dict] = defaultdict(lambda: defaultdict(set))
     for name in ckpt.tensors:
         if m := pattern.match(name):
@@ -126,7 +128,7 @@ def check_with_transformers(
     from moeslim.calibrate.runner import meta_model, no_progress_bars
 
     model = meta_model(ckpt.root, torch.float32, trust_remote_code)
-    mtp = tuple(_mtp_prefix(layer.block, layout.family.block) for layer in layout.layers if layer.mtp)
+    mtp = tuple(_mtp_prefix(layer.block, layout.family) for layer in layout.layers if layer.mtp)
     quantised = bool(quantization_config(ckpt.config))
     state = {
         name: torch.empty(info.shape, dtype=getattr(torch, TORCH_DTYPES.get(info.dtype, "uint8")), device="meta")
@@ -152,11 +154,11 @@ def check_with_transformers(
     return len(state), tuple(notes)
 
 
-def _mtp_prefix(block: str, module: str) -> str:
+def _mtp_prefix(block: str, family: Family) -> str:
     """What transformers does not model of an MTP layer: ``model.layers.61.`` or, under its own root, all of
     ``mtp.`` (Qwen3-Next releases: ``mtp.layers.0.…``, ``mtp.fc.…``)."""
-    layer = block[: -len(module) - 1]
-    root = layer[: layer.rindex("layers.")]
+    layer = block[: len(block) - len(family.block_path)]
+    root = layer[: layer.rindex(f"{family.layers_name}.")]
     return root if root.endswith("mtp.") else layer
 
 
@@ -179,5 +181,5 @@ def _raise_first(what: str, missing: set, unexpected: set, mismatched: list, err
 
 
 def _where(name: str) -> str:
-    m = re.search(r"layers\.(\d+)\.", name)
+    m = re.search(r"(?:layers|blocks)\.(\d+)\.", name)
     return f"layer {m.group(1)}" if m else "outside the decoder layers"
