@@ -223,10 +223,15 @@ def family_of(config: dict) -> Family:
     return _BY_MODEL_TYPE[model_type]
 
 
+def calibration_refused(name: str, reason: str) -> UnsupportedModelError:
+    """The one-line refusal of calibrating family ``name``, whose decoder cannot run one layer at a time."""
+    return UnsupportedModelError(
+        f"calibration cannot run {name} layer by layer: {reason}; prune it with a data-free criterion"
+        " (--criterion router-norm)"
+    )
+
+
 def check_calibratable(family: Family) -> None:
     """Calibration and numeric validation run a family's decoder one layer at a time; refuse one that cannot."""
     if family.calibration:
-        raise UnsupportedModelError(
-            f"calibration cannot run {family.name} layer by layer: {family.calibration}; prune it with a data-free"
-            " criterion (--criterion router-norm)"
-        )
+        raise calibration_refused(family.name, family.calibration)

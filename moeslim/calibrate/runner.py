@@ -37,7 +37,8 @@ from moeslim.calibrate.fuse import Fusion, fill, fused_shape, plan_fusions
 from moeslim.engine.modules import loaded_names, moe_parts
 from moeslim.engine.stub import LayerProtocolError, layer_inputs, layer_list_name
 from moeslim.engine.stub import decoder_of as find_decoder
-from moeslim.errors import CheckpointError, DeviceError, UnsupportedModelError
+from moeslim.errors import CheckpointError, DeviceError
+from moeslim.families import calibration_refused
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
 
@@ -107,6 +108,7 @@ class LayerRunner:
         self._materialize_buffers()
         self.decoder = decoder_of(self.model)
         self._decoder_name = next(f"{n}." if n else "" for n, m in self.model.named_modules() if m is self.decoder)
+        self._layers_attr = layer_list_name(self.decoder) or "layers"  # "layers"; DBRX: "blocks"
         self._stack = f"{layout.family.layers_name}."  # the layer list, as tensor names spell it
         self.prefix = layout.layers[0].block.split(self._stack)[0]  # on-disk decoder prefix, e.g. "model."
         self._kwargs: dict[int, list[dict[str, Any]]] = {}
@@ -117,7 +119,7 @@ class LayerRunner:
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
-        return cast(torch.nn.ModuleList, getattr(self.decoder, layer_list_name(self.decoder) or "layers"))
+        return cast(torch.nn.ModuleList, getattr(self.decoder, self._layers_attr))
 
     @property
     def num_layers(self) -> int:
@@ -234,7 +236,7 @@ class LayerRunner:
         self._load(names)
         _release_memory(self._full_gc)  # the conversion's temporaries: cycles to collect, heap to hand back
         layer = self.decoder_layers[index]
-        prefix = f"{self._decoder_name}{layer_list_name(self.decoder)}.{index}."
+        prefix = f"{self._decoder_name}{self._layers_attr}.{index}."
         check_finite(layer, self.ckpt, names, prefix=prefix, index=index, moe=self._moe.get(index))
         return layer
 
@@ -311,10 +313,7 @@ class LayerRunner:
         try:
             return layer_inputs(self.decoder, ids)
         except LayerProtocolError as e:
-            raise UnsupportedModelError(
-                f"calibration cannot run {self.layout.family.name} layer by layer: {e}; prune it with a data-free"
-                " criterion (--criterion router-norm)"
-            ) from e
+            raise calibration_refused(self.layout.family.name, str(e)) from e
 
 
 @contextlib.contextmanager

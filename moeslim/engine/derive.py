@@ -152,10 +152,10 @@ def _layers_list(model: Any, text: dict[str, Any]) -> str | None:
     ``n_layers``, LongCat-Flash's ``num_layers``), else a per-layer list of that length (Nemotron-H's pattern)."""
     if "num_hidden_layers" in text:
         return None
-    from moeslim.engine.stub import decoder_of, layer_list_name
+    from moeslim.engine.stub import decoder_of, layers_of
 
     decoder = decoder_of(model)
-    n = len(getattr(decoder, layer_list_name(decoder) or "layers")) if decoder is not None else None
+    n = len(layers_of(decoder)) if decoder is not None else None
     alias = getattr(model.config.get_text_config(), "attribute_map", {}).get("num_hidden_layers")
     for key in (alias, "num_layers", "n_layers"):
         if key in text and _is_count(text[key]) and text[key] == n:

@@ -25,6 +25,11 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
     return None
 
 
+def layers_of(decoder: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's list of layers."""
+    return getattr(decoder, layer_list_name(decoder) or "layers")
+
+
 def layer_list_name(decoder: torch.nn.Module) -> str | None:
     """The attribute of ``decoder`` holding its layers: ``layers`` if it is a module list, else its only one."""
     if isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
@@ -36,7 +41,7 @@ def layer_list_name(decoder: torch.nn.Module) -> str | None:
 def layer_inputs(decoder: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """``decoder``'s forward on ``ids`` with its layers stubbed: the first layer's input hidden states, and the
     keyword arguments of every layer. Raises ``LayerProtocolError``."""
-    layers: torch.nn.ModuleList = getattr(decoder, layer_list_name(decoder) or "layers")
+    layers = layers_of(decoder)
     records: list[dict[str, Any]] = []
     first: list[torch.Tensor] = []
 
