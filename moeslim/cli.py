@@ -98,6 +98,13 @@ def _check_keep(routing: Routing, keep: int | None, top_k: int | None) -> None:
         check_feasible(routing, keep, routing.top_k if top_k is None else top_k)
 
 
+def _leader(device: str) -> bool:
+    """Whether this process reports and writes: always, except the ranks other than 0 of a torchrun."""
+    from moeslim.calibrate.ranks import current
+
+    return current(device).leader
+
+
 @app.command(name="slim")
 def slim_command(
     src: Annotated[str, typer.Argument(help="Local checkpoint folder, or a Hub repo id (org/name).")],
@@ -148,6 +155,8 @@ def slim_command(
         ),
     )  # fmt: skip
     result = slim(opts)
+    if not _leader(device):
+        return  # under torchrun rank 0 reports
     typer.echo(
         f"kept {result.plan.keep} of {result.plan.num_experts} experts in {len(result.plan.kept)} layers"
         f" ({result.plan.criterion}); wrote {human_bytes(result.bytes_written)} in {result.shards} shard(s)"
@@ -205,6 +214,8 @@ def validate_command(
     sources = ((original, revision), (pruned, None))
     roots = [resolve_source(src, rev, preflight=lambda config: None) for src, rev in sources]
     report = validate(roots[0], roots[1], opts)
+    if not _leader(device):
+        return  # under torchrun rank 0 reports and writes
     typer.echo(format_report(report))
     if not is_hub_source(pruned):
         typer.echo(f"wrote {write_report(report, roots[1])}")
@@ -260,6 +271,8 @@ def calibrate(
     )  # fmt: skip
     ckpt = open_checkpoint(src)
     stats, meta = run_calibration(ckpt, resolve_layout(ckpt), opts, out=out, overwrite=overwrite)
+    if not _leader(device):
+        return
     cal = meta["calibration"]
     typer.echo(f"calibrated {len(stats.layers)} MoE layers on {cal['tokens']} tokens ({cal['data']}); wrote {out}")
 

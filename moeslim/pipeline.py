@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shlex
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,17 @@ import numpy as np
 from tqdm import tqdm
 
 from moeslim.calibrate.options import CalibrationOptions
+from moeslim.calibrate.ranks import Ranks, current
 from moeslim.calibrate.statistics import HALVES, Statistics
-from moeslim.criteria import CRITERIA, DATA_FREE, DEFAULT_CRITERION, calibrated_scores, is_calibrated, layer_scores
+from moeslim.criteria import (
+    AUTO,
+    CRITERIA,
+    DATA_FREE,
+    DEFAULT_CRITERION,
+    calibrated_scores,
+    is_calibrated,
+    layer_scores,
+)
 from moeslim.errors import MoeslimError, PlanError
 from moeslim.families import check_calibratable, text_config
 from moeslim.hub import resolve_source
@@ -82,6 +92,9 @@ def slim(opts: SlimOptions) -> SlimResult:
     ckpt = open_checkpoint(root)
     layout = resolve_layout(ckpt)
     copied, skipped = extra_files(ckpt.root, ckpt.shards)
+    ranks = current(opts.calibration.device)
+    if not ranks.leader:
+        return _follow(root, ckpt, layout, opts, ranks, skipped)
     with contextlib.ExitStack() as held:
         out = opts.out or (default_out(opts.source, opts.keep) if opts.keep is not None else None)
         if out is not None:
@@ -93,6 +106,19 @@ def slim(opts: SlimOptions) -> SlimResult:
         total, shards, report = _write(ckpt, layout, plan, out, copied, shard_limit, opts)
     url = _push(out, push) if push and not kl_exceeds(report or {}, opts.max_kl) else None
     return SlimResult(out, plan, total, shards, skipped, url, report)
+
+
+def _follow(
+    root: Path, ckpt: Checkpoint, layout: Layout, opts: SlimOptions, ranks: Ranks, skipped: list[Path]
+) -> SlimResult:
+    """A rank other than 0 under torchrun: it calibrates and validates its share with rank 0, which alone claims,
+    writes and pushes the output; its result holds the same plan and validation, and nothing written."""
+    plan = make_plan(ckpt, layout, opts)
+    out = opts.out or default_out(opts.source, plan.keep)
+    report = None
+    if opts.validation is not None:
+        report = validate(root, Path(ranks.from_leader(None)), opts.validation)
+    return SlimResult(out, plan, 0, 0, skipped, None, report)
 
 
 @contextlib.contextmanager
@@ -137,6 +163,7 @@ def _validate(root: Path, tmp: Path, opts: SlimOptions) -> dict | None:
     """
     if opts.validation is None:
         return None
+    current(opts.calibration.device).from_leader(str(tmp))  # the other ranks of a torchrun validate with us
     report = {**validate(root, tmp, opts.validation), "original": str(opts.source), "pruned": "."}
     write_report(report, tmp)
     return report
@@ -189,22 +216,29 @@ def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions) -> Plan:
         raise PlanError("say how many experts to keep per layer: pass --keep N (or --plan FILE)")
     if opts.criterion not in CRITERIA:
         raise PlanError(f"unknown --criterion {opts.criterion!r}; choose one of {', '.join(CRITERIA)}")
-    if opts.progressive and not is_calibrated(opts.criterion):
-        raise PlanError(f"--progressive needs a calibrated criterion, not {opts.criterion}")
+    if opts.progressive and (opts.criterion == AUTO or not is_calibrated(opts.criterion)):
+        raise PlanError(f"--progressive needs one calibrated criterion such as ean, not {opts.criterion}")
     top_k = layout.top_k if opts.top_k is None else opts.top_k
     check_feasible(layout, opts.keep, top_k)
     calibration: dict = {}
-    if is_calibrated(opts.criterion):
-        scores, calibration = _calibrated(ckpt, layout, opts, opts.keep)
+    criterion = opts.criterion
+    if criterion == AUTO and opts.stats is None:
+        criterion, scores, calibration = _auto(ckpt, layout, opts, opts.keep)
+    elif is_calibrated(criterion):
+        if criterion == AUTO:
+            criterion = "ean"
+            print("moeslim: note: --stats given, and auto measures candidate plans while it calibrates; using the"
+                  " statistics' ean scores (pass --criterion to choose another)", file=sys.stderr)  # fmt: skip
+        scores, calibration = _calibrated(ckpt, layout, dataclasses.replace(opts, criterion=criterion), opts.keep)
     else:
-        scores = DATA_FREE[opts.criterion](ckpt, layout, opts.seed)
+        scores = DATA_FREE[criterion](ckpt, layout, opts.seed)
     return Plan(
         model_type=str(text_config(ckpt.config)["model_type"]),
         num_experts=layout.num_experts,
         top_k=top_k,
         kept=select(layout, scores, opts.keep),
-        criterion=opts.criterion,
-        seed=opts.seed if opts.criterion == "random" else None,
+        criterion=criterion,
+        seed=opts.seed if criterion == "random" else None,
         scores={i: tuple(float(x) for x in s) for i, s in scores.items()},
         calibration=calibration,
     )
@@ -228,13 +262,41 @@ def _calibrated(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, keep: int) 
             raise PlanError("--progressive and the statistics disagree: calibrate again with the same --progressive")
     else:
         stats, meta = run_calibration(ckpt, layout, opts.calibration, progressive=progressive)
+    info = {**meta["calibration"], "progressive": opts.progressive,
+            "stability": _stability(criterion, stats, layout, keep)}  # fmt: skip
+    return calibrated_scores(criterion, stats, ckpt, layout), info
+
+
+def _stability(criterion: str, stats: Statistics, layout: Layout, keep: int) -> dict[str, float]:
+    """Per layer, the agreement (Jaccard) of the kept sets chosen from the two calibration halves."""
     stability = {}
     for index in stats.layers:
         a, b = (layer_scores(criterion, stats, index, half) for half in HALVES)
         if a is not None and b is not None:
             stability[str(index)] = round(jaccard(select_one(layout, a, keep), select_one(layout, b, keep)), 4)
-    info = {**meta["calibration"], "progressive": opts.progressive, "stability": stability}
-    return calibrated_scores(criterion, stats, ckpt, layout), info
+    return stability
+
+
+def _auto(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, keep: int) -> tuple[str, dict, dict]:
+    """Calibrate once with every candidate criterion's plan measured on held-out calibration batches
+    (``calibrate/trials.py``); the winner's scores, with every candidate's measured KL in the provenance."""
+    from moeslim.calibrate.session import check_runnable, run_calibration
+    from moeslim.calibrate.trials import CANDIDATES, PlanTrials
+
+    check_runnable(ckpt, layout)  # before the data-free candidates read any weight
+    fixed = {name: DATA_FREE[name](ckpt, layout, None) for name in CANDIDATES if name in DATA_FREE}
+
+    def scores_of(name: str, index: int, stats: Statistics) -> np.ndarray:
+        return fixed[name][index] if name in fixed else _require(layer_scores(name, stats, index), name, index)
+
+    trials = PlanTrials(layout, keep, scores_of)
+    stats, meta = run_calibration(ckpt, layout, opts.calibration, trials=trials)
+    winner = trials.winner or CANDIDATES[0]
+    scores = fixed[winner] if winner in fixed else calibrated_scores(winner, stats, ckpt, layout)
+    stability = {} if winner in fixed else _stability(winner, stats, layout, keep)
+    info = {**meta["calibration"], "progressive": False, "stability": stability,
+            "auto": {"chose": winner, "held_out_batches": len(trials.held), "kl": trials.kl}}  # fmt: skip
+    return winner, scores, info
 
 
 def _require(scores: np.ndarray | None, criterion: str, index: int) -> np.ndarray:

@@ -62,9 +62,11 @@ def test_the_rule_keeps_the_incumbent_among_equals_and_moves_off_a_loser() -> No
 
 
 def test_moeslim_default_is_the_one_the_committed_study_chooses() -> None:
-    """Rerunning the study rewrites these JSON files; if the rule then picks another criterion, this fails until
-    ``moeslim.criteria.DEFAULT_CRITERION`` follows."""
-    all_data = {name: render.load(QUALITY / f"{name}.json") for name in ("mixtral", "deepseek")}
-    assert all(d["decide"] == d["experts"] // 2 for d in all_data.values())  # the issue's keep 50 %
+    """Rerunning the study rewrites these JSON files; if the rule (over every fixture and every keep) then picks
+    another criterion, this fails until ``moeslim.criteria.DEFAULT_CRITERION`` follows."""
+    all_data = {name: render.load(QUALITY / f"{name}.json") for name in ("mixtral", "deepseek", "qwen3")}
+    points = render.operating_points(all_data)
+    assert len(points) == 8  # 3 fixtures × keep 75 %, 50 %, 25 %; DeepSeek's grouped router cannot keep 25 %
+    assert all(DEFAULT_CRITERION in plans and len(plans[DEFAULT_CRITERION].kl[0]) == 256 for plans in points.values())
     choice, lost = render.decide_default(all_data)
     assert choice == DEFAULT_CRITERION, lost

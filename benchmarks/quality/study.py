@@ -39,7 +39,7 @@ from pathlib import Path
 from render import CANDIDATES, Result, load, report, save, splice
 
 from moeslim.calibrate.session import CalibrationOptions, run_calibration
-from moeslim.criteria import DEFAULT_CRITERION, is_calibrated
+from moeslim.criteria import AUTO, DEFAULT_CRITERION, is_calibrated
 from moeslim.errors import PlanError
 from moeslim.layout import resolve_layout
 from moeslim.pipeline import SlimOptions, slim
@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = {
     "mixtral": ROOT / "fixtures/trained/tiny-mixtral-16e",
     "deepseek": ROOT / "fixtures/trained/tiny-deepseek-16e",
+    "qwen3": ROOT / "fixtures/trained/tiny-qwen3-64e",
 }
 PROGRESSIVE = ["frequency", "gate-mass", "ean", "reap"]
 PIECE_CHARS = 1500
@@ -68,11 +69,11 @@ class Settings:
     eval_samples: int = 256  # × 128 tokens
     sizes: tuple[int, ...] = (16, 64, 256)  # calibration samples for the size experiment
     size_criteria: tuple[str, ...] = ("ean", "reap", "frequency")
-    fixtures: tuple[str, ...] = ("mixtral", "deepseek")
+    fixtures: tuple[str, ...] = ("mixtral", "deepseek", "qwen3")
 
 
 SMOKE = Settings(
-    keeps=(0.5,), criteria=["router-norm", "ean"], progressive=["ean"], random_seeds=2, calib_samples=16,
+    keeps=(0.5,), criteria=["router-norm", "ean", "auto"], progressive=["ean"], random_seeds=2, calib_samples=16,
     calib_seeds=2, eval_samples=8, sizes=(8, 16), size_criteria=("ean",), fixtures=("mixtral",),
 )  # fmt: skip
 
@@ -156,7 +157,7 @@ def run(model: Path, work: Path, keep: int, criterion: str, calib: Path, samples
     calibrated = is_calibrated(criterion)
     calibration = CalibrationOptions(calib=str(calib), samples=samples, seq_len=128, seed=seed or 0)
     stats = None
-    if calibrated and not progressive:
+    if calibrated and not progressive and criterion != AUTO:
         stats = work / f"stats-{calib.stem}-{samples}-{seed or 0}"
         if not (stats / "stats.json").is_file():
             ckpt = open_checkpoint(model)
@@ -175,7 +176,7 @@ def study_fixture(name: str, model: Path, work: Path, s: Settings, log: Callable
     began = time.perf_counter()
     texts = make_texts(model, work)
     config = json.loads((model / "config.json").read_text())
-    experts = int(config.get("n_routed_experts") or config["num_local_experts"])
+    experts = int(config.get("n_routed_experts") or config.get("num_local_experts") or config["num_experts"])
     decide = round(experts * s.decide)
     rows: list[Result] = []
     original: dict[str, float] = {}
@@ -191,7 +192,7 @@ def study_fixture(name: str, model: Path, work: Path, s: Settings, log: Callable
             return Result(name, keep, label, seed, None, None, None, None, 0.0, str(e))
         original.setdefault(str(eval_text), r["perplexity_original"])
         per = r["per_sequence"]
-        paired = {"kl": rounded(per["kl"]), "nll": rounded(per["nll_pruned"])} if keep == decide else None
+        paired = {"kl": rounded(per["kl"]), "nll": rounded(per["nll_pruned"])}
         res = Result(name, keep, label, seed, r["perplexity_pruned"], r["kl_mean"], r["top1_agreement"],
                      r["stability"], time.perf_counter() - start, per_sequence=paired)  # fmt: skip
         log(f"  {name} keep {keep}: {label:24s} seed {seed!s:4s} ppl {res.perplexity:8.3f}  KL {res.kl:.4f}"

@@ -42,8 +42,15 @@ def clear_stats(folder: Path) -> None:
         path.unlink(missing_ok=True)
     for name in WORK_DIRS:
         shutil.rmtree(folder / name, ignore_errors=True)
+    for path in folder.glob("resume.rank*"):  # the boundaries of the processes of a torchrun
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _ours(rel: str) -> bool:
     first = rel.split("/", 1)[0]
-    return first in STATS_FILES or first in WORK_DIRS or (first.startswith("stats.") and first.endswith(".tmp"))
+    return (
+        first in STATS_FILES
+        or first in WORK_DIRS
+        or first.startswith("resume.rank")
+        or (first.startswith("stats.") and first.endswith(".tmp"))
+    )

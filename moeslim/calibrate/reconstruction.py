@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from moeslim.calibrate.masking import mask_router
+from moeslim.calibrate.ranks import Ranks
 from moeslim.engine.modules import MoeParts
 from moeslim.layout import Routing
 
@@ -33,8 +34,7 @@ class ReconstructionSampler:
         def on_router(module: torch.nn.Module, args: tuple) -> None:
             hidden = args[0].reshape(-1, args[0].shape[-1])
             room = self.max_tokens - sum(x.shape[0] for x in self._inputs)
-            if room > 0:
-                self._inputs.append(hidden[:room].detach().clone())
+            self._inputs.append(hidden[: max(room, 0)].detach().clone())  # one entry per call, maybe empty
             self._router_args = args[1:]  # e.g. MiniMax passes its correction bias: a live buffer
 
         handle = self.router.register_forward_pre_hook(on_router)
@@ -42,6 +42,18 @@ class ReconstructionSampler:
             yield
         finally:
             handle.remove()
+
+    def share(self, batches: list[int], ranks: Ranks) -> None:
+        """Under several ``ranks``, where each ran ``batches`` (global indices, one router call each, in order):
+        the sample becomes the first ``max_tokens`` of all ranks' batches in global order, as one process takes."""
+        if ranks.world == 1:
+            return
+        gathered = ranks.gather(list(zip(batches, self._inputs, strict=True)))
+        inputs = sorted((pair for part in gathered for pair in part), key=lambda pair: pair[0])
+        self._inputs = []
+        for _, x in inputs:
+            room = self.max_tokens - sum(t.shape[0] for t in self._inputs)
+            self._inputs.append(x[: max(room, 0)])
 
     @torch.no_grad()
     def scores(self, routing: Routing) -> np.ndarray:

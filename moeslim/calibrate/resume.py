@@ -42,9 +42,10 @@ class Boundary:
     store: Activations
 
 
-def save_boundary(out: Path, boundary: Boundary, layers_done: list[int], meta: dict) -> None:
-    """Save ``boundary`` in ``out/resume/``, replacing the previous one; ``layers_done``: those in stats.json."""
-    partial, final = out / PARTIAL, out / RESUME
+def save_boundary(out: Path, boundary: Boundary, layers_done: list[int], meta: dict, tag: str = "") -> None:
+    """Save ``boundary`` in ``out/resume/`` (``resume.rank0of2/`` and alike, one per process, under torchrun),
+    replacing the previous one; ``layers_done``: those in stats.json."""
+    partial, final = out / f"{RESUME}{tag}.tmp", out / f"{RESUME}{tag}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     for b in range(len(boundary.store)):  # a spilled store is read back one batch at a time
@@ -60,7 +61,7 @@ def save_boundary(out: Path, boundary: Boundary, layers_done: list[int], meta: d
 
 def load_boundary(
     out: Path, meta: dict, pending: list[int], batches: list[tuple[int, int]], dtype: torch.dtype,
-    max_bytes: int | None,
+    max_bytes: int | None, tag: str = "",
 ) -> Boundary | None:  # fmt: skip
     """The boundary saved in ``out`` for the calibration ``meta``, or None (absent, or unusable: noted on stderr).
 
@@ -70,7 +71,7 @@ def load_boundary(
     """
     from moeslim.calibrate.runner import Activations  # transformers' model code: imported when used
 
-    folder = out / RESUME
+    folder = out / f"{RESUME}{tag}"
     if not folder.exists():
         return None
     try:
@@ -85,9 +86,9 @@ def load_boundary(
 
 
 def drop_boundary(out: Path) -> None:
-    """Remove the boundary once calibration is complete."""
-    for name in (PARTIAL, RESUME):
-        shutil.rmtree(out / name, ignore_errors=True)
+    """Remove the boundaries (one per process of a torchrun) once calibration is complete."""
+    for path in [out / PARTIAL, out / RESUME, *out.glob(f"{RESUME}.rank*")]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def identity(meta: dict) -> str:

@@ -125,12 +125,16 @@ class LayerRunner:
     def num_layers(self) -> int:
         return len(self.decoder_layers)
 
-    def embed(self, tokens: torch.Tensor, batch_size: int, max_bytes: int | None = None) -> Activations:
-        """The first decoder layer's input for ``tokens`` ``(samples, seq)``, in batches, from the model's own
-        forward (embedding scale, hyper-connection streams and all); also captures each layer's call arguments."""
+    def embed(
+        self, tokens: torch.Tensor, batch_size: int, max_bytes: int | None = None, only: list[int] | None = None
+    ) -> Activations:
+        """The first decoder layer's input for ``tokens`` ``(samples, seq)``, in batches (those numbered ``only``, if
+        given), from the model's own forward (embedding scale, hyper-connection streams and all); also captures
+        each layer's call arguments."""
         self._load_embedding()
         store = Activations(max_bytes)
-        for ids in tokens.split(batch_size):
+        batches = tokens.split(batch_size)
+        for ids in batches if only is None else [batches[b] for b in only]:
             first, kwargs = self._capture_layer_kwargs(ids.to(self.device))
             self._kwargs.setdefault(ids.shape[0], kwargs)
             store.append(first)
@@ -173,9 +177,13 @@ class LayerRunner:
         """Run ``layer`` over the cached batches (all by default); with ``update`` outputs replace inputs."""
         for b in range(len(store)) if batches is None else batches:
             hidden = store[b].to(self.device)
-            out = layer(hidden, **self._kwargs[hidden.shape[0]][index])
+            out = layer(hidden, **self.layer_kwargs(hidden.shape[0], index))
             if update:
                 store[b] = out[0] if isinstance(out, tuple) else out
+
+    def layer_kwargs(self, batch: int, index: int) -> dict[str, Any]:
+        """The call arguments (masks, rotary) of decoder layer ``index`` for a batch of ``batch`` sequences."""
+        return self._kwargs[batch][index]
 
     @contextlib.contextmanager
     def loaded(self, index: int) -> Iterator[torch.nn.Module]:

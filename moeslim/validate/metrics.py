@@ -38,6 +38,17 @@ class TokenMetrics:
         self.nll_original.append(-lo.gather(-1, index).flatten().cpu().numpy())
         self.nll_pruned.append(-lp.gather(-1, index).flatten().cpu().numpy())
 
+    @classmethod
+    def merge(cls, parts: list[TokenMetrics]) -> TokenMetrics:
+        """The tokens of every part together (metrics of several processes' shares)."""
+        if len(parts) == 1:
+            return parts[0]
+        merged = cls()
+        for part in parts:
+            for name in ("sequence", "kl", "agree", "nll_original", "nll_pruned"):
+                getattr(merged, name).extend(getattr(part, name))
+        return merged
+
     def summary(self) -> dict[str, float]:
         kl = np.concatenate(self.kl)
         return {

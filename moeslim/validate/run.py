@@ -107,6 +107,7 @@ def tokenizer_of(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> Any:
 
 def numeric(ckpt_o: Checkpoint, ckpt_p: Checkpoint, structure: Structure, opts: ValidateOptions) -> dict:
     """Metrics, per-layer errors and generations on held-out tokens."""
+    from moeslim.calibrate.ranks import current, rank_device
     from moeslim.calibrate.runner import LayerRunner
     from moeslim.calibrate.session import parse_dtype
     from moeslim.validate.generate import generations, skip_reason
@@ -118,17 +119,22 @@ def numeric(ckpt_o: Checkpoint, ckpt_p: Checkpoint, structure: Structure, opts: 
     held = load_heldout(opts.calib, tokenizer, plan_calibration(ckpt_p.root), samples=opts.samples,
                         seq_len=opts.seq_len, seed=opts.seed)  # fmt: skip
     layout_o = resolve_layout(ckpt_o)
-    runners = [LayerRunner(c, lay, opts.device, dtype, opts.trust_remote_code)
+    ranks = current(opts.device)  # under torchrun each process validates a share of the batches
+    device = rank_device(opts.device)
+    runners = [LayerRunner(c, lay, device, dtype, opts.trust_remote_code)
                for c, lay in ((ckpt_o, layout_o), (ckpt_p, structure.layout))]  # fmt: skip
     try:
         trunk = {layer.index for layer in layout_o.layers if not layer.mtp}
-        result = compare(runners[0], runners[1], held.tokens, opts.batch_size, trunk)
+        result = compare(runners[0], runners[1], held.tokens, opts.batch_size, trunk, ranks)
     finally:
         for runner in runners:
             runner.close()
     del runners
     skip = skip_reason(ckpt_o, ckpt_p, dtype, opts.generations)
-    gens = [] if skip else generations(ckpt_o.root, ckpt_p.root, tokenizer, dtype, opts.device, opts.generations)
+    if skip or not ranks.leader:  # the report is rank 0's
+        gens = []
+    else:
+        gens = generations(ckpt_o.root, ckpt_p.root, tokenizer, dtype, device, opts.generations)
     return {
         **result.metrics,
         "summary": summary(held.to_dict()),

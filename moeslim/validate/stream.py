@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from moeslim.calibrate.ranks import SINGLE, Ranks
 from moeslim.calibrate.runner import Activations, LayerRunner
 from moeslim.errors import CheckpointError, DeviceError
 from moeslim.validate.metrics import RelativeError, TokenMetrics, position_chunks
@@ -30,24 +32,32 @@ class Comparison:
 
 
 def compare(
-    original: LayerRunner, pruned: LayerRunner, tokens: torch.Tensor, batch_size: int, moe_layers: set[int]
+    original: LayerRunner,
+    pruned: LayerRunner,
+    tokens: torch.Tensor,
+    batch_size: int,
+    moe_layers: set[int],
+    ranks: Ranks = SINGLE,
 ) -> Comparison:
-    """Run both models over ``tokens`` ``(samples, seq_len)``; see the module docstring."""
-    a = original.embed(tokens, batch_size)
-    b = pruned.embed(tokens, batch_size)
+    """Run both models over ``tokens`` ``(samples, seq_len)``; see the module docstring. With several ``ranks``
+    each runs its share of the batches, and every rank ends with the metrics of all of them."""
+    mine = ranks.share(math.ceil(tokens.shape[0] / batch_size))
+    a = original.embed(tokens, batch_size, only=mine)
+    b = pruned.embed(tokens, batch_size, only=mine)
     for runner in (original, pruned):
         runner.unload_embedding()
     errors = {}
-    for i in tqdm(range(original.num_layers), desc="validating", unit="layer", disable=None):
+    quiet = None if ranks.leader else True
+    for i in tqdm(range(original.num_layers), desc="validating", unit="layer", disable=quiet):
         for runner, store in ((original, a), (pruned, b)):
             with runner.loaded(i) as layer:
                 runner.forward(i, layer, store)
         if i in moe_layers:
-            errors[i] = relative_error(a, b)
+            errors[i] = relative_error(a, b, ranks)
             require_finite({"relative_error": errors[i]}, f"after layer {i}", original.dtype)
     original.load_head()
     pruned.load_head()
-    metrics = score(original, pruned, tokens, batch_size, a, b)
+    metrics = TokenMetrics.merge(ranks.gather(score(original, pruned, tokens, batch_size, a, b, mine)))
     summary = metrics.summary()
     require_finite(summary, "from the logits", original.dtype)
     return Comparison(summary, errors, metrics.per_sequence())
@@ -67,20 +77,28 @@ def require_finite(values: dict[str, float], where: str, dtype: torch.dtype) -> 
                           " activations overflow; the checkpoint's weights are probably broken")  # fmt: skip
 
 
-def relative_error(a: Activations, b: Activations) -> float:
+def relative_error(a: Activations, b: Activations, ranks: Ranks = SINGLE) -> float:
     error = RelativeError()
     for k in range(len(a)):
         error.add(a[k], b[k])
+    error.diff, error.norm = (float(x) for x in ranks.sum(np.array([error.diff, error.norm])))
     return error.value
 
 
 def score(
-    original: LayerRunner, pruned: LayerRunner, tokens: torch.Tensor, batch_size: int, a: Activations, b: Activations
+    original: LayerRunner,
+    pruned: LayerRunner,
+    tokens: torch.Tensor,
+    batch_size: int,
+    a: Activations,
+    b: Activations,
+    batches: list[int],
 ) -> TokenMetrics:
-    """Next-token metrics of every position but the last of each sequence, in the same chunks for both models."""
+    """Next-token metrics of every position but the last of each sequence, in the same chunks for both models;
+    ``a`` and ``b`` hold the hidden states of ``batches``."""
     metrics = TokenMetrics()
     vocab = int(original.model.config.get_text_config().vocab_size)
-    for k, start in enumerate(range(0, tokens.shape[0], batch_size)):
+    for k, start in enumerate(batch * batch_size for batch in batches):
         ids = tokens[start : start + batch_size]
         rows = torch.arange(start, start + ids.shape[0])
         for positions in position_chunks(ids.shape[1] - 1, ids.shape[0], vocab):
