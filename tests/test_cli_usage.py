@@ -77,25 +77,31 @@ def test_our_errors_stay_one_line(capsys) -> None:
 
 
 @pytest.fixture
-def silent_endpoint() -> Iterator[str]:
-    """A Hub address that accepts connections and never answers: a download waits there until interrupted."""
+def silent_endpoint() -> Iterator[socket.socket]:
+    """A Hub server that accepts connections and never answers: a download waits there until interrupted."""
     with socket.create_server(("127.0.0.1", 0)) as server:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+        yield server
 
 
-def test_ctrl_c_is_one_line_and_exit_130(silent_endpoint: str, tmp_path: Path) -> None:
-    """SIGINT arrives half a second into ``main()``, while it waits for the Hub (the timer is armed after imports)."""
-    code = (
-        "import signal, sys; from moeslim.cli import main;"
-        " signal.signal(signal.SIGALRM, lambda *_: signal.raise_signal(signal.SIGINT));"
-        " signal.setitimer(signal.ITIMER_REAL, 0.5); sys.argv = ['moeslim', 'inspect', 'org/model']; main()"
-    )
+def test_ctrl_c_is_one_line_and_exit_130(silent_endpoint: socket.socket, tmp_path: Path) -> None:
+    """SIGINT arrives while ``inspect`` waits for the Hub: sent once the request has reached the server (not on a
+    timer, which a slow first import of a fresh environment can outrun)."""
+    url = f"http://127.0.0.1:{silent_endpoint.getsockname()[1]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT=silent_endpoint, HF_HOME=str(tmp_path / "hf"), NO_PROXY="127.0.0.1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert done.returncode == 128 + signal.SIGINT, done
-    assert done.stderr.strip() == "moeslim: interrupted", done.stderr
+    env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf"), NO_PROXY="127.0.0.1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "moeslim", "inspect", "org/model"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        silent_endpoint.settimeout(120)
+        connection, _ = silent_endpoint.accept()  # the request is on its way: moeslim now waits for an answer
+        with connection:
+            connection.recv(1)  # its first byte has arrived
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.strip() == "moeslim: interrupted", stderr
 
 
 @pytest.fixture
