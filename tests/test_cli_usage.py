@@ -89,8 +89,11 @@ def test_ctrl_c_is_one_line_and_exit_130(silent_endpoint: socket.socket, tmp_pat
     url = f"http://127.0.0.1:{silent_endpoint.getsockname()[1]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf"), NO_PROXY="127.0.0.1", PYTHONPATH=str(ROOT))
+    # as from a terminal: a test run started in the background (`cmd &`) inherits SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "moeslim", "inspect", "org/model"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         silent_endpoint.settimeout(120)
         connection, _ = silent_endpoint.accept()  # the request is on its way: moeslim now waits for an answer
