@@ -15,6 +15,7 @@ from moeslim.errors import CheckpointError, PlanError
 from moeslim.floats import read_float
 from moeslim.layout import Layout, MoeLayer
 from moeslim.plan import check_finite_scores
+from moeslim.quant import READABLE, quantization_config, unreadable
 from moeslim.shards import FLOAT_DTYPES
 from moeslim.source import Checkpoint
 
@@ -36,7 +37,9 @@ def router_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Sc
 
 
 def weight_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Scores:
-    """L2 norm of all of an expert's weights together, FP8 block scales applied, biases and scales excluded."""
+    """L2 norm of all of an expert's weights together (quantised ones dequantised), biases and scales excluded."""
+    if quantization_config(ckpt.config):
+        return _dequantised_weight_norm(ckpt, layout)
     out = {}
     for layer in layout.layers:
         sq = np.zeros(layout.num_experts)
@@ -45,6 +48,35 @@ def weight_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Sc
                 sq[j] += _sq_norm(ckpt, name, None if layer.per_expert else j, where=(layer.index, j))
         out[layer.index] = np.sqrt(sq)
         check_finite_scores(out[layer.index], layer.index, "weight-norm")
+    return out
+
+
+def _dequantised_weight_norm(ckpt: Checkpoint, layout: Layout) -> Scores:
+    """``weight_norm`` of a quantised checkpoint: each expert's weights dequantised as calibration reads them
+    (``calibrate/dequant.py``), one expert at a time."""
+    method = unreadable(ckpt.config)
+    if method:
+        raise PlanError(f"weight-norm cannot dequantise {method} expert weights (it reads {READABLE}); use router-norm")
+    from moeslim.calibrate.dequant import Reader, dense_items
+
+    out = {}
+    with Reader() as reader:
+        for layer in layout.layers:
+            sq = np.zeros(layout.num_experts)
+            for j in range(layout.num_experts):
+                items = dense_items(ckpt, layer.per_expert[j] if layer.per_expert else layer.fused)
+                for item in items:
+                    if _is_side_tensor(item.name):
+                        continue
+                    w = reader.dense(item, None if layer.per_expert else j).double()
+                    if not bool(w.isfinite().all()):
+                        raise CheckpointError(
+                            f"layer {layer.index}: expert {j} has non-finite values in {item.name};"
+                            " the checkpoint is corrupt, re-download it"
+                        )
+                    sq[j] += float(w.square().sum())
+            out[layer.index] = np.sqrt(sq)
+            check_finite_scores(out[layer.index], layer.index, "weight-norm")
     return out
 
 
@@ -125,7 +157,7 @@ def _weight_tensors(ckpt: Checkpoint, layer: MoeLayer, j: int) -> list[str]:
         if ckpt.tensors[name].dtype not in FLOAT_DTYPES:
             raise PlanError(
                 f"weight-norm needs floating-point expert weights, but {name} is {ckpt.tensors[name].dtype}"
-                " (packed quantisation); use --criterion router-norm"
+                " (not floating point); use --criterion router-norm"
             )
     return weights
 
@@ -149,12 +181,6 @@ def _check_finite_rows(w: np.ndarray, index: int, name: str) -> None:
 def _sq_norm(ckpt: Checkpoint, name: str, row: int | None, where: tuple[int, int]) -> float:
     """Squared L2 norm of one expert's weight (one row of a fused tensor); ``where`` is (layer, expert)."""
     w = _read(ckpt, name, row)  # float32
-    scale_name = name + "_scale_inv"
-    if scale_name in ckpt.tensors:  # FP8 block scaling: one scale per (block, block) tile
-        scale = _read(ckpt, scale_name, row)
-        bo, bi = -(-w.shape[-2] // scale.shape[-2]), -(-w.shape[-1] // scale.shape[-1])
-        full = scale.repeat(bo, axis=-2).repeat(bi, axis=-1)
-        w = w * full[..., : w.shape[-2], : w.shape[-1]]
     if not np.isfinite(w).all():
         raise CheckpointError(
             f"layer {where[0]}: expert {where[1]} has non-finite values in {name};"

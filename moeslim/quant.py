@@ -14,3 +14,24 @@ def quantization_config(config: dict) -> dict:
     when the checkpoint is not quantised."""
     found = text_config(config).get("quantization_config") or config.get("quantization_config") or {}
     return found if isinstance(found, dict) else {}
+
+
+#: formats whose weights calibration and validation dequantise layer by layer (``calibrate/dequant.py``)
+READABLE = "fp8 block-scaled, mxfp4 and compressed-tensors pack-quantized"
+
+
+def unreadable(config: dict) -> str | None:
+    """The quantisation of ``config`` that calibration cannot dequantise (``"gptq"``, ``"compressed-tensors
+    float-quantized"``), or None when it is unquantised or readable."""
+    quant = quantization_config(config)
+    if not quant:
+        return None
+    method = str(quant.get("quant_method", "quantised"))
+    if method in ("fp8", "mxfp4"):
+        return None
+    if method == "compressed-tensors":
+        default = str(quant.get("format", ""))
+        groups = [g for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)]
+        formats = sorted({str(g.get("format") or default) for g in groups} or {default})
+        return None if formats == ["pack-quantized"] else f"{method} {', '.join(formats)}"
+    return method

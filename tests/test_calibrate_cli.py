@@ -141,9 +141,20 @@ def test_stats_of_another_model_are_refused(built, calib: Path, tmp_path: Path, 
     assert not (tmp_path / "o").exists()
 
 
-def test_quantised_checkpoint_calibration_is_refused_with_the_way_out(
-    built, calib: Path, tmp_path: Path, capsys
+@pytest.mark.parametrize(
+    ("quant", "method"),
+    [
+        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq"),
+        ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "compressed-tensors float-quantized"),
+    ],
+)
+def test_unreadable_quantisation_is_refused_with_the_way_out(
+    built, calib: Path, tmp_path: Path, capsys, quant: dict, method: str
 ) -> None:
-    code, _, err = run_cli(["slim", str(built("gpt_oss_mxfp4")), "--keep", "4", "--out", str(tmp_path / "o")], capsys)
-    _fails(code, err, "calibration does not run quantised checkpoints yet (mxfp4); use a data-free --criterion")
+    src = Path(shutil.copytree(built("qwen3_moe"), tmp_path / "src"))
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    code, _, err = run_cli(["slim", str(src), "--keep", "4", "--out", str(tmp_path / "o")], capsys)
+    _fails(code, err, f"calibration cannot dequantise {method} checkpoints yet (it reads fp8 block-scaled, mxfp4")
+    assert "use a data-free --criterion such as router-norm" in err
     assert not (tmp_path / "o").exists()

@@ -14,13 +14,13 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from moeslim.calibrate.fuse import read
+from moeslim.calibrate.dequant import read
 from moeslim.errors import CheckpointError, DeviceError
 from moeslim.layout import MoeLayer
 from moeslim.source import Checkpoint
 
 CHUNK = 2**24  # elements tested at a time: bounds the temporaries of the exact test
-FLOATS = ("F64", "F32", "F16", "BF16")
+FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
 def check_finite(
@@ -75,9 +75,14 @@ def _on_disk(ckpt: Checkpoint, name: str) -> str | None:
         return None
     fd = os.open(info.file, os.O_RDONLY)
     try:
-        return nonfinite(read(fd, info))
+        return nonfinite(_widened(read(fd, info)))
     finally:
         os.close(fd)
+
+
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    """FP8 values as float32 (torch does not sum float8); wider types as they are."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
 
 
 def _experts(ckpt: Checkpoint, name: str, moe: MoeLayer | None) -> list[int]:
@@ -91,7 +96,7 @@ def _experts(ckpt: Checkpoint, name: str, moe: MoeLayer | None) -> list[int]:
     if name in moe.fused or name in moe.router:
         fd = os.open(ckpt.tensors[name].file, os.O_RDONLY)
         try:
-            return bad_rows(read(fd, ckpt.tensors[name]))
+            return bad_rows(_widened(read(fd, ckpt.tensors[name])))
         finally:
             os.close(fd)
     return []

@@ -12,7 +12,6 @@ conversion); a converter of any other shape, or a name or shape that does not fi
 
 from __future__ import annotations
 
-import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -20,23 +19,19 @@ from dataclasses import dataclass
 
 import torch
 
-from moeslim.shards import TensorInfo
-
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-}  # fmt: skip
+from moeslim.calibrate.dequant import TORCH_DTYPES, Item, Reader
 
 
 @dataclass(frozen=True)
 class Fusion:
-    """One fused parameter: ``parts[k][j]`` is the on-disk tensor of source pattern k for expert j."""
+    """One fused parameter: ``parts[k][j]`` is the tensor of source pattern k for expert j (on disk, or a
+    quantised weight dequantised when read)."""
 
     target: str
-    parts: tuple[tuple[TensorInfo, ...], ...]
+    parts: tuple[tuple[Item, ...], ...]
 
 
-def plan_fusions(converters: Iterable[object], tensors: list[TensorInfo]) -> tuple[list[Fusion], list[TensorInfo]]:
+def plan_fusions(converters: Iterable[object], tensors: list[Item]) -> tuple[list[Fusion], list[Item]]:
     """Split ``tensors`` into the fused parameters built here and the rest (left to transformers)."""
     converters = list(converters)
     renamings = [c for c in converters if type(c).__name__ == "WeightRenaming"]
@@ -47,7 +42,7 @@ def plan_fusions(converters: Iterable[object], tensors: list[TensorInfo]) -> tup
             continue
         sources = list(getattr(converter, "source_patterns", []))
         target = getattr(converter, "target_patterns", [""])[0]
-        groups: dict[str, dict[int, dict[int, TensorInfo]]] = defaultdict(lambda: defaultdict(dict))
+        groups: dict[str, dict[int, dict[int, Item]]] = defaultdict(lambda: defaultdict(dict))
         for k, pattern in enumerate(sources):
             regex = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
             for info in tensors:
@@ -78,7 +73,7 @@ def _stack_then_concat(converter: object) -> bool:
     return ops == expected and len(getattr(converter, "target_patterns", [])) == 1
 
 
-def _complete(by_pattern: dict[int, dict[int, TensorInfo]], patterns: int) -> tuple[tuple[TensorInfo, ...], ...] | None:
+def _complete(by_pattern: dict[int, dict[int, Item]], patterns: int) -> tuple[tuple[Item, ...], ...] | None:
     """Experts 0..E-1 for every pattern, each a 2-D tensor of one dtype and width; else None."""
     experts = set(by_pattern.get(0, {}))
     if not experts or experts != set(range(len(experts))):
@@ -102,28 +97,10 @@ def fused_shape(fusion: Fusion) -> tuple[int, int, int]:
 
 def fill(fusion: Fusion, out: torch.Tensor) -> None:
     """Read each expert's tensors into ``out`` (``fused_shape``), converting to its dtype and device."""
-    fds: dict[object, int] = {}
-    try:
+    with Reader() as reader:
         for j in range(out.shape[0]):
             row = 0
             for part in fusion.parts:
                 info = part[j]
-                if info.file not in fds:
-                    fds[info.file] = os.open(info.file, os.O_RDONLY)
-                out[j, row : row + info.shape[0]].copy_(read(fds[info.file], info))
+                out[j, row : row + info.shape[0]].copy_(reader.dense(info))
                 row += info.shape[0]
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
-def read(fd: int, info: TensorInfo) -> torch.Tensor:
-    """The tensor ``info`` of the open file ``fd``, read with ``pread`` into fresh memory."""
-    buffer = bytearray(info.nbytes)
-    view, done = memoryview(buffer), 0
-    while done < info.nbytes:
-        n = os.preadv(fd, [view[done:]], info.start + done)
-        if n == 0:
-            raise OSError(f"{info.file} ends inside tensor {info.name}")
-        done += n
-    return torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]).view(info.shape)

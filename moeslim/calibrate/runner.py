@@ -32,6 +32,7 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
+from moeslim.calibrate.dequant import Deferred, Packed, Reader, dense_items
 from moeslim.calibrate.finite import check_finite
 from moeslim.calibrate.fuse import Fusion, fill, fused_shape, plan_fusions
 from moeslim.engine.modules import loaded_names, moe_parts
@@ -40,6 +41,7 @@ from moeslim.engine.stub import decoder_of as find_decoder
 from moeslim.errors import CheckpointError, DeviceError
 from moeslim.families import calibration_refused
 from moeslim.layout import Layout
+from moeslim.shards import TensorInfo
 from moeslim.source import Checkpoint
 
 READ_CHUNK = 16 * 2**20
@@ -267,22 +269,27 @@ class LayerRunner:
         return [n for n in self.ckpt.tensors if not n.startswith(f"{self.prefix}{self._stack}")]
 
     def _load(self, names: list[str]) -> None:
-        """Load on-disk tensors ``names`` into the model. Per-expert tensors that transformers would stack into
-        fused parameters are read into them one expert at a time (``fuse.py``); the rest go through
-        transformers' conversion as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
-        fusions, rest = plan_fusions(self._load_config.weight_mapping or [], [self.ckpt.tensors[n] for n in names])
-        names = [info.name for info in rest]
+        """Load on-disk tensors ``names`` into the model. Quantised weights are dequantised as they are read
+        (``dequant.py``). Per-expert tensors that transformers would stack into fused parameters are read into
+        them one expert at a time (``fuse.py``); the rest go through transformers' conversion, unquantised ones
+        as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
+        fusions, rest = plan_fusions(self._load_config.weight_mapping or [], dense_items(self.ckpt, names))
         for fusion in fusions:
             if not self._fuse(fusion):
-                names += [info.name for part in fusion.parts for info in part]
-        if not names:
+                rest += [item for part in fusion.parts for item in part]
+        if not rest:
             return
         with contextlib.ExitStack() as stack:
             stack.enter_context(no_progress_bars())  # stderr stays for our one-line messages
+            reader = stack.enter_context(Reader())
             files = {
-                f: stack.enter_context(safe_open(f, framework="pt")) for f in {self.ckpt.tensors[n].file for n in names}
+                f: stack.enter_context(safe_open(f, framework="pt"))
+                for f in {item.file for item in rest if isinstance(item, TensorInfo)}
             }
-            state = {name: files[self.ckpt.tensors[name].file].get_slice(name) for name in names}
+            state: dict[str, Any] = {
+                item.name: Deferred(item, reader) if isinstance(item, Packed) else files[item.file].get_slice(item.name)
+                for item in rest
+            }
             info = convert_and_load_state_dict_in_model(self.model, state, self._load_config)[0]
         errors = getattr(info, "conversion_errors", None) or info.mismatched_keys or info.unexpected_keys
         if errors:

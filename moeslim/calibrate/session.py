@@ -20,7 +20,7 @@ from moeslim.calibrate.store import check_stats_fit, fingerprint, load_stats, sa
 from moeslim.errors import DeviceError, MissingFileError, OutputError, PlanError
 from moeslim.families import check_calibratable
 from moeslim.layout import Layout
-from moeslim.quant import quantization_config
+from moeslim.quant import READABLE, unreadable
 from moeslim.source import Checkpoint
 from moeslim.units import parse_size
 
@@ -50,10 +50,10 @@ def run_calibration(
 def check_runnable(ckpt: Checkpoint, layout: Layout) -> None:
     """Refuse, in one line, a checkpoint that calibration cannot run (its family, or quantised weights)."""
     check_calibratable(layout.family)
-    quant = quantization_config(ckpt.config)
-    if quant:
+    method = unreadable(ckpt.config)
+    if method:
         raise PlanError(
-            f"calibration does not run quantised checkpoints yet ({quant.get('quant_method', 'quantised')});"
+            f"calibration cannot dequantise {method} checkpoints yet (it reads {READABLE});"
             " use a data-free --criterion such as router-norm"
         )
 

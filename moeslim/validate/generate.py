@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from moeslim.quant import quantization_config
 from moeslim.source import Checkpoint
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Explain in one sentence what a mixture of experts is.")
@@ -40,6 +41,8 @@ def skip_reason(original: Checkpoint, pruned: Checkpoint, dtype: torch.dtype, co
     """Why generations are skipped, or None to run them."""
     if count <= 0:
         return "skipped: --generations 0"
+    if quantization_config(original.config):  # from_pretrained would need the quantiser's package or a GPU
+        return "skipped: generations load the whole model with from_pretrained, which needs the quantiser's package"
     need, have = model_bytes(original, dtype), available_memory()
     if need > have // 2:
         gib = 2**30

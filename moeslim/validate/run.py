@@ -12,7 +12,7 @@ from moeslim.errors import CalibrationDataError, UsageError
 from moeslim.families import family_of, text_config
 from moeslim.layout import Layout, resolve_layout
 from moeslim.plan import PLAN_NAME
-from moeslim.quant import quantization_config
+from moeslim.quant import READABLE, unreadable
 from moeslim.source import Checkpoint, open_checkpoint
 from moeslim.validate.report import kl_gate
 from moeslim.validate.structure import Structure, check_structure
@@ -89,9 +89,9 @@ def numeric_skip_reason(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> str | None:
     calibration = family_of(ckpt_o.config).calibration
     if calibration:
         return f"skipped: the decoder cannot run one layer at a time ({calibration})"
-    quant = quantization_config(ckpt_o.config)
-    if quant:
-        return f"skipped: quantised checkpoints ({quant.get('quant_method', 'quantised')}) are not run yet"
+    method = unreadable(ckpt_o.config) or unreadable(ckpt_p.config)
+    if method:
+        return f"skipped: {method} checkpoints are not dequantised yet (moeslim reads {READABLE})"
     if not any((c.root / n).is_file() for c in (ckpt_p, ckpt_o) for n in TOKENIZER_FILES):
         return "skipped: no tokenizer next to either model's weights"
     return None

@@ -1,4 +1,5 @@
-"""The structural check of a pruned checkpoint: headers and config only, no tensor data read.
+"""The structural check of a pruned checkpoint: headers and config only, no tensor data read (but the few bytes of
+compressed-tensors' ``weight_shape``).
 
 Three steps, each failing with one line that names the layer and the tensor:
 
@@ -8,8 +9,9 @@ Three steps, each failing with one line that names the layer and the tensor:
 3. transformers itself agrees: the model is instantiated from the config on the meta device and the
    checkpoint's keys, as meta tensors of the header shapes and dtypes, go through transformers' own loading
    conversion (the one ``from_pretrained`` uses, experts fused in memory); any missing, unexpected or
-   mismatched key is an error. Quantised checkpoints are loaded by a quantiser, not this path: their
-   quantised tensors are checked by name only (step 2), the rest as usual.
+   mismatched key is an error. Quantised weights in a format calibration reads (``calibrate/dequant.py``) go
+   through at their dequantised names and shapes; those of other formats are loaded by a quantiser, not this
+   path, and are checked by name only (step 2).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from moeslim.errors import CheckpointError, StructureError
 from moeslim.families import Family, text_config
 from moeslim.layout import Layout, Routing, resolve_layout, routing_of
-from moeslim.quant import QUANT_SUFFIXES, quantization_config
+from moeslim.quant import QUANT_SUFFIXES, quantization_config, unreadable
 from moeslim.source import Checkpoint
 
 TORCH_DTYPES = {
@@ -125,15 +127,17 @@ def check_with_transformers(
     from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_utils import LoadStateDictConfig
 
+    from moeslim.calibrate.dequant import dense_items
     from moeslim.calibrate.runner import meta_model, no_progress_bars
 
     model = meta_model(ckpt.root, torch.float32, trust_remote_code)
     mtp = tuple(_mtp_prefix(layer.block, layout.family) for layer in layout.layers if layer.mtp)
-    quantised = bool(quantization_config(ckpt.config))
+    # a quantisation calibration reads is checked at its dequantised names and shapes; others by name only
+    quantised = bool(quantization_config(ckpt.config)) and unreadable(ckpt.config) is not None
+    names = [n for n in ckpt.tensors if not n.startswith(mtp) and not (quantised and n.endswith(QUANT_SUFFIXES))]
     state = {
-        name: torch.empty(info.shape, dtype=getattr(torch, TORCH_DTYPES.get(info.dtype, "uint8")), device="meta")
-        for name, info in ckpt.tensors.items()
-        if not name.startswith(mtp) and not (quantised and name.endswith(QUANT_SUFFIXES))
+        item.name: torch.empty(item.shape, dtype=getattr(torch, TORCH_DTYPES.get(item.dtype, "uint8")), device="meta")
+        for item in dense_items(ckpt, names)
     }
     config = LoadStateDictConfig(
         device_map={"": "meta"},

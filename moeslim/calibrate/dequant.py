@@ -1,0 +1,312 @@
+"""Quantised checkpoints seen as the dense tensors they stand for, each computed when it is loaded.
+
+Calibration and validation run the model's own transformers code on dense weights in the compute dtype. A
+quantised weight is stored as several on-disk tensors (the codes and their scales); here each such group is one
+``Packed`` item named as the unquantised checkpoint would name the weight, with its dense shape, and dequantised
+only when the layer that holds it is loaded (one tensor at a time: memory stays one dense layer). Surgery never
+comes here: it copies the quantised bytes as they are.
+
+Formats:
+
+- ``fp8`` (DeepSeek-V3, Qwen3-FP8, GLM-4.x-FP8): ``P.weight`` (float8) and ``P.weight_scale_inv`` (float32, one
+  value per ``weight_block_size`` block, ceil-divided; a single value when the config names no block):
+  ``weight = float(fp8) * scale_inv`` of its block.
+- ``mxfp4`` (gpt-oss): fused ``P_blocks`` (uint8 ``[E, rows, G, 16]``, two FP4 codes per byte) and ``P_scales``
+  (uint8 E8M0 exponents ``[E, rows, G]``), dequantised by transformers' own ``convert_moe_packed_tensors`` into
+  ``P`` ``[E, 32·G, rows]``, an expert at a time.
+- ``compressed-tensors`` ``pack-quantized`` (int4/int8 w4a16 releases): ``P.weight_packed`` (int32, ``32/bits``
+  codes per word, low bits first, offset by ``2^(bits-1)``), ``P.weight_scale`` (per group of columns, per row or
+  per tensor), ``P.weight_shape`` and, when asymmetric, ``P.weight_zero_point`` (packed along rows):
+  ``weight = (code - zero) * scale``, computed in the scale's dtype as compressed-tensors does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moeslim.errors import CheckpointError
+from moeslim.quant import READABLE, quantization_config
+from moeslim.shards import TensorInfo
+from moeslim.source import Checkpoint
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+}  # fmt: skip
+
+FP8, MXFP4, PACKED = "fp8", "mxfp4", "compressed-tensors"
+
+#: on-disk companions of a weight, by format; those not used by the arithmetic are read past
+_FP8_EXTRA = (".activation_scale", ".input_scale")
+_PACKED_PARTS = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A dense weight stored quantised: the name and shape it has unquantised, and the on-disk tensors it is
+    computed from (``parts``, by role: ``"codes"``, ``"scales"``, ``"shape"``, ``"zeros"``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    method: str
+    parts: dict[str, TensorInfo]
+    sources: tuple[str, ...]  # every on-disk tensor this item stands for (companions read past included)
+    block: tuple[int, ...] = ()  # FP8: rows × columns per scale; packed: bits per code
+    dtype: str = "F32"  # what ``load`` returns when the scales are float32
+
+    @property
+    def file(self) -> Any:
+        return self.parts["codes"].file
+
+
+Item = TensorInfo | Packed
+
+
+class Reader:
+    """Reads on-disk tensors with ``pread`` into fresh memory (not a memory map: the file's pages are not counted
+    in RSS), and dense weights from their quantised parts. Close it (or use it as a context manager)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[object, int] = {}
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def raw(self, info: TensorInfo, row: int | None = None) -> torch.Tensor:
+        """The on-disk tensor ``info`` as stored, or only its ``row`` along dim 0."""
+        if info.file not in self._fds:
+            self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        if row is not None:
+            size = info.nbytes // info.shape[0]
+            start = info.start + row * size
+            info = TensorInfo(info.name, info.file, info.dtype, info.shape[1:], start, start + size)
+        return read(self._fds[info.file], info)
+
+    def dense(self, item: Item, expert: int | None = None) -> torch.Tensor:
+        """``item`` as a dense tensor (float32, or the scales' dtype for packed integers); with ``expert``, only
+        that expert's slice of a fused tensor."""
+        if isinstance(item, TensorInfo):
+            return self.raw(item, expert)
+        if item.method == FP8:
+            return fp8_dense(self.raw(item.parts["codes"]), self.raw(item.parts["scales"]), item.block)
+        if item.method == MXFP4:
+            return self._mxfp4(item, expert)
+        zeros = self.raw(item.parts["zeros"]) if "zeros" in item.parts else None
+        codes, scales = self.raw(item.parts["codes"]), self.raw(item.parts["scales"])
+        return packed_dense(codes, scales, item.shape, item.block[0], zeros)
+
+    def _mxfp4(self, item: Packed, expert: int | None) -> torch.Tensor:
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        experts = range(item.shape[0]) if expert is None else [expert]
+        out = torch.empty((len(experts), *item.shape[1:]), dtype=torch.float32)
+        for k, j in enumerate(experts):  # an expert at a time: the conversion's temporaries stay one expert
+            blocks, scales = (self.raw(item.parts[role], j).unsqueeze(0) for role in ("codes", "scales"))
+            out[k] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)[0]
+        return out if expert is None else out[0]
+
+
+class Deferred:
+    """A quantised weight handed to transformers' loading conversion in place of a safetensors slice: dequantised
+    only when the conversion materialises it (``tensor[...]``), so the layer's weights are not all held dense
+    at once before they are converted."""
+
+    def __init__(self, item: Packed, reader: Reader) -> None:
+        self.item, self.reader = item, reader
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.reader.dense(self.item)[index]
+
+    def get_dtype(self) -> str:
+        return self.item.dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self.item.shape)
+
+
+def read(fd: int, info: TensorInfo) -> torch.Tensor:
+    """The tensor ``info`` of the open file ``fd``, read with ``pread`` into fresh memory."""
+    buffer = bytearray(info.nbytes)
+    view, done = memoryview(buffer), 0
+    while done < info.nbytes:
+        n = os.preadv(fd, [view[done:]], info.start + done)
+        if n == 0:
+            raise OSError(f"{info.file} ends inside tensor {info.name}")
+        done += n
+    if info.dtype not in TORCH_DTYPES:
+        raise CheckpointError(f"{info.name} is stored as {info.dtype}, which calibration cannot read")
+    if not buffer:
+        return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+    return torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]).view(info.shape)
+
+
+def fp8_dense(codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
+    """``codes`` (float8 ``[rows, cols]``) times the scale of its block (``scale_inv[r // bm, c // bn]``)."""
+    values = codes.to(torch.float32)
+    scales = scale_inv.to(torch.float32)
+    if scales.numel() == 1:
+        return values * scales.reshape(())
+    rows, cols = values.shape[-2:]
+    bm, bn = block
+    full = scales.repeat_interleave(bm, -2).repeat_interleave(bn, -1)[..., :rows, :cols]
+    return values * full
+
+
+def packed_dense(
+    packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], bits: int, zeros: torch.Tensor | None
+) -> torch.Tensor:
+    """A compressed-tensors ``pack-quantized`` weight ``[rows, cols]``: codes unpacked from int32 words (element i
+    at bit ``i·bits``, offset by ``2^(bits-1)``), then ``(code - zero) * scale`` in the scale's dtype, the scale
+    per group of ``cols / scale.shape[-1]`` columns (one group: per row or per tensor)."""
+    rows, cols = shape
+    scale = scale.reshape(rows, -1) if scale.numel() > 1 else scale.reshape(1, 1)
+    values = unpack(packed, bits, cols).to(scale.dtype).reshape(rows, scale.shape[-1], -1)
+    if zeros is not None:  # packed along rows: one code per row and group
+        zero = unpack(zeros.t().contiguous(), bits, scale.shape[0]).t().reshape(scale.shape)
+        values = values - zero.to(scale.dtype).unsqueeze(-1)
+    return (values * scale.unsqueeze(-1)).reshape(rows, cols)
+
+
+def unpack(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first ``count`` signed ``bits``-bit codes of each row of int32 ``words`` (densely packed, low first)."""
+    as_int = words.to(torch.int64) & 0xFFFFFFFF
+    per_row = words.shape[-1] * 32 // bits
+    positions = torch.arange(min(count, per_row)) * bits
+    word, offset = positions // 32, positions % 32
+    low = (as_int[..., word] >> offset) & ((1 << bits) - 1)
+    spill = (offset + bits - 32).clamp(min=0)  # codes that straddle two words (bits that do not divide 32)
+    if bool((spill > 0).any()):
+        nxt = as_int[..., (word + 1).clamp(max=words.shape[-1] - 1)]
+        low = low | ((nxt & ((1 << spill) - 1)) << (bits - spill))
+    return (low - (1 << (bits - 1))).to(torch.int32)
+
+
+def dense_items(ckpt: Checkpoint, names: Iterable[str]) -> list[Item]:
+    """The dense tensors that the on-disk tensors ``names`` stand for, in their order: unquantised tensors as
+    they are, each quantised group as one ``Packed``. Raises ``CheckpointError`` for a format not handled here."""
+    names = list(names)
+    quant = quantization_config(ckpt.config)
+    method = str(quant.get("quant_method", "")) if quant else ""
+    present = set(names)
+    taken: set[str] = set()
+    items: list[Item] = []
+    for name in names:
+        if name in taken:
+            continue
+        item = _group(ckpt, name, present, method, quant) if method else None
+        if item is None:
+            items.append(ckpt.tensors[name])
+            taken.add(name)
+        else:
+            items.append(item)
+            taken.update(item.sources)
+    return items
+
+
+def _group(ckpt: Checkpoint, name: str, present: set[str], method: str, quant: dict) -> Packed | None:
+    """The quantised group that on-disk tensor ``name`` belongs to, or None when it is a plain tensor."""
+    t = ckpt.tensors
+    if method == FP8:
+        base = name.removesuffix("_scale_inv") if name.endswith(".weight_scale_inv") else name
+        scale = base + "_scale_inv"
+        if scale not in present or base not in present:
+            return None
+        block = tuple(int(b) for b in quant.get("weight_block_size") or ())
+        module = base.removesuffix(".weight")
+        extra = tuple(module + s for s in _FP8_EXTRA if module + s in present)
+        _check_fp8(t[base], t[scale], block)
+        return Packed(base, t[base].shape, FP8, {"codes": t[base], "scales": t[scale]}, (base, scale, *extra), block)
+    if method == MXFP4:
+        stem = name.removesuffix("_blocks").removesuffix("_scales")
+        blocks, scales = stem + "_blocks", stem + "_scales"
+        if stem == name or blocks not in present or scales not in present:
+            return None
+        b = t[blocks]
+        if len(b.shape) != 4 or b.dtype != "U8" or t[scales].shape != b.shape[:-1]:
+            raise CheckpointError(f"{blocks} is not MXFP4 blocks [experts, rows, groups, 16] with matching scales")
+        shape = (b.shape[0], b.shape[2] * b.shape[3] * 2, b.shape[1])
+        return Packed(stem, shape, MXFP4, {"codes": b, "scales": t[scales]}, (blocks, scales))
+    if method == PACKED:
+        prefix = next((name.removesuffix(s) for s in _PACKED_PARTS if name.endswith(s)), None)
+        if prefix is None or prefix + ".weight_packed" not in present:
+            return None
+        return _packed(ckpt, prefix, present, quant)
+    raise CheckpointError(
+        f"calibration cannot dequantise {method} checkpoints yet (it reads {READABLE});"
+        " use a data-free --criterion such as router-norm"
+    )
+
+
+def _check_fp8(codes: TensorInfo, scale: TensorInfo, block: tuple[int, ...]) -> None:
+    if math.prod(scale.shape) == 1:
+        return
+    rows, cols = codes.shape[-2:]
+    want = (math.ceil(rows / block[0]), math.ceil(cols / block[1])) if len(block) == 2 else None
+    if len(codes.shape) != 2 or want is None or tuple(scale.shape) != want:
+        raise CheckpointError(
+            f"{scale.name} has shape {list(scale.shape)}, not one scale per {list(block) or '?'} block of"
+            f" {codes.name} {list(codes.shape)}; the checkpoint's quantization_config does not match its weights"
+        )
+
+
+def _packed(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Packed:
+    t = ckpt.tensors
+    fmt = str(quant.get("format", ""))
+    formats = {str(g.get("format") or fmt) for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)}
+    if (formats or {fmt}) != {"pack-quantized"}:
+        raise CheckpointError(
+            f"calibration cannot dequantise compressed-tensors format {', '.join(sorted(formats or {fmt}))} yet"
+            f" (it reads {READABLE}); use a data-free --criterion such as router-norm"
+        )
+    if prefix + ".weight_g_idx" in t:
+        raise CheckpointError(
+            f"{prefix}.weight_g_idx: activation-ordered groups are not dequantised yet; use a data-free --criterion"
+        )
+    parts = {"codes": t[prefix + ".weight_packed"], "scales": t[prefix + ".weight_scale"]}
+    if prefix + ".weight_zero_point" in present:
+        parts["zeros"] = t[prefix + ".weight_zero_point"]
+    shape_info = t[prefix + ".weight_shape"]
+    with Reader() as reader:
+        shape = tuple(int(v) for v in reader.raw(shape_info).tolist())
+    words = parts["codes"].shape
+    bits = _bits(quant, words[-1], shape[-1] if len(shape) == 2 else 0)
+    fits = len(shape) == 2 and words[0] == shape[0] and words[1] == math.ceil(shape[1] * bits / 32)
+    if not fits or parts["codes"].dtype != "I32":
+        raise CheckpointError(
+            f"{prefix}.weight_packed {list(words)} does not hold a {list(shape)} weight of {bits}-bit codes"
+        )
+    sources = tuple(prefix + s for s in _PACKED_PARTS if prefix + s in present)
+    scale_dtype = parts["scales"].dtype
+    return Packed(prefix + ".weight", shape, PACKED, parts | {"shape": shape_info}, sources, (bits,), scale_dtype)
+
+
+def _bits(quant: dict, words: int, cols: int) -> int:
+    """Bits per code: the config's (one value for every group), else what the packed width implies."""
+    found = set()
+    for group in (quant.get("config_groups") or {}).values():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if isinstance(weights, dict) and weights.get("num_bits"):
+            found.add(int(weights["num_bits"]))
+    if len(found) == 1:
+        return found.pop()
+    return next((b for b in (4, 8, 2, 3, 5, 6, 7, 1) if cols and math.ceil(cols * b / 32) == words), 4)
+
+
+def sources(items: Iterable[Item]) -> list[str]:
+    """The on-disk tensor names behind ``items``."""
+    return [n for item in items for n in ((item.name,) if isinstance(item, TensorInfo) else item.sources)]
