@@ -162,6 +162,21 @@ def test_validation_of_quantised_pairs_equals_the_dequantised_twins(built, calib
         assert errors and all(a == pytest.approx(b, rel=1e-6) for a, b in errors)
 
 
+@pytest.mark.parametrize("name", list(QUANTISED))
+def test_weight_norm_reads_the_dequantised_weights(name: str, built) -> None:
+    from moeslim.criteria import weight_norm
+    from moeslim.layout import resolve_layout
+
+    scores = []
+    for folder in (built(name), built(f"{name}_dense")):
+        ckpt = open_checkpoint(folder)
+        scores.append(weight_norm(ckpt, resolve_layout(ckpt)))
+    assert scores[0].keys() == scores[1].keys()
+    for index, values in scores[1].items():
+        np.testing.assert_allclose(scores[0][index], values, rtol=1e-6)
+        assert np.ptp(values) > 0  # the experts differ: a norm of zeros or of scales alone would not
+
+
 # ---- broken quantised checkpoints -------------------------------------------------------------------------------
 
 

@@ -162,7 +162,7 @@ def test_mtp_layer_is_pruned_with_the_trunk(built: Callable[[str], Path], tmp_pa
 
 
 def test_quantised_siblings_travel_as_raw_bytes(built: Callable[[str], Path], tmp_path: Path) -> None:
-    for name, keep in (("deepseek_v3_fp8", 8), ("gpt_oss_mxfp4", 4)):
+    for name, keep in (("deepseek_v3_fp8", 8), ("gpt_oss_mxfp4", 4), ("qwen3_moe_int4", 4)):
         src = built(name)
         out = _slim(src, tmp_path / name, keep)
         kept = _kept(out)
@@ -173,13 +173,18 @@ def test_quantised_siblings_travel_as_raw_bytes(built: Callable[[str], Path], tm
                 row = before.tensors[n].nbytes // before.tensors[n].shape[0]
                 assert _raw(after, n) == b"".join(_raw(before, n)[j * row : (j + 1) * row] for j in rows)
             for new, old in enumerate(rows if layer.per_expert else ()):
-                for n in layer.per_expert[old]:  # FP8 weight and weight_scale_inv, renamed together
+                for n in layer.per_expert[old]:  # FP8 weight and weight_scale_inv (int4: packed, scale, shape)
                     renamed = n.replace(f"experts.{old}.", f"experts.{new}.")
                     assert after.tensors[renamed].dtype == before.tensors[n].dtype
                     assert _raw(after, renamed) == _raw(before, n)
         suffixes = {n.rsplit(".", 1)[-1] for n in after.tensors if ".experts." in n}
-        assert suffixes >= (
-            {"weight", "weight_scale_inv"} if "fp8" in name else {"gate_up_proj_blocks", "down_proj_scales"}
+        assert (
+            suffixes
+            >= {
+                "deepseek_v3_fp8": {"weight", "weight_scale_inv"},
+                "gpt_oss_mxfp4": {"gate_up_proj_blocks", "down_proj_scales"},
+                "qwen3_moe_int4": {"weight_packed", "weight_scale", "weight_shape"},
+            }[name]
         )
 
 

@@ -59,7 +59,7 @@ class Packed:
     parts: dict[str, TensorInfo]
     sources: tuple[str, ...]  # every on-disk tensor this item stands for (companions read past included)
     block: tuple[int, ...] = ()  # FP8: rows × columns per scale; packed: bits per code
-    dtype: str = "F32"  # what ``load`` returns when the scales are float32
+    dtype: str = "F32"  # of what ``Reader.dense`` returns: float32, or a packed weight's scale dtype
 
     @property
     def file(self) -> Any:
@@ -102,13 +102,15 @@ class Reader:
         that expert's slice of a fused tensor."""
         if isinstance(item, TensorInfo):
             return self.raw(item, expert)
-        if item.method == FP8:
-            return fp8_dense(self.raw(item.parts["codes"]), self.raw(item.parts["scales"]), item.block)
         if item.method == MXFP4:
             return self._mxfp4(item, expert)
-        zeros = self.raw(item.parts["zeros"]) if "zeros" in item.parts else None
         codes, scales = self.raw(item.parts["codes"]), self.raw(item.parts["scales"])
-        return packed_dense(codes, scales, item.shape, item.block[0], zeros)
+        if item.method == FP8:
+            dense = fp8_dense(codes, scales, item.block)
+        else:
+            zeros = self.raw(item.parts["zeros"]) if "zeros" in item.parts else None
+            dense = packed_dense(codes, scales, item.shape, item.block[0], zeros)
+        return dense if expert is None else dense[expert]
 
     def _mxfp4(self, item: Packed, expert: int | None) -> torch.Tensor:
         from transformers.integrations.mxfp4 import convert_moe_packed_tensors
