@@ -17,7 +17,8 @@ def quantization_config(config: dict) -> dict:
 
 
 #: formats whose weights calibration and validation dequantise layer by layer (``calibrate/dequant.py``)
-READABLE = "fp8 block-scaled, mxfp4 and compressed-tensors pack-quantized"
+READABLE = "fp8 block-scaled, mxfp4 and compressed-tensors pack-, float- and int-quantized"
+CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "naive-quantized")
 
 
 def unreadable(config: dict) -> str | None:
@@ -33,5 +34,6 @@ def unreadable(config: dict) -> str | None:
         default = str(quant.get("format", ""))
         groups = [g for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)]
         formats = sorted({str(g.get("format") or default) for g in groups} or {default})
-        return None if formats == ["pack-quantized"] else f"{method} {', '.join(formats)}"
+        unknown = [f for f in formats if f not in CT_FORMATS]
+        return f"{method} {', '.join(unknown)}" if unknown else None
     return method

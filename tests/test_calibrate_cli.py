@@ -145,7 +145,10 @@ def test_stats_of_another_model_are_refused(built, calib: Path, tmp_path: Path, 
     ("quant", "method"),
     [
         ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq"),
-        ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "compressed-tensors float-quantized"),
+        (
+            {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"},
+            "compressed-tensors nvfp4-pack-quantized",
+        ),
     ],
 )
 def test_unreadable_quantisation_is_refused_with_the_way_out(

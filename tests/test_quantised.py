@@ -1,9 +1,9 @@
-"""Quantised checkpoints (FP8 block-scaled, MXFP4, compressed-tensors int4) calibrate and validate as the same
+"""Quantised checkpoints (FP8 block-scaled, MXFP4, compressed-tensors int4 and FP8) calibrate and validate as the same
 model dequantised ahead of time does.
 
 Each quantised fixture has a twin (``<name>_dense``) whose weights were dequantised when the fixture was built,
 by code that is not moeslim's: the fixtures' own inverse of their quantisers (FP8, MXFP4) and compressed-tensors'
-own decompression (int4). The twin is an ordinary float checkpoint without ``quantization_config``.
+own decompression (``qwen3_moe_int4``: int4 experts, int4 q/k/v with zero points, FP8 o_proj). The twin is an ordinary float checkpoint without ``quantization_config``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from compressed_tensors.compressors.naive_quantized.base import (
+    FloatQuantizationCompressor,
+    IntQuantizationCompressor,
+)
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from safetensors.torch import load_file, save_file
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
-from moeslim.calibrate.dequant import fp8_dense, packed_dense
+from moeslim.calibrate.dequant import fp8_dense, packed_dense, scaled_dense
 from moeslim.source import open_checkpoint
 from tests.conftest import run_cli, tree_digest
 
@@ -86,6 +90,45 @@ def test_packed_codes_equal_compressed_tensors_decompression(
     assert ours.dtype == reference.dtype and torch.equal(ours, reference)
 
 
+@pytest.mark.parametrize(
+    ("kind", "symmetric", "strategy", "dtype"),
+    [
+        (kind, symmetric, strategy, dtype)
+        for kind, symmetric, strategy, dtype in itertools.product(
+            ("float", "int"), (True, False), ("tensor", "channel", "group", "block"), (torch.float32, torch.bfloat16)
+        )
+        if symmetric or kind == "int"  # float8 has no zero points
+    ],
+)
+def test_scaled_codes_equal_compressed_tensors_decompression(
+    kind: str, symmetric: bool, strategy: str, dtype: torch.dtype
+) -> None:
+    rows, cols = 40, 48  # blocks of 16: the last block row is cut short (40 = 16 + 16 + 8)
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1)).to(dtype)
+    shape = {"tensor": (1,), "channel": (rows, 1), "group": (rows, cols // 16), "block": (3, 3)}[strategy]
+    scale = (torch.rand(shape, generator=torch.Generator().manual_seed(2)) / 50 + 0.01).to(dtype)
+    state = {"weight": weight, "weight_scale": scale}
+    if not symmetric:
+        state["weight_zero_point"] = torch.randint(-20, 20, shape, generator=torch.Generator().manual_seed(3)).to(
+            torch.int8
+        )
+    args = QuantizationArgs(
+        num_bits=8, type=kind, symmetric=symmetric, strategy=strategy,
+        group_size=16 if strategy == "group" else None, block_structure=[16, 16] if strategy == "block" else None,
+    )  # fmt: skip
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    compressor = FloatQuantizationCompressor if kind == "float" else IntQuantizationCompressor
+    stored = compressor.compress(state, scheme)
+    reference = compressor.decompress(dict(stored), scheme)["weight"]
+    ours = scaled_dense(
+        stored["weight"],
+        stored["weight_scale"],
+        stored.get("weight_zero_point"),
+        (16, 16) if strategy == "block" else (),
+    )
+    assert ours.dtype == reference.dtype and torch.equal(ours, reference)
+
+
 def test_fp8_blocks_equal_transformers_dequantisation_and_cut_ragged_edges() -> None:
     gen = torch.Generator().manual_seed(0)
     codes = (torch.randn(64, 48, generator=gen) * 100).to(torch.float8_e4m3fn)
@@ -131,7 +174,7 @@ def test_statistics_and_plans_equal_the_dequantised_twin(name: str, built, calib
     assert tree_digest(src) == before
 
     pruned, source = open_checkpoint(tmp_path / "pruned-q"), open_checkpoint(src)
-    quantised = [n for n, t in pruned.tensors.items() if t.dtype in ("F8_E4M3", "U8", "I32")]
+    quantised = [n for n, t in pruned.tensors.items() if t.dtype in ("F8_E4M3", "U8", "I32")]  # codes
     assert quantised, "the pruned checkpoint stays quantised"
     config = json.loads((tmp_path / "pruned-q" / "config.json").read_text())
     assert config["quantization_config"] == json.loads((src / "config.json").read_text())["quantization_config"]

@@ -18,6 +18,9 @@ Formats:
   codes per word, low bits first, offset by ``2^(bits-1)``), ``P.weight_scale`` (per group of columns, per row or
   per tensor), ``P.weight_shape`` and, when asymmetric, ``P.weight_zero_point`` (packed along rows):
   ``weight = (code - zero) * scale``, computed in the scale's dtype as compressed-tensors does.
+- ``compressed-tensors`` ``float-quantized`` / ``int-quantized`` / ``naive-quantized`` (FP8-dynamic and int8
+  releases, the FP8 half of mixed ones): ``P.weight`` (float8 or int8 codes) and ``P.weight_scale`` (per tensor,
+  row, group of columns or ``block_structure`` block), with the same arithmetic.
 """
 
 from __future__ import annotations
@@ -41,11 +44,12 @@ TORCH_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
 }  # fmt: skip
 
-FP8, MXFP4, PACKED = "fp8", "mxfp4", "compressed-tensors"
+FP8, MXFP4, PACKED, SCALED = "fp8", "mxfp4", "compressed-tensors", "compressed-tensors-scaled"
 
 #: on-disk companions of a weight, by format; those not used by the arithmetic are read past
 _FP8_EXTRA = (".activation_scale", ".input_scale")
 _PACKED_PARTS = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")
+_SCALED_PARTS = (".weight", ".weight_scale", ".weight_zero_point", ".input_scale")
 
 
 @dataclass(frozen=True)
@@ -105,10 +109,12 @@ class Reader:
         if item.method == MXFP4:
             return self._mxfp4(item, expert)
         codes, scales = self.raw(item.parts["codes"]), self.raw(item.parts["scales"])
+        zeros = self.raw(item.parts["zeros"]) if "zeros" in item.parts else None
         if item.method == FP8:
             dense = fp8_dense(codes, scales, item.block)
+        elif item.method == SCALED:
+            dense = scaled_dense(codes, scales, zeros, item.block)
         else:
-            zeros = self.raw(item.parts["zeros"]) if "zeros" in item.parts else None
             dense = packed_dense(codes, scales, item.shape, item.block[0], zeros)
         return dense if expert is None else dense[expert]
 
@@ -163,25 +169,42 @@ def fp8_dense(codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, ..
     scales = scale_inv.to(torch.float32)
     if scales.numel() == 1:
         return values * scales.reshape(())
-    rows, cols = values.shape[-2:]
-    bm, bn = block
-    full = scales.repeat_interleave(bm, -2).repeat_interleave(bn, -1)[..., :rows, :cols]
-    return values * full
+    return values * _per_element(scales, block, values.shape)
+
+
+def _per_element(scale: torch.Tensor, block: tuple[int, ...], shape: torch.Size) -> torch.Tensor:
+    """Each element's value of a per-block ``scale`` (blocks ``block`` rows × columns, the last ones cut short)."""
+    rows, cols = shape
+    return scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
+
+
+def scaled_dense(
+    codes: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None = None, block: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """compressed-tensors' dequantisation of integer or float8 ``codes`` ``[rows, cols]``: ``(code - zero) * scale``
+    in the scale's dtype; the scale per tensor, per row, per group of ``cols / scale.shape[-1]`` columns, or with
+    ``block``, per block."""
+    rows, cols = codes.shape
+    values = codes.to(scale.dtype)
+    if block:
+        if zeros is not None:
+            values = values - _per_element(zeros, block, codes.shape).to(scale.dtype)
+        return values * _per_element(scale, block, codes.shape)
+    scale = scale.reshape(rows, -1) if scale.numel() > 1 else scale.reshape(1, 1)
+    values = values.reshape(rows, scale.shape[-1], -1)
+    if zeros is not None:
+        values = values - zeros.to(scale.dtype).reshape(scale.shape).unsqueeze(-1)
+    return (values * scale.unsqueeze(-1)).reshape(rows, cols)
 
 
 def packed_dense(
     packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], bits: int, zeros: torch.Tensor | None
 ) -> torch.Tensor:
     """A compressed-tensors ``pack-quantized`` weight ``[rows, cols]``: codes unpacked from int32 words (element i
-    at bit ``i·bits``, offset by ``2^(bits-1)``), then ``(code - zero) * scale`` in the scale's dtype, the scale
-    per group of ``cols / scale.shape[-1]`` columns (one group: per row or per tensor)."""
+    at bit ``i·bits``, offset by ``2^(bits-1)``; zero points packed along rows), then ``scaled_dense``."""
     rows, cols = shape
-    scale = scale.reshape(rows, -1) if scale.numel() > 1 else scale.reshape(1, 1)
-    values = unpack(packed, bits, cols).to(scale.dtype).reshape(rows, scale.shape[-1], -1)
-    if zeros is not None:  # packed along rows: one code per row and group
-        zero = unpack(zeros.t().contiguous(), bits, scale.shape[0]).t().reshape(scale.shape)
-        values = values - zero.to(scale.dtype).unsqueeze(-1)
-    return (values * scale.unsqueeze(-1)).reshape(rows, cols)
+    zero = None if zeros is None else unpack(zeros.t().contiguous(), bits, rows).t()
+    return scaled_dense(unpack(packed, bits, cols), scale, zero)
 
 
 def unpack(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -244,10 +267,14 @@ def _group(ckpt: Checkpoint, name: str, present: set[str], method: str, quant: d
         shape = (b.shape[0], b.shape[2] * b.shape[3] * 2, b.shape[1])
         return Packed(stem, shape, MXFP4, {"codes": b, "scales": t[scales]}, (blocks, scales))
     if method == PACKED:
-        prefix = next((name.removesuffix(s) for s in _PACKED_PARTS if name.endswith(s)), None)
-        if prefix is None or prefix + ".weight_packed" not in present:
+        prefix = next((name.removesuffix(s) for s in _PACKED_PARTS + _SCALED_PARTS if name.endswith(s)), None)
+        if prefix is None:
             return None
-        return _packed(ckpt, prefix, present, quant)
+        if prefix + ".weight_packed" in present:
+            return _packed(ckpt, prefix, present, quant)
+        if prefix + ".weight" in present and prefix + ".weight_scale" in present:
+            return _scaled(ckpt, prefix, present, quant)
+        return None
     raise CheckpointError(
         f"calibration cannot dequantise {method} checkpoints yet (it reads {READABLE});"
         " use a data-free --criterion such as router-norm"
@@ -268,13 +295,6 @@ def _check_fp8(codes: TensorInfo, scale: TensorInfo, block: tuple[int, ...]) -> 
 
 def _packed(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Packed:
     t = ckpt.tensors
-    fmt = str(quant.get("format", ""))
-    formats = {str(g.get("format") or fmt) for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)}
-    if (formats or {fmt}) != {"pack-quantized"}:
-        raise CheckpointError(
-            f"calibration cannot dequantise compressed-tensors format {', '.join(sorted(formats or {fmt}))} yet"
-            f" (it reads {READABLE}); use a data-free --criterion such as router-norm"
-        )
     if prefix + ".weight_g_idx" in t:
         raise CheckpointError(
             f"{prefix}.weight_g_idx: activation-ordered groups are not dequantised yet; use a data-free --criterion"
@@ -297,12 +317,45 @@ def _packed(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Pa
     return Packed(prefix + ".weight", shape, PACKED, parts | {"shape": shape_info}, sources, (bits,), scale_dtype)
 
 
+def _scaled(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Packed:
+    """A compressed-tensors weight stored as float8 or int8 codes beside its scale (``float-quantized``)."""
+    t = ckpt.tensors
+    codes, scale = t[prefix + ".weight"], t[prefix + ".weight_scale"]
+    parts = {"codes": codes, "scales": scale}
+    if prefix + ".weight_zero_point" in present:
+        parts["zeros"] = t[prefix + ".weight_zero_point"]
+    rows, cols = codes.shape if len(codes.shape) == 2 else (0, 0)
+    block = _block_structure(quant)
+    grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1])) if block else None
+    per_block = grid is not None and tuple(scale.shape) == grid and scale.shape[0] != rows
+    fits = (
+        per_block or math.prod(scale.shape) == 1 or (scale.shape[0] == rows and cols % math.prod(scale.shape[1:]) == 0)
+    )
+    if not rows or not fits:
+        raise CheckpointError(
+            f"{scale.name} has shape {list(scale.shape)}, which is no tensor, row, group or block scale of"
+            f" {codes.name} {list(codes.shape)}; the checkpoint's quantization_config does not match its weights"
+        )
+    sources = tuple(prefix + s for s in _SCALED_PARTS if prefix + s in present)
+    return Packed(prefix + ".weight", codes.shape, SCALED, parts, sources, block if per_block else (), scale.dtype)
+
+
+def _block_structure(quant: dict) -> tuple[int, ...]:
+    """The ``block_structure`` of the config's block-strategy weights, if any."""
+    for group in (quant.get("config_groups") or {}).values():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if isinstance(weights, dict) and weights.get("strategy") == "block" and weights.get("block_structure"):
+            return tuple(int(b) for b in weights["block_structure"])
+    return ()
+
+
 def _bits(quant: dict, words: int, cols: int) -> int:
     """Bits per code: the config's (one value for every group), else what the packed width implies."""
     found = set()
     for group in (quant.get("config_groups") or {}).values():
         weights = group.get("weights") if isinstance(group, dict) else None
-        if isinstance(weights, dict) and weights.get("num_bits"):
+        packs = (group.get("format") or quant.get("format")) == "pack-quantized" if isinstance(group, dict) else False
+        if packs and isinstance(weights, dict) and weights.get("num_bits"):
             found.add(int(weights["num_bits"]))
     if len(found) == 1:
         return found.pop()
