@@ -255,3 +255,40 @@ def test_scales_that_do_not_fit_the_blocks_are_one_line(built, calib: Path, tmp_
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "not one scale per [8, 8] block" in err and "quantization_config does not match its weights" in err
     assert not (tmp_path / "s").exists() or not (tmp_path / "s" / "stats.json").exists()
+
+
+def _companions(folder: Path) -> list[str]:
+    """One tensor of each kind that a quantised weight is stored as (codes, scales, shape, zero points), per
+    suffix and dtype, from every decoder layer's experts and attention."""
+    ckpt = open_checkpoint(folder)
+    kinds: dict[tuple[str, str, bool], str] = {}
+    for name, info in ckpt.tensors.items():
+        suffix = name.rpartition(".")[2]
+        if info.dtype in ("F8_E4M3", "U8", "I32", "I64") or "scale" in suffix or suffix.endswith("_blocks"):
+            kinds.setdefault((suffix, info.dtype, ".experts." in name), name)
+    return sorted(kinds.values())
+
+
+@pytest.mark.parametrize("name", list(QUANTISED))
+def test_every_missing_piece_of_a_quantised_weight_is_one_line(
+    name: str, built, calib: Path, tmp_path: Path, capsys
+) -> None:
+    source = built(name)
+    dropped = _companions(source)
+    assert len(dropped) >= 2
+    for k, victim in enumerate(dropped):
+        src = Path(shutil.copytree(source, tmp_path / f"src{k}"))
+
+        def drop(tensors: dict[str, torch.Tensor], victim: str = victim) -> None:
+            tensors.pop(victim, None)
+
+        _rewrite(src, drop)
+        index = src / "model.safetensors.index.json"
+        if index.exists():
+            data = json.loads(index.read_text())
+            data["weight_map"].pop(victim)
+            index.write_text(json.dumps(data))
+        out = tmp_path / f"s{k}"
+        code, _, err = run_cli(["calibrate", str(src), "--out", str(out), "--calib", str(calib), *SMALL], capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (victim, err)
+        assert not (out / "stats.json").exists()

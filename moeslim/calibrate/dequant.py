@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,16 @@ FP8, MXFP4, PACKED, SCALED = "fp8", "mxfp4", "compressed-tensors", "compressed-t
 _FP8_EXTRA = (".activation_scale", ".input_scale")
 _PACKED_PARTS = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")
 _SCALED_PARTS = (".weight", ".weight_scale", ".weight_zero_point", ".input_scale")
+#: tensors that only mean something beside a quantised weight
+_COMPANIONS = (
+    "_scale_inv",
+    "_blocks",
+    "_scales",
+    ".weight_packed",
+    ".weight_scale",
+    ".weight_shape",
+    ".weight_zero_point",
+)
 
 
 @dataclass(frozen=True)
@@ -235,7 +246,13 @@ def dense_items(ckpt: Checkpoint, names: Iterable[str]) -> list[Item]:
             continue
         item = _group(ckpt, name, present, method, quant) if method else None
         if item is None:
-            items.append(ckpt.tensors[name])
+            info = ckpt.tensors[name]
+            if info.dtype.startswith("F8") or (method and name.endswith(_COMPANIONS)):
+                raise CheckpointError(
+                    f"{name} ({info.dtype}) has no quantised weight or scale to go with it; the checkpoint is"
+                    " incomplete or its quantization_config does not match it: re-download it"
+                )
+            items.append(info)
             taken.add(name)
         else:
             items.append(item)
@@ -299,6 +316,12 @@ def _packed(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Pa
         raise CheckpointError(
             f"{prefix}.weight_g_idx: activation-ordered groups are not dequantised yet; use a data-free --criterion"
         )
+    missing = [prefix + n for n in (".weight_scale", ".weight_shape") if prefix + n not in present]
+    if missing:
+        raise CheckpointError(
+            f"{prefix}.weight_packed has no {missing[0].rpartition('.')[2]} beside it; the checkpoint is incomplete:"
+            " re-download it"
+        )
     parts = {"codes": t[prefix + ".weight_packed"], "scales": t[prefix + ".weight_scale"]}
     if prefix + ".weight_zero_point" in present:
         parts["zeros"] = t[prefix + ".weight_zero_point"]
@@ -306,7 +329,9 @@ def _packed(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Pa
     with Reader() as reader:
         shape = tuple(int(v) for v in reader.raw(shape_info).tolist())
     words = parts["codes"].shape
-    bits = _bits(quant, words[-1], shape[-1] if len(shape) == 2 else 0)
+    weights = _weights_of(quant, prefix)
+    _check_zero_points(weights, prefix, present)
+    bits = _bits(weights, words[-1], shape[-1] if len(shape) == 2 else 0)
     fits = len(shape) == 2 and words[0] == shape[0] and words[1] == math.ceil(shape[1] * bits / 32)
     if not fits or parts["codes"].dtype != "I32":
         raise CheckpointError(
@@ -325,7 +350,9 @@ def _scaled(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Pa
     if prefix + ".weight_zero_point" in present:
         parts["zeros"] = t[prefix + ".weight_zero_point"]
     rows, cols = codes.shape if len(codes.shape) == 2 else (0, 0)
-    block = _block_structure(quant)
+    weights = _weights_of(quant, prefix)
+    _check_zero_points(weights, prefix, present)
+    block = tuple(int(b) for b in weights.get("block_structure") or ()) if weights.get("strategy") == "block" else ()
     grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1])) if block else None
     per_block = grid is not None and tuple(scale.shape) == grid and scale.shape[0] != rows
     fits = (
@@ -340,26 +367,40 @@ def _scaled(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Pa
     return Packed(prefix + ".weight", codes.shape, SCALED, parts, sources, block if per_block else (), scale.dtype)
 
 
-def _block_structure(quant: dict) -> tuple[int, ...]:
-    """The ``block_structure`` of the config's block-strategy weights, if any."""
-    for group in (quant.get("config_groups") or {}).values():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        if isinstance(weights, dict) and weights.get("strategy") == "block" and weights.get("block_structure"):
-            return tuple(int(b) for b in weights["block_structure"])
-    return ()
+def _weights_of(quant: dict, module: str) -> dict:
+    """The ``weights`` settings of the config group that quantises ``module`` (compressed-tensors' matching: a
+    ``re:`` target matched from the start of the module name, else a class-name target such as ``Linear``, which
+    every quantised projection is); ``{}`` when no group says."""
+    groups = [g for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)]
+    by_name = [g for g in groups if any(_matches(str(t), module) for t in g.get("targets") or ())]
+    by_class = [g for g in groups if any(not str(t).startswith("re:") for t in g.get("targets") or ())]
+    found = (by_name or by_class or [{}])[0].get("weights")
+    return found if isinstance(found, dict) else {}
 
 
-def _bits(quant: dict, words: int, cols: int) -> int:
-    """Bits per code: the config's (one value for every group), else what the packed width implies."""
-    found = set()
-    for group in (quant.get("config_groups") or {}).values():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        packs = (group.get("format") or quant.get("format")) == "pack-quantized" if isinstance(group, dict) else False
-        if packs and isinstance(weights, dict) and weights.get("num_bits"):
-            found.add(int(weights["num_bits"]))
-    if len(found) == 1:
-        return found.pop()
+def _matches(target: str, module: str) -> bool:
+    """Whether a ``re:`` target names ``module``."""
+    if not target.startswith("re:"):
+        return False
+    try:
+        return re.match(target[3:], module) is not None
+    except re.error as e:
+        raise CheckpointError(f"quantization_config target {target!r} is not a regular expression ({e})") from e
+
+
+def _bits(weights: dict, words: int, cols: int) -> int:
+    """Bits per code: the group's, else what the packed width implies."""
+    if weights.get("num_bits"):
+        return int(weights["num_bits"])
     return next((b for b in (4, 8, 2, 3, 5, 6, 7, 1) if cols and math.ceil(cols * b / 32) == words), 4)
+
+
+def _check_zero_points(weights: dict, prefix: str, present: set[str]) -> None:
+    if weights.get("symmetric") is False and prefix + ".weight_zero_point" not in present:
+        raise CheckpointError(
+            f"{prefix} is quantised asymmetrically by its config but has no weight_zero_point; the checkpoint is"
+            " incomplete: re-download it"
+        )
 
 
 def sources(items: Iterable[Item]) -> list[str]:
