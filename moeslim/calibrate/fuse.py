@@ -8,6 +8,7 @@ Its conversion holds every source tensor, their converted copies, the stack and 
 (``pread``, not a memory map, so the file's pages are not counted in RSS), converted and copied into its slot:
 the peak is the layer plus one expert. The values are those transformers builds (same order, same dtype
 conversion); a converter of any other shape, or a name or shape that does not fit, is left to transformers.
+A quantised expert weight (``dequant.Packed``) is dequantised here as it is read, one expert at a time too.
 """
 
 from __future__ import annotations
