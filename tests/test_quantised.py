@@ -139,6 +139,11 @@ def test_fp8_blocks_equal_transformers_dequantisation_and_cut_ragged_edges() -> 
     ragged = torch.ones(20, 16, dtype=torch.float8_e4m3fn)
     dense = fp8_dense(ragged, torch.tensor([[2.0], [3.0]]), (16, 16))
     assert dense[:16].eq(2.0).all() and dense[16:].eq(3.0).all()
+    # ue8m0 scales: bytes 128 and 125 are 2^(128-127) = 2 and 2^(125-127) = 0.25; as float8_e8m0fnu, the same
+    exponents = torch.tensor([[128], [125]], dtype=torch.uint8)
+    for scales in (exponents, exponents.view(torch.float8_e8m0fnu)):
+        dense = fp8_dense(ragged, scales, (16, 16))
+        assert dense[:16].eq(2.0).all() and dense[16:].eq(0.25).all()
 
 
 # ---- calibration and validation, against the dequantised twins ------------------------------------------------

@@ -41,7 +41,7 @@ from moeslim.source import Checkpoint
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
 }  # fmt: skip
 
@@ -177,7 +177,8 @@ def read(fd: int, info: TensorInfo) -> torch.Tensor:
 def fp8_dense(codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
     """``codes`` (float8 ``[rows, cols]``) times the scale of its block (``scale_inv[r // bm, c // bn]``)."""
     values = codes.to(torch.float32)
-    scales = scale_inv.to(torch.float32)
+    # ue8m0 scales (DeepSeek-V3.2 style) stored as bytes: the exponent of a power of two, biased by 127
+    scales = torch.exp2(scale_inv.float() - 127) if scale_inv.dtype == torch.uint8 else scale_inv.to(torch.float32)
     if scales.numel() == 1:
         return values * scales.reshape(())
     return values * _per_element(scales, block, values.shape)
