@@ -297,3 +297,18 @@ def test_every_missing_piece_of_a_quantised_weight_is_one_line(
         code, _, err = run_cli(["calibrate", str(src), "--out", str(out), "--calib", str(calib), *SMALL], capsys)
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, (victim, err)
         assert not (out / "stats.json").exists()
+
+
+def test_fp8_activation_scales_travel_with_their_weight_in_any_order() -> None:
+    from moeslim.calibrate.dequant import Packed, dense_items
+    from moeslim.shards import TensorInfo
+    from moeslim.source import Checkpoint
+
+    folder = Path("/nonexistent")  # headers only: nothing is read
+    specs = [("a.input_scale", "F32", (1,)), ("a.weight", "F8_E4M3", (16, 16)), ("a.weight_scale_inv", "F32", (1, 1))]
+    for order in itertools.permutations(specs):
+        tensors = {n: TensorInfo(n, folder, d, s, 0, 0) for n, d, s in order}
+        config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}
+        items = dense_items(Checkpoint(folder, config, tensors, (), {}), list(tensors))
+        assert len(items) == 1 and isinstance(items[0], Packed) and items[0].name == "a.weight"
+        assert set(items[0].sources) == set(tensors)

@@ -265,7 +265,8 @@ def _group(ckpt: Checkpoint, name: str, present: set[str], method: str, quant: d
     """The quantised group that on-disk tensor ``name`` belongs to, or None when it is a plain tensor."""
     t = ckpt.tensors
     if method == FP8:
-        base = name.removesuffix("_scale_inv") if name.endswith(".weight_scale_inv") else name
+        extras = [name.removesuffix(e) + ".weight" for e in _FP8_EXTRA if name.endswith(e)]  # met before the weight
+        base = extras[0] if extras else name.removesuffix("_scale_inv") if name.endswith(".weight_scale_inv") else name
         scale = base + "_scale_inv"
         if scale not in present or base not in present:
             return None
