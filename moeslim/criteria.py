@@ -68,13 +68,8 @@ def _dequantised_weight_norm(ckpt: Checkpoint, layout: Layout) -> Scores:
                 for item in items:
                     if _is_side_tensor(item.name):
                         continue
-                    w = reader.dense(item, None if layer.per_expert else j).double()
-                    if not bool(w.isfinite().all()):
-                        raise CheckpointError(
-                            f"layer {layer.index}: expert {j} has non-finite values in {item.name};"
-                            " the checkpoint is corrupt, re-download it"
-                        )
-                    sq[j] += float(w.square().sum())
+                    w = reader.dense(item, None if layer.per_expert else j).double().numpy()
+                    sq[j] += _finite_sq_norm(w, item.name, (layer.index, j))
             out[layer.index] = np.sqrt(sq)
             check_finite_scores(out[layer.index], layer.index, "weight-norm")
     return out
@@ -180,7 +175,11 @@ def _check_finite_rows(w: np.ndarray, index: int, name: str) -> None:
 
 def _sq_norm(ckpt: Checkpoint, name: str, row: int | None, where: tuple[int, int]) -> float:
     """Squared L2 norm of one expert's weight (one row of a fused tensor); ``where`` is (layer, expert)."""
-    w = _read(ckpt, name, row)  # float32
+    return _finite_sq_norm(_read(ckpt, name, row), name, where)  # float32
+
+
+def _finite_sq_norm(w: np.ndarray, name: str, where: tuple[int, int]) -> float:
+    """Squared L2 norm of ``w`` (summed in float64), refused when it holds a non-finite value."""
     if not np.isfinite(w).all():
         raise CheckpointError(
             f"layer {where[0]}: expert {where[1]} has non-finite values in {name};"

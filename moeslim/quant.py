@@ -23,7 +23,7 @@ CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "naive-quant
 
 def unreadable(config: dict) -> str | None:
     """The quantisation of ``config`` that calibration cannot dequantise (``"gptq"``, ``"compressed-tensors
-    float-quantized"``), or None when it is unquantised or readable."""
+    nvfp4-pack-quantized"``), or None when it is unquantised or readable."""
     quant = quantization_config(config)
     if not quant:
         return None

@@ -76,10 +76,6 @@ class Packed:
     block: tuple[int, ...] = ()  # FP8: rows × columns per scale; packed: bits per code
     dtype: str = "F32"  # of what ``Reader.dense`` returns: float32, or a packed weight's scale dtype
 
-    @property
-    def file(self) -> Any:
-        return self.parts["codes"].file
-
 
 Item = TensorInfo | Packed
 
@@ -242,26 +238,27 @@ def dense_items(ckpt: Checkpoint, names: Iterable[str]) -> list[Item]:
     present = set(names)
     taken: set[str] = set()
     items: list[Item] = []
-    for name in names:
-        if name in taken:
-            continue
-        item = _group(ckpt, name, present, method, quant) if method else None
-        if item is None:
-            info = ckpt.tensors[name]
-            if info.dtype.startswith("F8") or (method and name.endswith(_COMPANIONS)):
-                raise CheckpointError(
-                    f"{name} ({info.dtype}) has no quantised weight or scale to go with it; the checkpoint is"
-                    " incomplete or its quantization_config does not match it: re-download it"
-                )
-            items.append(info)
-            taken.add(name)
-        else:
-            items.append(item)
-            taken.update(item.sources)
+    with Reader() as reader:  # reads compressed-tensors' weight_shape
+        for name in names:
+            if name in taken:
+                continue
+            item = _group(ckpt, name, present, method, quant, reader) if method else None
+            if item is None:
+                info = ckpt.tensors[name]
+                if info.dtype.startswith("F8") or (method and name.endswith(_COMPANIONS)):
+                    raise CheckpointError(
+                        f"{name} ({info.dtype}) has no quantised weight or scale to go with it; the checkpoint is"
+                        " incomplete or its quantization_config does not match it: re-download it"
+                    )
+                items.append(info)
+                taken.add(name)
+            else:
+                items.append(item)
+                taken.update(item.sources)
     return items
 
 
-def _group(ckpt: Checkpoint, name: str, present: set[str], method: str, quant: dict) -> Packed | None:
+def _group(ckpt: Checkpoint, name: str, present: set[str], method: str, quant: dict, reader: Reader) -> Packed | None:
     """The quantised group that on-disk tensor ``name`` belongs to, or None when it is a plain tensor."""
     t = ckpt.tensors
     if method == FP8:
@@ -290,7 +287,7 @@ def _group(ckpt: Checkpoint, name: str, present: set[str], method: str, quant: d
         if prefix is None:
             return None
         if prefix + ".weight_packed" in present:
-            return _packed(ckpt, prefix, present, quant)
+            return _packed(ckpt, prefix, present, quant, reader)
         if prefix + ".weight" in present and prefix + ".weight_scale" in present:
             return _scaled(ckpt, prefix, present, quant)
         return None
@@ -312,7 +309,7 @@ def _check_fp8(codes: TensorInfo, scale: TensorInfo, block: tuple[int, ...]) -> 
         )
 
 
-def _packed(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Packed:
+def _packed(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict, reader: Reader) -> Packed:
     t = ckpt.tensors
     if prefix + ".weight_g_idx" in t:
         raise CheckpointError(
@@ -328,8 +325,7 @@ def _packed(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Pa
     if prefix + ".weight_zero_point" in present:
         parts["zeros"] = t[prefix + ".weight_zero_point"]
     shape_info = t[prefix + ".weight_shape"]
-    with Reader() as reader:
-        shape = tuple(int(v) for v in reader.raw(shape_info).tolist())
+    shape = tuple(int(v) for v in reader.raw(shape_info).tolist())
     words = parts["codes"].shape
     weights = _weights_of(quant, prefix)
     _check_zero_points(weights, prefix, present)
@@ -403,8 +399,3 @@ def _check_zero_points(weights: dict, prefix: str, present: set[str]) -> None:
             f"{prefix} is quantised asymmetrically by its config but has no weight_zero_point; the checkpoint is"
             " incomplete: re-download it"
         )
-
-
-def sources(items: Iterable[Item]) -> list[str]:
-    """The on-disk tensor names behind ``items``."""
-    return [n for item in items for n in ((item.name,) if isinstance(item, TensorInfo) else item.sources)]

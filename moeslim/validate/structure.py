@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from moeslim.errors import CheckpointError, StructureError
 from moeslim.families import Family, text_config
 from moeslim.layout import Layout, Routing, resolve_layout, routing_of
-from moeslim.quant import QUANT_SUFFIXES, quantization_config, unreadable
+from moeslim.quant import QUANT_SUFFIXES, unreadable
 from moeslim.source import Checkpoint
 
 TORCH_DTYPES = {
@@ -133,8 +133,8 @@ def check_with_transformers(
     model = meta_model(ckpt.root, torch.float32, trust_remote_code)
     mtp = tuple(_mtp_prefix(layer.block, layout.family) for layer in layout.layers if layer.mtp)
     # a quantisation calibration reads is checked at its dequantised names and shapes; others by name only
-    quantised = bool(quantization_config(ckpt.config)) and unreadable(ckpt.config) is not None
-    names = [n for n in ckpt.tensors if not n.startswith(mtp) and not (quantised and n.endswith(QUANT_SUFFIXES))]
+    by_name = unreadable(ckpt.config) is not None
+    names = [n for n in ckpt.tensors if not n.startswith(mtp) and not (by_name and n.endswith(QUANT_SUFFIXES))]
     state = {
         item.name: torch.empty(item.shape, dtype=getattr(torch, TORCH_DTYPES.get(item.dtype, "uint8")), device="meta")
         for item in dense_items(ckpt, names)
@@ -148,12 +148,12 @@ def check_with_transformers(
         info = convert_and_load_state_dict_in_model(model, state, config)[0]
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     missing = {m for m in info.missing_keys if not (m in tied and tied[m] not in info.missing_keys)}
-    if quantised:  # e.g. gpt-oss MXFP4: the fused weight is stored as `<name>_blocks` + `<name>_scales`
+    if by_name:  # a weight stored under other names, e.g. `<name>_blocks` + `<name>_scales`
         missing = {m for m in missing if not any(n.startswith(m + "_") for n in ckpt.tensors)}
     _raise_first(what, missing, set(info.unexpected_keys), list(info.mismatched_keys), info.conversion_errors)
     notes = [f"MTP layers {[layer.index for layer in layout.layers if layer.mtp]} are not run by transformers:"
              " checked by name and expert count only"] if mtp else []  # fmt: skip
-    if quantised:
+    if by_name:
         notes.append("quantised tensors are loaded by a quantiser: checked by name and expert count only")
     return len(state), tuple(notes)
 
