@@ -123,6 +123,14 @@ def slim_command(
     create_pr: Annotated[bool, typer.Option(help="With --push-to: open a pull request.")] = False,
     stats: Annotated[Path | None, typer.Option(help="Statistics from `moeslim calibrate`.")] = None,
     progressive: Annotated[bool, typer.Option(help="Calibrate each layer on the pruned previous layers.")] = False,
+    correct: Annotated[
+        bool | None,
+        typer.Option(
+            "--correct/--no-correct",
+            help="Refit the kept experts' down projections on the calibration tokens so the pruned output stays"
+            " close to the original's (default: on when the plan uses calibration data).",
+        ),
+    ] = None,
     calib: Calib = None,
     samples: Samples = CalibrationOptions.samples,
     seq_len: SeqLen = CalibrationOptions.seq_len,
@@ -148,7 +156,7 @@ def slim_command(
         src, keep, out, plan, criterion, seed, top_k, max_shard_size, overwrite,
         stats=stats, calibration=calibration, progressive=progressive,
         revision=revision, push_to=push_to, private=private, push_revision=push_revision, create_pr=create_pr,
-        command=redact(shlex.join(["moeslim", *sys.argv[1:]])), max_kl=max_kl,
+        command=redact(shlex.join(["moeslim", *sys.argv[1:]])), max_kl=max_kl, correct=correct,
         validation=None if no_validate else ValidateOptions(
             calib, samples=8, seq_len=128, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
             require_data=False,

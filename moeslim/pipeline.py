@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import shlex
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from moeslim.calibrate.options import CalibrationOptions
 from moeslim.calibrate.ranks import Ranks, current
 from moeslim.calibrate.statistics import HALVES, Statistics
+from moeslim.correction import wanted
 from moeslim.criteria import (
     AUTO,
     CRITERIA,
@@ -32,12 +34,13 @@ from moeslim.layout import Layout, resolve_layout, routing_of
 from moeslim.plan import PLAN_NAME, Plan, check_feasible, check_plan, jaccard, load_plan, select, select_one
 from moeslim.publish.facts import write_model_card
 from moeslim.publish.push import PushOptions, check_write_access, push_folder
+from moeslim.shards import TensorInfo
 from moeslim.source import Checkpoint, open_checkpoint
 from moeslim.surgery.config import dump_config, rewrite_config
 from moeslim.surgery.files import check_space, copy_files, extra_files, foreign_file
 from moeslim.surgery.mapping import plan_outputs
 from moeslim.surgery.writer import plan_shards, write_checkpoint
-from moeslim.targets import atomic_folder, check_outside, check_target, locked
+from moeslim.targets import TMP_SUFFIX, atomic_folder, check_outside, check_target, locked
 from moeslim.units import parse_size
 from moeslim.validate.report import write_report
 from moeslim.validate.run import ValidateOptions, kl_exceeds, validate
@@ -65,6 +68,7 @@ class SlimOptions:
     command: str = ""  # the command line that made it, for the model card
     validation: ValidateOptions | None = ValidateOptions(samples=8, seq_len=128, require_data=False)  # None: skip
     max_kl: float | None = None  # a validated mean KL above this is not pushed
+    correct: bool | None = None  # refit the kept experts (correction.py); None: when the plan used calibration data
 
 
 @dataclass(frozen=True)
@@ -97,13 +101,18 @@ def slim(opts: SlimOptions) -> SlimResult:
         return _follow(root, ckpt, layout, opts, ranks, skipped)
     with contextlib.ExitStack() as held:
         out = opts.out or (default_out(opts.source, opts.keep) if opts.keep is not None else None)
+        work = None
         if out is not None:
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
-        plan = make_plan(ckpt, layout, opts)
+            work = _work_folder(held, out)
+        plan = make_plan(ckpt, layout, opts, work)
         if out is None:
             out = default_out(opts.source, plan.keep)
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
-        total, shards, report = _write(ckpt, layout, plan, out, copied, shard_limit, opts)
+            work = _work_folder(held, out)
+        assert work is not None
+        plan, patches = _settle_correction(ckpt, layout, plan, opts, work)
+        total, shards, report = _write(ckpt, layout, plan, out, copied, shard_limit, opts, patches)
     url = _push(out, push) if push and not kl_exceeds(report or {}, opts.max_kl) else None
     return SlimResult(out, plan, total, shards, skipped, url, report)
 
@@ -113,7 +122,7 @@ def _follow(
 ) -> SlimResult:
     """A rank other than 0 under torchrun: it calibrates and validates its share with rank 0, which alone claims,
     writes and pushes the output; its result holds the same plan and validation, and nothing written."""
-    plan = make_plan(ckpt, layout, opts)
+    plan = _settle_correction(ckpt, layout, make_plan(ckpt, layout, opts), opts, None)[0]
     out = opts.out or default_out(opts.source, plan.keep)
     report = None
     if opts.validation is not None:
@@ -130,15 +139,63 @@ def claim_output(source: Path, out: Path, overwrite: bool, copied: list[Path]) -
         yield
 
 
+def _work_folder(held: contextlib.ExitStack, out: Path) -> Path:
+    """A temporary folder beside ``out`` for the correction's patch files, gone at the end; named as the target's
+    temp folders, so a killed run's is cleared by the next run there."""
+    target = out.absolute()
+    return Path(held.enter_context(
+        tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
+    ))  # fmt: skip
+
+
+def _settle_correction(
+    ckpt: Checkpoint, layout: Layout, plan: Plan, opts: SlimOptions, work: Path | None
+) -> tuple[Plan, dict[str, TensorInfo]]:
+    """The plan with its correction recorded, and the patched tensors surgery takes (``work``: where they are
+    written; None on ranks other than 0, which write nothing). ``auto`` may have fitted it in its calibration
+    pass already; otherwise, when wanted, it is fitted now in a pass of its own."""
+    from moeslim.correction import FITTED, patches_in
+
+    fitted = plan.correction if opts.plan is None else {}
+    if "method" in fitted:
+        return plan, patches_in(work / FITTED) if work is not None else {}
+    if "skipped" in fitted:
+        return _said(plan, fitted, opts), {}
+    if not wanted(plan, is_calibrated(opts.criterion) and opts.plan is None, opts.correct):
+        return dataclasses.replace(plan, correction={}), {}
+    return _correct(ckpt, layout, plan, opts, work)
+
+
+def _said(plan: Plan, record: dict, opts: SlimOptions) -> Plan:
+    """A correction that could not be made: refused when ``--correct`` asked for it, else said in one line."""
+    if opts.correct:
+        raise PlanError(f"cannot correct the experts: {record['skipped']}; pass --no-correct")
+    print(f"moeslim: note: experts not corrected: {record['skipped']}", file=sys.stderr)
+    return dataclasses.replace(plan, correction=record)
+
+
+def _correct(
+    ckpt: Checkpoint, layout: Layout, plan: Plan, opts: SlimOptions, work: Path | None
+) -> tuple[Plan, dict[str, TensorInfo]]:
+    """The plan's correction fitted in a pass of its own (patch files in ``work``) and recorded in it."""
+    from moeslim.correction import check_redo, run_correction
+
+    record, patches = run_correction(ckpt, layout, opts.calibration, plan, work)
+    check_redo(plan, record, opts.correct)
+    if "skipped" in record:
+        return _said(plan, record, opts), {}
+    return dataclasses.replace(plan, correction=record), patches
+
+
 def _write(
     ckpt: Checkpoint, layout: Layout, plan: Plan, out: Path, copied: list[Path], shard_limit: int,
-    opts: SlimOptions,
+    opts: SlimOptions, patches: dict[str, TensorInfo] | None = None,
 ) -> tuple[int, int, dict | None]:  # fmt: skip
     """Shards, config, copied files, plan, validation and card into a temp folder renamed to ``out`` at the end.
 
     Returns (bytes of tensors written, number of shards, validation report or None).
     """
-    outputs = plan_outputs(ckpt, layout, plan.kept)
+    outputs = plan_outputs(ckpt, layout, plan.kept, patches)
     shards = plan_shards(outputs, shard_limit)
     total = sum(t.nbytes for t in outputs)
     check_space(out, total + sum((ckpt.root / f).stat().st_size for f in copied))
@@ -202,8 +259,10 @@ def _push_options(opts: SlimOptions) -> PushOptions | None:
     return PushOptions(opts.push_to, opts.private, opts.push_revision, opts.create_pr)
 
 
-def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions) -> Plan:
-    """The plan from ``--plan``, or scored by a criterion; feasibility is checked before any scoring."""
+def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, work: Path | None = None) -> Plan:
+    """The plan from ``--plan``, or scored by a criterion; feasibility is checked before any scoring. ``auto``
+    fits the correction of its first candidate in the same pass, into ``work`` (correction.py's ``FITTED``); the
+    plan records it when that candidate wins."""
     if opts.plan is not None:
         plan = load_plan(opts.plan)
         if opts.keep is not None and opts.keep != plan.keep:
@@ -221,9 +280,10 @@ def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions) -> Plan:
     top_k = layout.top_k if opts.top_k is None else opts.top_k
     check_feasible(layout, opts.keep, top_k)
     calibration: dict = {}
+    correction: dict = {}
     criterion = opts.criterion
     if criterion == AUTO and opts.stats is None:
-        criterion, scores, calibration = _auto(ckpt, layout, opts, opts.keep)
+        criterion, scores, calibration, correction = _auto(ckpt, layout, opts, opts.keep, work)
     elif is_calibrated(criterion):
         if criterion == AUTO:
             criterion = "ean"
@@ -241,6 +301,7 @@ def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions) -> Plan:
         seed=opts.seed if criterion == "random" else None,
         scores={i: tuple(float(x) for x in s) for i, s in scores.items()},
         calibration=calibration,
+        correction=correction,
     )
 
 
@@ -277,11 +338,15 @@ def _stability(criterion: str, stats: Statistics, layout: Layout, keep: int) -> 
     return stability
 
 
-def _auto(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, keep: int) -> tuple[str, dict, dict]:
+def _auto(
+    ckpt: Checkpoint, layout: Layout, opts: SlimOptions, keep: int, work: Path | None
+) -> tuple[str, dict, dict, dict]:
     """Calibrate once with every candidate criterion's plan measured on held-out calibration batches
-    (``calibrate/trials.py``); the winner's scores, with every candidate's measured KL in the provenance."""
+    (``calibrate/trials.py``); the winner's scores, with every candidate's measured KL in the provenance, and the
+    correction fitted in the same pass when wanted and the first candidate won (else empty)."""
     from moeslim.calibrate.session import check_runnable, run_calibration
     from moeslim.calibrate.trials import CANDIDATES, PlanTrials
+    from moeslim.correction import FITTED, PatchWriter, skip_reason
 
     check_runnable(ckpt, layout)  # before the data-free candidates read any weight
     fixed = {name: DATA_FREE[name](ckpt, layout, None) for name in CANDIDATES if name in DATA_FREE}
@@ -289,14 +354,26 @@ def _auto(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, keep: int) -> tup
     def scores_of(name: str, index: int, stats: Statistics) -> np.ndarray:
         return fixed[name][index] if name in fixed else _require(layer_scores(name, stats, index), name, index)
 
-    trials = PlanTrials(layout, keep, scores_of)
+    ranks = current(opts.calibration.device)
+    writer = None
+    if opts.correct is not False and skip_reason(ckpt, layout) is None:
+        folder = work / FITTED if work is not None and ranks.leader else None
+        if folder is not None:
+            folder.mkdir()
+        writer = PatchWriter(ckpt, layout, folder)
+    trials = PlanTrials(layout, keep, scores_of, on_fit=writer, ranks=ranks)
     stats, meta = run_calibration(ckpt, layout, opts.calibration, trials=trials)
     winner = trials.winner or CANDIDATES[0]
     scores = fixed[winner] if winner in fixed else calibrated_scores(winner, stats, ckpt, layout)
     stability = {} if winner in fixed else _stability(winner, stats, layout, keep)
     info = {**meta["calibration"], "progressive": False, "stability": stability,
             "auto": {"chose": winner, "held_out_batches": len(trials.held), "kl": trials.kl}}  # fmt: skip
-    return winner, scores, info
+    correction: dict = {}
+    if trials.fit_error is not None:
+        correction = {"skipped": trials.fit_error}
+    elif writer is not None and winner == CANDIDATES[0]:
+        correction = writer.record(meta["calibration"])
+    return winner, scores, info, correction
 
 
 def _require(scores: np.ndarray | None, criterion: str, index: int) -> np.ndarray:

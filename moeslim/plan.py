@@ -39,6 +39,7 @@ class Plan:
     seed: int | None = None
     scores: dict[int, tuple[float, ...]] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)  # data, token count, hash, settings; empty when data-free
+    correction: dict = field(default_factory=dict)  # how the kept experts were refit (correction.py); empty: not
 
     @property
     def keep(self) -> int:
@@ -60,6 +61,7 @@ class Plan:
             "criterion": self.criterion,
             "seed": self.seed,
             **({"calibration": self.calibration} if self.calibration else {}),
+            **({"correction": self.correction} if self.correction else {}),
             "layers": layers,
         }
         return jsonio.dumps(doc, indent=2) + "\n"
@@ -105,6 +107,7 @@ def _plan_of(doc: dict) -> Plan:
         seed=None if doc.get("seed") is None else _int_field(doc, "seed"),
         scores=scores,
         calibration={} if doc.get("calibration") is None else dict(_field(doc, "calibration", dict, "an object")),
+        correction={} if doc.get("correction") is None else dict(_field(doc, "correction", dict, "an object")),
     )
     if odd := uneven_layer(kept):
         raise _Invalid(f"layer {odd[0]} keeps {odd[1]} experts, other layers {odd[2]}")

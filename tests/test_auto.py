@@ -33,9 +33,10 @@ TOKENS = torch.randint(3, 128, (8, 20), generator=torch.Generator().manual_seed(
 SMALL = CalibrationOptions(samples=8, seq_len=16, batch_size=2)
 
 
-def _kl(original: torch.Tensor, pruned: torch.Tensor) -> float:
+def _kl(original: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """KL(original ‖ pruned) per token ``(batch, seq)``."""
     lo, lp = (torch.log_softmax(x.float(), dim=-1) for x in (original, pruned))
-    return float((lo.exp() * (lo - lp)).sum(-1).clamp_min(0.0).double().mean())
+    return (lo.exp() * (lo - lp)).sum(-1).clamp_min(0.0).double()
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen3_moe"])
@@ -66,9 +67,33 @@ def test_streamed_kl_of_every_candidate_equals_a_full_forward(name: str, built: 
             assert kept == {i: select_one(layout, scores(criterion, i, stats), keep) for i in stats.layers}
             with drop_experts_of(model, layout, kept):
                 expected = _kl(original, model(input_ids=held).logits)
-            assert trials.kl[criterion] == pytest.approx(expected, rel=1e-5, abs=1e-7), criterion
-    assert trials.winner == min(CANDIDATES, key=lambda c: (trials.kl[c], CANDIDATES.index(c)))
+            assert trials.kl[criterion] == pytest.approx(float(expected.mean()), rel=1e-5, abs=1e-7), criterion
+            per_sequence = expected.mean(-1).numpy()
+            np.testing.assert_allclose(trials.per_sequence[criterion], per_sequence, rtol=1e-5, atol=1e-7)
+    # ean stays unless a candidate is lower on every reading of the 2 held-out sequences' paired differences
+    base = trials.per_sequence["ean"]
+    better = [c for c in CANDIDATES if _significantly_lower(trials.per_sequence[c] - base)]
+    assert trials.winner == min(better, key=lambda c: (trials.kl[c], CANDIDATES.index(c)), default="ean")
     assert len(set(trials.kl.values())) > 1  # the candidates' plans differ: the measurement decides something
+
+
+def _significantly_lower(d: np.ndarray) -> bool:
+    """mean + 1.96 × standard error < 0, written out: the 95 % normal interval of the mean lies below zero."""
+    mean = sum(d) / len(d)
+    sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+    return bool(mean + 1.96 * sd / len(d) ** 0.5 < 0)
+
+
+def test_the_incumbent_moves_only_for_a_difference_beyond_the_noise() -> None:
+    """Differences (candidate − ean) per held-out sequence, and the 95 % normal bound of their mean by hand."""
+    from moeslim.calibrate.trials import _below
+
+    # mean −0.02, sd 0.01 (ddof 1: sqrt((0.0001 + 0 + 0.0001) / 2)), n 3: bound −0.02 + 1.96 × 0.01 / √3 = −0.0087
+    assert _below(np.array([-0.03, -0.02, -0.01]))
+    # mean −0.02, sd 0.05 (sqrt((0.0025 + 0 + 0.0025) / 2)), n 3: bound −0.02 + 1.96 × 0.05 / √3 = +0.0366
+    assert not _below(np.array([-0.07, -0.02, 0.03]))
+    assert not _below(np.array([-0.5]))  # one sequence has no spread to judge by
+    assert not _below(np.array([0.0, 0.0]))  # the same plan
 
 
 def test_auto_writes_exactly_the_winners_plan(built: Callable[[str], Path]) -> None:

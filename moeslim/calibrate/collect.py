@@ -81,10 +81,11 @@ def calibrate_layers(
             runner.forward(index, layer, store)
         else:
             if new:
-                _calibrate_layer(
-                    runner, index, layer, block, store, stats, reconstruction_tokens, progressive is None, halves,
-                    ranks, mine,
-                )  # fmt: skip
+                with trials.capture(block) if trials is not None else contextlib.nullcontext():
+                    _calibrate_layer(
+                        runner, index, layer, block, store, stats, reconstruction_tokens, progressive is None,
+                        halves, ranks, mine,
+                    )  # fmt: skip
             if progressive is not None:
                 kept = progressive(index, stats)
                 with mask_router(block, kept, runner.layout.num_experts):

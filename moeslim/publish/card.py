@@ -134,16 +134,28 @@ def _how_made(f: CardFacts) -> str:
         f"- source: {source}",
         f"- criterion: `{p.criterion}` (experts with the highest scores kept in every layer)",
         _calibration(p.calibration),
+        _correction(p.correction),
         f"- seed: {p.seed if p.seed is not None else 'not used by the criterion'}",
         f"- moeslim version: {f.version}",
         f"- plan (kept expert ids and scores per layer): `{PLAN_NAME}` in this repo",
     ]
     made = f"The command that made it:\n\n```bash\n{f.command}\n```" if f.command else "Made through the Python API."
+    refit = " (with the same calibration data: the correction is refit)" if "method" in p.correction else ""
     return (
         "## How it was made\n\n" + "\n".join(lines) + f"\n\n{made}\n\n"
-        f"The same weights and config, byte for byte, from the plan in this repo:"
+        f"The same weights and config, byte for byte, from the plan in this repo{refit}:"
         f" `moeslim slim {shlex.quote(f.source)} --plan {PLAN_NAME}`."
     )
+
+
+def _correction(correction: dict) -> str:
+    """Whether and how the kept experts were corrected after pruning."""
+    if "method" in correction:
+        corrected = sum(correction.get("experts", {}).values())
+        return f"- correction: {correction['method']} ({corrected} kept experts refit on the calibration tokens)"
+    if "skipped" in correction:
+        return f"- correction: none ({correction['skipped']})"
+    return "- correction: none"
 
 
 def _calibration(calibration: dict) -> str:

@@ -30,12 +30,18 @@ class OutputTensor:
         return sum(end - start for _, start, end in self.pieces)
 
 
-def plan_outputs(ckpt: Checkpoint, layout: Layout, kept: dict[int, tuple[int, ...]]) -> list[OutputTensor]:
+def plan_outputs(
+    ckpt: Checkpoint, layout: Layout, kept: dict[int, tuple[int, ...]], patches: dict[str, TensorInfo] | None = None
+) -> list[OutputTensor]:
     """Every output tensor in source order: untouched ones whole, router and fused expert tensors sliced
-    on dim 0, per-expert tensors of kept experts renamed to their new id (kept ids renumbered 0..N-1)."""
+    on dim 0, per-expert tensors of kept experts renamed to their new id (kept ids renumbered 0..N-1).
+
+    ``patches``: source tensor name → its corrected value in a patch file (``patch.py``), as the output holds it
+    (a fused tensor already sliced); its bytes are taken from there."""
+    patches = patches or {}
     actions: dict[str, OutputTensor | None] = {}
     for layer in layout.layers:
-        actions.update(_layer_actions(ckpt.tensors, layer, kept[layer.index]))
+        actions.update(_layer_actions(ckpt.tensors, layer, kept[layer.index], patches))
     out = []
     for name, info in ckpt.tensors.items():
         if name not in actions:
@@ -46,18 +52,21 @@ def plan_outputs(ckpt: Checkpoint, layout: Layout, kept: dict[int, tuple[int, ..
 
 
 def _layer_actions(
-    tensors: dict[str, TensorInfo], layer: MoeLayer, kept: tuple[int, ...]
+    tensors: dict[str, TensorInfo], layer: MoeLayer, kept: tuple[int, ...], patches: dict[str, TensorInfo]
 ) -> dict[str, OutputTensor | None]:
     actions: dict[str, OutputTensor | None] = {}
     for name in layer.router + layer.fused:
         info, dim = tensors[name], layer.dim_of(name)
-        actions[name] = slice_rows(info, layer.rows_of(name, kept, info.shape[dim]), dim)
+        if (patch := patches.get(name)) is not None:
+            actions[name] = OutputTensor(name, patch.dtype, patch.shape, ((patch.file, patch.start, patch.end),))
+        else:
+            actions[name] = slice_rows(info, layer.rows_of(name, kept, info.shape[dim]), dim)
     new_id = {old: new for new, old in enumerate(kept)}
     # tensors past the routed experts keep their place after them: expert E + i becomes len(kept) + i
     new_id.update({old: len(kept) + old - len(layer.per_expert) for old, _ in layer.extra})
     for old, names in [*enumerate(layer.per_expert), *layer.extra]:
         for name in names:
-            info = tensors[name]
+            info = patches.get(name, tensors[name])
             renamed = None
             if old in new_id:
                 renamed = rename_expert(name, layer.block, old, new_id[old])
