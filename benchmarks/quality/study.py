@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import io
 import json
 import statistics
@@ -53,6 +54,7 @@ FIXTURES = {
     "qwen3": ROOT / "fixtures/trained/tiny-qwen3-64e",
 }
 PROGRESSIVE = ["frequency", "gate-mass", "ean", "reap"]
+CORRECTED = " --correct"  # a criterion's plan with the correction the default applies (where its gain comes from)
 PIECE_CHARS = 1500
 SKIP_DIRS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
 
@@ -62,6 +64,7 @@ class Settings:
     keeps: tuple[float, ...] = (0.75, 0.5, 0.25)
     criteria: list[str] = field(default_factory=lambda: list(CANDIDATES))
     progressive: list[str] = field(default_factory=lambda: list(PROGRESSIVE))
+    corrected: list[str] = field(default_factory=lambda: ["ean"])
     random_seeds: int = 10
     calib_samples: int = 64  # × 128 tokens
     calib_seeds: int = 3  # calibration samples drawn per calibrated criterion at the deciding keep
@@ -70,6 +73,7 @@ class Settings:
     sizes: tuple[int, ...] = (16, 64, 256)  # calibration samples for the size experiment
     size_criteria: tuple[str, ...] = ("ean", "reap", "frequency")
     fixtures: tuple[str, ...] = ("mixtral", "deepseek", "qwen3")
+    only: bool = False  # measure only the plans named (``--only``); the rest of the fixture's results are kept
 
 
 SMOKE = Settings(
@@ -149,11 +153,13 @@ def make_texts(model: Path, work: Path) -> Texts:
 
 
 def run(model: Path, work: Path, keep: int, criterion: str, calib: Path, samples: int, eval_text: Path,
-        eval_samples: int, *, seed: int | None = None, progressive: bool = False) -> dict:  # fmt: skip
+        eval_samples: int, *, seed: int | None = None, progressive: bool = False,
+        correct: bool = False) -> dict:  # fmt: skip
     """Prune in-process and validate on held-out text; returns the validation report and the plan facts.
 
     ``seed`` is random's seed, or a calibrated criterion's calibration seed. One-shot calibrated criteria share
-    statistics calibrated once per (text, size, seed), as ``--stats`` would."""
+    statistics calibrated once per (text, size, seed), as ``--stats`` would. ``correct``: refit the kept experts
+    after pruning (``--correct``); every plan but the default's is measured without it, as the criterion alone."""
     calibrated = is_calibrated(criterion)
     calibration = CalibrationOptions(calib=str(calib), samples=samples, seq_len=128, seed=seed or 0)
     stats = None
@@ -164,7 +170,7 @@ def run(model: Path, work: Path, keep: int, criterion: str, calib: Path, samples
             run_calibration(ckpt, resolve_layout(ckpt), calibration, out=stats)
     opts = SlimOptions(
         source=model, keep=keep, out=work / "out", criterion=criterion, seed=None if calibrated else seed,
-        overwrite=True, stats=stats, calibration=calibration, progressive=progressive,
+        overwrite=True, stats=stats, calibration=calibration, progressive=progressive, correct=correct,
         validation=ValidateOptions(calib=str(eval_text), samples=eval_samples, seq_len=128, seed=1, generations=0),
     )  # fmt: skip
     result = slim(opts)
@@ -185,9 +191,10 @@ def study_fixture(name: str, model: Path, work: Path, s: Settings, log: Callable
                 progressive: bool = False) -> Result:  # fmt: skip
         start = time.perf_counter()
         criterion = label.split()[0]
+        correct = criterion == AUTO or label.endswith(CORRECTED)
         try:
             r = run(model, work, keep, criterion, calib, samples, eval_text, s.eval_samples, seed=seed,
-                    progressive=progressive)  # fmt: skip
+                    progressive=progressive, correct=correct)  # fmt: skip
         except PlanError as e:
             return Result(name, keep, label, seed, None, None, None, None, 0.0, str(e))
         original.setdefault(str(eval_text), r["perplexity_original"])
@@ -205,12 +212,17 @@ def study_fixture(name: str, model: Path, work: Path, s: Settings, log: Callable
         for criterion in s.criteria:
             for seed in seeds if is_calibrated(criterion) else [None]:
                 rows.append(measure(keep, criterion, texts.calib, s.calib_samples, texts.heldout, seed))
+        for criterion in s.corrected:
+            for seed in seeds:
+                rows.append(measure(keep, f"{criterion}{CORRECTED}", texts.calib, s.calib_samples, texts.heldout, seed))
         for criterion in s.progressive:
             for seed in seeds:
                 rows.append(measure(keep, f"{criterion} --progressive", texts.calib, s.calib_samples, texts.heldout,
                                     seed, progressive=True))  # fmt: skip
         for seed in range(s.random_seeds):
             rows.append(measure(keep, "random", texts.calib, s.calib_samples, texts.heldout, seed))
+    if s.only:
+        return {"rows": rows}
     task = [measure(decide, f"{DEFAULT_CRITERION} (calibrated on {domain})", calib, s.calib_samples,
                     texts.heldout_code, seed)
             for domain, calib in (("code", texts.calib_code), ("prose", texts.calib_prose))
@@ -220,6 +232,19 @@ def study_fixture(name: str, model: Path, work: Path, s: Settings, log: Callable
     return {"experts": experts, "decide": decide, "original": original[str(texts.heldout)], "rows": rows,
             "task": task, "sizes": sizes, "original_code": original.get(str(texts.heldout_code)),
             "seconds": round(time.perf_counter() - began, 1)}  # fmt: skip
+
+
+def merged(old: dict, new: dict, labels: list[str]) -> dict:
+    """``old``'s results with every row of ``labels`` replaced by ``new``'s, where the label's rows were (new labels
+    last)."""
+    rows: list[Result] = []
+    for r in old["rows"]:
+        if r.criterion not in labels:
+            rows.append(r)
+        elif all(x.criterion != r.criterion for x in rows):
+            rows += [x for x in new["rows"] if x.criterion == r.criterion]
+    placed = {r.criterion for r in rows}
+    return {**old, "rows": rows + [r for r in new["rows"] if r.criterion not in placed]}
 
 
 def rounded(values: list[float]) -> list[float]:
@@ -241,8 +266,15 @@ def main() -> None:
     ap.add_argument("--fixtures", nargs="*", choices=list(FIXTURES), help="measure only these (others: reuse)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--report-only", action="store_true", help="measure nothing: rebuild the report from the JSON")
+    ap.add_argument("--only", nargs="+", metavar="LABEL",
+                    help="measure only these plans (auto, 'ean --correct'), replacing theirs in the JSON")  # fmt: skip
     args = ap.parse_args()
     s = SMOKE if args.smoke else Settings()
+    if args.only:
+        s = dataclasses.replace(
+            s, criteria=[c for c in args.only if CORRECTED not in c], progressive=[], random_seeds=0, only=True,
+            corrected=[c.removesuffix(CORRECTED) for c in args.only if c.endswith(CORRECTED)],
+        )  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in [] if args.report_only else args.fixtures or s.fixtures:
@@ -251,7 +283,10 @@ def main() -> None:
                 continue
             work = (args.work or Path(tmp)) / name
             work.mkdir(parents=True, exist_ok=True)
-            save(study_fixture(name, FIXTURES[name], work, s, print), args.out / f"{name}.json")
+            measured = study_fixture(name, FIXTURES[name], work, s, print)
+            if s.only:
+                measured = merged(load(args.out / f"{name}.json"), measured, args.only)
+            save(measured, args.out / f"{name}.json")
     all_data = {
         FIXTURES[n].name: load(args.out / f"{n}.json") for n in s.fixtures if (args.out / f"{n}.json").is_file()
     }
