@@ -5,9 +5,11 @@
 For each model (the synthetic OLMoE-1B-7B-shaped checkpoint of ``make_synthetic.py`` and the three trained
 fixtures), two child processes run the layer-by-layer calibration over the same random token ids: ``plain``
 collects statistics only (what ``moeslim calibrate`` does), ``auto`` also streams every candidate criterion's
-plan over the held-out quarter and measures each one's KL at the end (what ``slim`` does by default). Each
+plan over the held-out quarter and measures each one's KL at the end, ``default`` also fits ``ean``'s correction
+in the same pass and writes its patch files, and runs a correction pass of its own when another plan wins (what
+``slim`` does by default). Each
 child reports wall time (loading weights from disk included) and its peak RSS (``ru_maxrss``); the best of
-``--repeat`` runs is kept. The issue's bound: auto ≤ 3 × plain, memory still one layer plus activations.
+``--repeat`` runs is kept. The issue's bound: default ≤ 3 × plain, memory still one layer plus activations.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +34,7 @@ def child(args: argparse.Namespace) -> None:
     from moeslim.calibrate.collect import Statistics, calibrate_layers
     from moeslim.calibrate.runner import LayerRunner
     from moeslim.calibrate.trials import CANDIDATES, PlanTrials
+    from moeslim.correction import PatchWriter
     from moeslim.criteria import DATA_FREE, layer_scores
     from moeslim.layout import resolve_layout
     from moeslim.source import open_checkpoint
@@ -41,7 +45,7 @@ def child(args: argparse.Namespace) -> None:
     vocab = int(json.loads((args.model / "config.json").read_text())["vocab_size"])
     ids = torch.randint(0, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     trials = None
-    if args.child == "auto":
+    if args.child in ("auto", "default"):
         fixed = {c: DATA_FREE[c](ckpt, layout, None) for c in CANDIDATES if c in DATA_FREE}
 
         def scores(name: str, index: int, stats: Statistics) -> np.ndarray:
@@ -49,15 +53,28 @@ def child(args: argparse.Namespace) -> None:
             assert found is not None
             return found
 
-        trials = PlanTrials(layout, layout.num_experts // 2, scores)
+        # the default also fits ean's correction in the same pass, and writes its patch files, as slim does
+        writer = PatchWriter(ckpt, layout, Path(tempfile.mkdtemp())) if args.child == "default" else None
+        trials = PlanTrials(layout, layout.num_experts // 2, scores, on_fit=writer)
     runner = LayerRunner(ckpt, layout, args.device)
     try:
         calibrate_layers(runner, ids, args.batch_size, Statistics(layout.num_experts), trials=trials)
     finally:
         runner.close()
+    if args.child == "default" and trials is not None and trials.winner != CANDIDATES[0]:
+        from moeslim.calibrate.correct import correct_layers  # another winner: its correction's own pass
+
+        assert trials.winner is not None
+        runner = LayerRunner(ckpt, layout, args.device)
+        try:
+            correct_layers(runner, ids, args.batch_size, trials.kept[trials.winner], lambda *a: None)
+        finally:
+            runner.close()
     streams = len(set(trials.kl.values())) if trials else 0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": rss, "distinct_plans": streams}))
+    winner = trials.winner if trials else None
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mib": rss, "distinct_plans": streams,
+                      "winner": winner}))  # fmt: skip
 
 
 def run_child(mode: str, model: Path, args: argparse.Namespace) -> dict:
@@ -82,7 +99,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--child", choices=["plain", "auto"])
+    ap.add_argument("--child", choices=["plain", "auto", "default"])
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -92,14 +109,15 @@ def main() -> None:
         make = ROOT / "benchmarks/make_synthetic.py"
         subprocess.run([sys.executable, str(make), str(synthetic), "--layers", str(args.layers)], check=True)
     models = [args.model] if args.model else [synthetic, *(ROOT / "fixtures/trained" / f for f in FIXTURES)]
-    print("| model | plain (s) | auto (s) | ratio | plain peak RSS (MiB) | auto peak RSS (MiB) | distinct plans |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | plain (s) | auto (s) | default: auto + correction (s) | ratio | plain peak RSS (MiB)"
+          " | default peak RSS (MiB) | distinct plans | chosen |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for model in models:
-        plain, auto = run_child("plain", model, args), run_child("auto", model, args)
-        ratio = auto["seconds"] / plain["seconds"]
-        print(f"| {model.name} | {plain['seconds']:.1f} | {auto['seconds']:.1f} | {ratio:.2f}"
-              f" | {plain['peak_rss_mib']:.0f} | {auto['peak_rss_mib']:.0f} | {auto['distinct_plans']} |",
-              flush=True)  # fmt: skip
+        plain, auto, default = (run_child(mode, model, args) for mode in ("plain", "auto", "default"))
+        ratio = default["seconds"] / plain["seconds"]
+        print(f"| {model.name} | {plain['seconds']:.1f} | {auto['seconds']:.1f} | {default['seconds']:.1f}"
+              f" | {ratio:.2f} | {plain['peak_rss_mib']:.0f} | {default['peak_rss_mib']:.0f}"
+              f" | {default['distinct_plans']} | {default['winner']} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
