@@ -119,12 +119,20 @@ def test_torchrun_calibrate_validate_and_slim_equal_one_process(built: Callable[
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-9, err_msg=key)
     meta = [json.loads((w / "stats/stats.json").read_text()) for w in (one, two)]
     assert meta[0]["calibration"] == meta[1]["calibration"]
-    # the same kept experts and tensors; scores, measured KLs and the validation inside slim agree to rounding
+    # the same kept experts and tensors; scores, measured KLs, the corrected experts (their least-squares sums are
+    # added across the ranks) and the validation inside slim agree to rounding
     digests = [tree_digest(w / "pruned") for w in (one, two)]
     for d in digests:
-        d.pop("README.md"), d.pop("validation.json"), d.pop("moeslim_plan.json")
+        d.pop("README.md"), d.pop("validation.json"), d.pop("moeslim_plan.json"), d.pop("model.safetensors")
     assert digests[0] == digests[1]
     plans = [json.loads((w / "pruned/moeslim_plan.json").read_text()) for w in (one, two)]
+    assert "method" in plans[0]["correction"] and plans[0]["correction"]["experts"] == plans[1]["correction"]["experts"]
+    tensors = [load_file(str(w / "pruned/model.safetensors")) for w in (one, two)]
+    assert tensors[0].keys() == tensors[1].keys()
+    differ = [k for k in tensors[0] if not np.array_equal(tensors[0][k], tensors[1][k])]
+    assert len(differ) <= sum(plans[0]["correction"]["experts"].values())  # only corrected experts may differ
+    for key in differ:
+        np.testing.assert_allclose(tensors[1][key], tensors[0][key], rtol=1e-4, atol=1e-6, err_msg=key)
     assert [layer["kept"] for layer in plans[0]["layers"]] == [layer["kept"] for layer in plans[1]["layers"]]
     assert plans[0]["criterion"] == plans[1]["criterion"]
     for a_layer, b_layer in zip(plans[0]["layers"], plans[1]["layers"], strict=True):

@@ -143,8 +143,8 @@ class PlanTrials:
                 per_sequence[s] += kl.mean(-1).tolist()
         summed = ranks.sum(np.append(totals, tokens))
         totals, tokens = summed[:-1], int(summed[-1])
-        sequences = [np.concatenate([np.asarray(part[s]) for part in ranks.gather(per_sequence)])
-                     for s in range(len(self._streams))]  # fmt: skip
+        gathered = ranks.gather(per_sequence)  # every rank's, in rank order: the same order for every stream
+        sequences = [np.concatenate([np.asarray(part[s]) for part in gathered]) for s in range(len(self._streams))]
         self.kl = {name: float(totals[self._of[name]] / tokens) for name in self.candidates}
         self.per_sequence = {name: sequences[self._of[name]] for name in self.candidates}
         incumbent = self.candidates[0]
