@@ -171,9 +171,14 @@ class LayerFit:
             raise Unsupported("its block does not call its router and experts on the same tokens")
         x, share = torch.cat(self._inputs), torch.cat(self._outputs)
         self._inputs, self._outputs = [], []
+        _, original, chosen = self.parts.router(x, *self._router_args)
         with mask_router(self.parts, kept, self.num_experts):
             _, weight, index = self.parts.router(x, *self._router_args)
-        for rows in torch.arange(x.shape[0], device=x.device).split(CHUNK):  # share ← (y − ŷ) / s, in place
+        # share ← (y − ŷ) / s, in place; a token the pruned router routes exactly as before lost nothing (exactly 0,
+        # not the rounding of recomputing its output)
+        changed = ((chosen != index) | (original != weight)).any(-1)
+        share[~changed] = 0
+        for rows in changed.nonzero()[:, 0].split(CHUNK) if changed.any() else ():
             pruned = self.parts.experts(x[rows], index[rows], weight[rows]).float()
             total = weight[rows].float().sum(-1, keepdim=True).clamp_min(1e-12)
             share[rows] = ((share[rows].float() - pruned) / total).to(share.dtype)
