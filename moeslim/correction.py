@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from moeslim.calibrate.options import CalibrationOptions
-from moeslim.errors import PlanError
-from moeslim.families import text_config
+from moeslim.errors import MoeslimError, PlanError
+from moeslim.families import check_calibratable, text_config
 from moeslim.layout import Layout
 from moeslim.plan import Plan
-from moeslim.shards import TensorInfo
+from moeslim.shards import TensorInfo, read_header
 from moeslim.source import Checkpoint
 
 METHOD = "least squares on the kept experts' down projections"
@@ -26,9 +26,6 @@ RIDGE = 1e-2  # λ of calibrate/correct.py (which imports torch), relative to th
 
 def skip_reason(ckpt: Checkpoint, layout: Layout) -> str | None:
     """Why this checkpoint's experts cannot be corrected before any weight is read, or None."""
-    from moeslim.errors import MoeslimError
-    from moeslim.families import check_calibratable
-
     if ckpt.config.get("quantization_config") or text_config(ckpt.config).get("quantization_config"):
         return "its weights are quantised, and corrected experts would need requantising"
     try:
@@ -47,19 +44,20 @@ class PatchWriter:
         self.layers = {layer.index: layer for layer in layout.layers}
         self.patches: dict[str, TensorInfo] = {}
         self.corrected: dict[str, int] = {}
-        self.kept: dict[int, tuple[int, ...]] = {}
+        self._experts: dict[int, str] = {}  # MoE layer → its experts module's name in the model, found once
         self._digest = hashlib.sha256()
 
     def __call__(self, model: Any, index: int, kept: tuple[int, ...], deltas: dict, down: Any) -> None:
         from moeslim.engine.modules import loaded_names, moe_parts
         from moeslim.surgery.patch import layer_patch, save_patch
 
-        self.corrected[str(index)], self.kept[index] = len(deltas), kept
+        self.corrected[str(index)] = len(deltas)
         if self.folder is None or not deltas:
             return
-        layer = self.layers[index]
-        experts = moe_parts(model, self.layout)[index].experts
-        module = next(n for n, m in model.named_modules() if m is experts)
+        if not self._experts:  # the model's modules stay the same objects as layers load and unload
+            names_of = {id(m): n for n, m in model.named_modules()}
+            self._experts = {i: names_of[id(p.experts)] for i, p in moe_parts(model, self.layout).items()}
+        layer, module = self.layers[index], self._experts[index]
         names = [*layer.fused, *(n for group in layer.per_expert for n in group)]
         values = layer_patch(
             self.ckpt.tensors, layer, kept, deltas, loaded_names(model, names), f"{module}.{down.attr}",
@@ -115,8 +113,6 @@ def run_correction(
 
 def patches_in(folder: Path) -> dict[str, TensorInfo]:
     """The patched tensors written into ``folder`` by a ``PatchWriter``."""
-    from moeslim.shards import read_header
-
     return {
         name: info for path in sorted(folder.glob("layer*.safetensors")) for name, info in read_header(path)[0].items()
     }
@@ -131,15 +127,13 @@ def wanted(plan: Plan, criterion_calibrated: bool, asked: bool | None) -> bool:
     return criterion_calibrated
 
 
-def check_redo(plan: Plan, record: dict, asked: bool | None) -> None:
+def check_redo(plan: Plan, record: dict) -> None:
     """A ``--plan`` that recorded a correction: the new one must have been fitted on the same tokens; different
     bytes (other hardware or thread counts) are said, not refused."""
     old = plan.correction
     if "method" not in old:
         return
-    if "skipped" in record:
-        if asked:
-            raise PlanError(f"cannot correct the experts: {record['skipped']}; pass --no-correct")
+    if "skipped" in record:  # said, or refused when asked for, by the caller
         return
     if record["digest"] != old.get("digest"):
         raise PlanError(

@@ -181,7 +181,7 @@ def _correct(
     from moeslim.correction import check_redo, run_correction
 
     record, patches = run_correction(ckpt, layout, opts.calibration, plan, work)
-    check_redo(plan, record, opts.correct)
+    check_redo(plan, record)
     if "skipped" in record:
         return _said(plan, record, opts), {}
     return dataclasses.replace(plan, correction=record), patches

@@ -184,7 +184,7 @@ class LayerFit:
             share[rows] = ((share[rows].float() - pruned) / total).to(share.dtype)
         if self.down is None:
             self._probe(kept[0])
-        (inner, _), (out, _) = self._shapes()
+        out, inner = self._shape()
         deltas = {}
         for k in kept:
             chosen = index == k
@@ -239,11 +239,11 @@ class LayerFit:
             c += ((share[part].float() * w2[part, None]).T @ h).cpu()
         return g, c
 
-    def _shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        param = getattr(self.parts.experts, self.down.attr) if self.down else None
-        assert param is not None
-        out, inner = (param.shape[2], param.shape[1]) if self.down and self.down.transposed else param.shape[1:]
-        return (inner, inner), (out, inner)
+    def _shape(self) -> tuple[int, int]:
+        """``(out, inner)`` of one expert's down projection."""
+        assert self.down is not None
+        param = getattr(self.parts.experts, self.down.attr)
+        return (param.shape[2], param.shape[1]) if self.down.transposed else (param.shape[1], param.shape[2])
 
     def _probe(self, k: int) -> None:
         """Find the down projection on one token."""
