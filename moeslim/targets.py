@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from moeslim.errors import OutputError
+from moeslim.safefs import NOFOLLOW, folder_fd, open_own
 
 LOCK_SUFFIX = ".moeslim-lock"
 TMP_SUFFIX = ".moeslim-tmp"
@@ -32,7 +33,11 @@ OLD_SUFFIX = ".moeslim-old"
 
 
 class TargetLock:
-    """An exclusive, non-blocking lock on ``target`` (a file beside it), released by the kernel on death."""
+    """An exclusive, non-blocking lock on ``target`` (a file beside it), released by the kernel on death.
+
+    The lock file is opened relative to its folder and never through a link (``safefs.open_own``): a link planted
+    at its name is removed, not written through.
+    """
 
     def __init__(self, target: Path) -> None:
         target = _absolute(target)  # "." has no name, and its parent is not where it lies
@@ -41,16 +46,17 @@ class TargetLock:
 
     def acquire(self) -> bool:
         """Take the lock; False when a live process holds it."""
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with folder_fd(self.path.parent) as dfd:
+            while True:
+                fd = open_own(dfd, self.path.name)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return False
+                if _same_file(fd, dfd, self.path.name):  # not unlinked by a releasing holder since our open
+                    break
                 os.close(fd)
-                return False
-            if _same_file(fd, self.path):  # not unlinked by a releasing holder between our open and flock
-                break
-            os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -58,22 +64,27 @@ class TargetLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()  # before closing: a waiter that opened the old file re-checks and retries
+            with contextlib.suppress(OSError):
+                if _same_file(self._fd, None, str(self.path)):  # our file: never a name planted since
+                    self.path.unlink()  # before closing: a waiter that opened the old file re-checks and retries
             os.close(self._fd)
             self._fd = None
 
     def holder(self) -> str:
         """The pid written by the holder, or ``?``."""
         try:
-            return self.path.read_text().strip() or "?"
+            fd = os.open(self.path, os.O_RDONLY | NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return "?"
+        try:
+            return os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        finally:
+            os.close(fd)
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def _same_file(fd: int, dir_fd: int | None, name: str) -> bool:
     try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
+        return os.path.samestat(os.fstat(fd), os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
     except FileNotFoundError:
         return False
 
@@ -108,7 +119,7 @@ def sweep(parent: Path, own: str | None = None) -> list[Path]:
     removed = []
     for path in sorted(parent.glob(f".*{TMP_SUFFIX}")) + sorted(parent.glob(f".*{OLD_SUFFIX}")):
         name = target_of(path.name)
-        if name is None or not path.is_dir():
+        if name is None or path.is_symlink() or not path.is_dir():  # a planted link is not a leftover
             continue
         if name == own:
             removed.append(_remove(path))
@@ -145,9 +156,9 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     """
     target = _absolute(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should look like any new folder
     try:
-        yield tmp
+        yield tmp  # private (mkdtemp's 0700) while built: nobody else can plant a name inside it
+        tmp.chmod(0o777 & ~_umask())  # the result should look like any new folder
         _replace(tmp, target)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -195,7 +206,7 @@ def check_target(source: Path, target: Path, overwrite: bool, foreign: Callable[
     Never replaced: the working directory or a folder above it, a non-folder, a folder holding other files.
     """
     check_outside(source, target)
-    if not target.exists():
+    if not target.exists() and not target.is_symlink():  # a dangling link is there too
         return
     if not overwrite:
         raise OutputError(f"{target} already exists; pass --overwrite to replace it or choose another --out")

@@ -93,7 +93,7 @@ def test_calibrate_overwrite_clears_only_its_own_files(tmp_path: Path, capsys, m
     (tmp_path / "paper.txt").write_text("mine")
     for flags in ([], ["--overwrite"]):
         code, _, err = run_cli(["calibrate", str(model), "--out", ".", *small, *flags], capsys)
-        _assert_one_line(code, err, "so it is not a moeslim statistics folder")
+        _assert_one_line(code, err, "holds paper.txt, which moeslim did not write")
     assert (tmp_path / "paper.txt").read_text() == "mine" and (stats / "stats.json").is_file()
     monkeypatch.chdir(stats)  # working inside a statistics folder is fine: only its files are ever rewritten
     code, _, err = run_cli(["calibrate", str(model), "--out", ".", *small, "--seed", "1"], capsys)

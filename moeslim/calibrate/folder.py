@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from moeslim.safefs import PART_SUFFIX, is_part, remove_path
 from moeslim.targets import check_outside, check_replaceable, files_under, locked
 
 STATS_FILES = ("stats.json", "stats.safetensors")
@@ -27,10 +27,7 @@ def claim_stats_folder(model: Path, out: Path) -> Iterator[None]:
 
 def foreign_in_stats(folder: Path) -> str | None:
     """What in ``folder`` is not part of a moeslim statistics folder (None: all of it is)."""
-    files = list(files_under(folder))
-    if files and STATS_FILES[0] not in files:
-        return f"has no {STATS_FILES[0]}, so it is not a moeslim statistics folder"
-    other = next((f for f in files if not _ours(f)), None)
+    other = next((f for f in files_under(folder) if not _ours(f)), None)  # e.g. a run stopped before stats.json
     return None if other is None else f"holds {other}, which moeslim did not write"
 
 
@@ -38,12 +35,12 @@ def clear_stats(folder: Path) -> None:
     """Remove the statistics and resume files from ``folder``, and nothing else."""
     for name in STATS_FILES:
         (folder / name).unlink(missing_ok=True)
-    for path in folder.glob("stats.*.tmp"):
+    for path in [*folder.glob("stats.*.tmp"), *folder.glob(f".*{PART_SUFFIX}")]:
         path.unlink(missing_ok=True)
     for name in WORK_DIRS:
-        shutil.rmtree(folder / name, ignore_errors=True)
+        remove_path(folder / name)
     for path in folder.glob("resume.rank*"):  # the boundaries of the processes of a torchrun
-        shutil.rmtree(path, ignore_errors=True)
+        remove_path(path)
 
 
 def _ours(rel: str) -> bool:
@@ -52,5 +49,6 @@ def _ours(rel: str) -> bool:
         first in STATS_FILES
         or first in WORK_DIRS
         or first.startswith("resume.rank")
-        or (first.startswith("stats.") and first.endswith(".tmp"))
+        or (first.startswith("stats.") and first.endswith(".tmp"))  # written by moeslim before 0.2
+        or is_part(first)
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moeslim import jsonio
+from moeslim.safefs import remove_path
 
 if TYPE_CHECKING:
     from moeslim.calibrate.runner import Activations
@@ -46,8 +46,8 @@ def save_boundary(out: Path, boundary: Boundary, layers_done: list[int], meta: d
     """Save ``boundary`` in ``out/resume/`` (``resume.rank0of2/`` and alike, one per process, under torchrun),
     replacing the previous one; ``layers_done``: those in stats.json."""
     partial, final = out / f"{RESUME}{tag}.tmp", out / f"{RESUME}{tag}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    remove_path(partial)
+    partial.mkdir(parents=True)  # never through a link: mkdir fails on any name already there
     for b in range(len(boundary.store)):  # a spilled store is read back one batch at a time
         save_file({"hidden": boundary.store[b].contiguous()}, partial / f"{b}.safetensors")
     doc = {
@@ -55,7 +55,7 @@ def save_boundary(out: Path, boundary: Boundary, layers_done: list[int], meta: d
         "next_layer": boundary.next_layer, "layers_done": layers_done, "batches": len(boundary.store),
     }  # fmt: skip
     (partial / "boundary.json").write_text(jsonio.dumps(doc) + "\n")  # written last: the folder is complete
-    shutil.rmtree(final, ignore_errors=True)  # a kill just here leaves no boundary: the next run recomputes
+    remove_path(final)  # a kill just here leaves no boundary: the next run recomputes
     os.replace(partial, final)
 
 
@@ -88,7 +88,7 @@ def load_boundary(
 def drop_boundary(out: Path) -> None:
     """Remove the boundaries (one per process of a torchrun) once calibration is complete."""
     for path in [out / PARTIAL, out / RESUME, *out.glob(f"{RESUME}.rank*")]:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_path(path)
 
 
 def identity(meta: dict) -> str:

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from moeslim import jsonio
 from moeslim.calibrate.stats import FIELDS, HALVES, LayerStats, Statistics
 from moeslim.errors import CheckpointError, MissingFileError, PlanError
 from moeslim.layout import Layout
+from moeslim.safefs import write_atomic, write_text_atomic
 from moeslim.shards import read_header
 from moeslim.source import Checkpoint
 
@@ -45,9 +44,9 @@ def save_stats(folder: Path, stats: Statistics, meta: dict) -> None:
             arrays.update({f"layers.{index}.{half}.{k}": v for k, v in parts[half].arrays.items()})
             arrays[f"layers.{index}.{half}.tokens"] = np.array([parts[half].tokens], dtype=np.float64)
     arrays.update({f"layers.{i}.reconstruction": v for i, v in stats.reconstruction.items()})
-    _atomic(folder / "stats.safetensors", lambda p: save_file(arrays, p))
+    write_atomic(folder / "stats.safetensors", save(arrays))  # E numbers a layer: small
     doc = {"format": STATS_FORMAT, "version": STATS_VERSION, **meta, "layers_done": stats.layers}
-    _atomic(folder / "stats.json", lambda p: p.write_text(jsonio.dumps(doc, indent=2) + "\n"))
+    write_text_atomic(folder / "stats.json", jsonio.dumps(doc, indent=2) + "\n")
 
 
 def load_stats(folder: Path) -> tuple[Statistics, dict]:
@@ -133,9 +132,3 @@ def check_stats_fit(meta: dict, ckpt: Checkpoint, layout: Layout, where: Path) -
             f"statistics in {where} were collected on another model ({model.get('name', '?')});"
             " calibrate this model, or pass the statistics made for it"
         )
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moeslim import jsonio
+from moeslim.safefs import write_text_atomic
 
 VALIDATION_NAME = "validation.json"  # in the pruned folder; the model card shows it
 NOT_MEASURED = "not measured"
@@ -22,10 +23,11 @@ LABELS = {
 def write_report(report: dict, path: Path) -> Path:
     """Write ``report`` as strict JSON to ``path`` (a folder gets ``validation.json``); return the file.
 
-    A metric that could not be computed (NaN) is written as ``null``.
+    A metric that could not be computed (NaN) is written as ``null``. The file is replaced in one step, never
+    written through a link: a failed write leaves the previous report intact.
     """
     target = path / VALIDATION_NAME if path.is_dir() else path
-    target.write_text(jsonio.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(target, jsonio.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return target
 
 
