@@ -251,8 +251,9 @@ def _roles(
     for names in by_layer.values():
         biggest = max(names, key=lambda n: (params[loaded[n]].numel(), n))
         experts_module = without_index(owner(loaded[biggest]))
-        for name in names:
-            roles[name] = "experts" if without_index(owner(loaded[name])) == experts_module else "router"
+        for name in names:  # the experts module's own submodules are experts' too (Ergo's per-expert output norm)
+            module = without_index(owner(loaded[name]))
+            roles[name] = "experts" if (module + ".").startswith(experts_module + ".") else "router"
     return roles
 
 
@@ -342,10 +343,10 @@ def _scoring(text: dict[str, Any], model: Any, loaded: dict[str, str], roles: di
         return str(func)
     router = min((loaded[n] for n, role in roles.items() if role == "router"), key=lambda n: (len(n), n))
     experts = next(loaded[n] for n, role in roles.items() if role == "experts")
-    block = owner(router)
-    while block and not without_index(owner(experts)).startswith(block + "."):
-        block = owner(block)
-    for module in (model.get_submodule(owner(router)), model.get_submodule(block)):
+    chain = [owner(router)]  # the router's module and those above it, up to the MoE block holding the experts too
+    while chain[-1] and not without_index(owner(experts)).startswith(chain[-1] + "."):
+        chain.append(owner(chain[-1]))
+    for module in (model.get_submodule(name) for name in chain):
         try:
             code = inspect.getsource(type(module).forward)
         except (OSError, TypeError):
