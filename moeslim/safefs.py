@@ -77,8 +77,12 @@ def write_atomic(path: Path, data: bytes | Callable[[int], object]) -> None:
     """Write ``path`` in one step: ``data`` (bytes, or a function writing to a file descriptor) goes to a new
     file beside it, which then replaces ``path``. A link at ``path`` is replaced, never followed; on any failure
     the previous file is intact and the new one is gone."""
-    with folder_fd(path.parent) as dfd:
-        part = f".{path.name}.{secrets.token_hex(4)}{PART_SUFFIX}"
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | CLOEXEC)
+    except OSError as e:  # said of the file the caller wanted, not of its folder
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    part = f".{path.name}.{secrets.token_hex(4)}{PART_SUFFIX}"
+    try:
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o666, dir_fd=dfd)
         try:
             try:
@@ -96,6 +100,8 @@ def write_atomic(path: Path, data: bytes | Callable[[int], object]) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(part, dir_fd=dfd)
             raise
+    finally:
+        os.close(dfd)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
