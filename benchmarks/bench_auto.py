@@ -32,19 +32,23 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from moeslim.calibrate.collect import Statistics, calibrate_layers
-    from moeslim.calibrate.runner import LayerRunner
     from moeslim.calibrate.trials import CANDIDATES, PlanTrials
-    from moeslim.correction import PatchWriter
+    from moeslim.correct.fit import Fitter
+    from moeslim.correct.run import PatchWriter
     from moeslim.criteria import DATA_FREE, layer_scores
     from moeslim.layout import resolve_layout
     from moeslim.source import open_checkpoint
+    from moeslim.stream.loop import walk
+    from moeslim.stream.runner import LayerRunner
 
     start = time.perf_counter()
     ckpt = open_checkpoint(args.model)
     layout = resolve_layout(ckpt)
     vocab = int(json.loads((args.model / "config.json").read_text())["vocab_size"])
     ids = torch.randint(0, vocab, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    stats = Statistics(layout.num_experts)
     trials = None
+    observers: list = []
     if args.child in ("auto", "default"):
         fixed = {c: DATA_FREE[c](ckpt, layout, None) for c in CANDIDATES if c in DATA_FREE}
 
@@ -53,21 +57,23 @@ def child(args: argparse.Namespace) -> None:
             assert found is not None
             return found
 
-        # the default also fits ean's correction in the same pass, and writes its patch files, as slim does
-        writer = PatchWriter(ckpt, layout, Path(tempfile.mkdtemp())) if args.child == "default" else None
-        trials = PlanTrials(layout, layout.num_experts // 2, scores, on_fit=writer)
+        trials = PlanTrials(layout, layout.num_experts // 2, scores, stats)
+        observers.append(trials)
+        if args.child == "default":  # it also fits ean's correction in the same pass, and writes it, as slim does
+            writer = PatchWriter(ckpt, layout, Path(tempfile.mkdtemp()))
+            observers.append(Fitter(layout.family.name, lambda i: trials.kept[CANDIDATES[0]][i], writer))
     runner = LayerRunner(ckpt, layout, args.device)
     try:
-        calibrate_layers(runner, ids, args.batch_size, Statistics(layout.num_experts), trials=trials)
+        calibrate_layers(runner, ids, args.batch_size, stats, *observers)
     finally:
         runner.close()
     if args.child == "default" and trials is not None and trials.winner != CANDIDATES[0]:
-        from moeslim.calibrate.correct import correct_layers  # another winner: its correction's own pass
-
-        assert trials.winner is not None
+        winner = trials.winner  # another winner: its correction's own pass
+        assert winner is not None
         runner = LayerRunner(ckpt, layout, args.device)
         try:
-            correct_layers(runner, ids, args.batch_size, trials.kept[trials.winner], lambda *a: None)
+            fitter = Fitter(layout.family.name, lambda i: trials.kept[winner][i], lambda *a: None)
+            walk(runner, ids, args.batch_size, [fitter])
         finally:
             runner.close()
     streams = len(set(trials.kl.values())) if trials else 0

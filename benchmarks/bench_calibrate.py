@@ -2,7 +2,7 @@
 
     python benchmarks/bench_calibrate.py --work /tmp/bench-cal [--layers 4] [--samples 16] [--seq-len 256]
 
-Both sides collect the same routing statistics with the same hooks (moeslim/calibrate/stats.py), so the
+Both sides collect the same routing statistics with the same hooks (moeslim/calibrate/capture.py), so the
 comparison measures what streaming costs: the in-memory side loads the whole model with
 ``from_pretrained`` and runs it; the streaming side loads one decoder layer at a time. Each side runs in its
 own process, whose peak RSS (``ru_maxrss``) is reported. Tokens are random ids (the synthetic checkpoint has
@@ -32,9 +32,9 @@ def tokens(args: argparse.Namespace, vocab: int) -> torch.Tensor:
 
 def stream(args: argparse.Namespace) -> dict:
     from moeslim.calibrate.collect import Statistics, calibrate_layers
-    from moeslim.calibrate.runner import LayerRunner
     from moeslim.layout import resolve_layout
     from moeslim.source import open_checkpoint
+    from moeslim.stream.runner import LayerRunner
 
     start = time.perf_counter()
     ckpt = open_checkpoint(args.model)
@@ -52,8 +52,8 @@ def stream(args: argparse.Namespace) -> dict:
 def in_memory(args: argparse.Namespace, hooks: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from moeslim.calibrate.runner import decoder_of
-    from moeslim.calibrate.stats import LayerStats, collect, moe_block
+    from moeslim.calibrate.capture import LayerStats, collect, moe_block
+    from moeslim.stream.runner import decoder_of
 
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device).eval()

@@ -42,9 +42,11 @@ class Stop(Exception):
 
 def child(args: argparse.Namespace) -> None:
     """One calibration into ``args.out``; stops after ``args.stop_after`` MoE layers when given."""
-    from moeslim.calibrate.session import CalibrationOptions, run_calibration
+    from moeslim.calibrate.session import run_calibration
     from moeslim.layout import resolve_layout
     from moeslim.source import open_checkpoint
+    from moeslim.stream.context import RunContext
+    from moeslim.stream.options import CalibrationOptions
 
     opts = CalibrationOptions(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
     calibrated: list[int] = []
@@ -54,13 +56,13 @@ def child(args: argparse.Namespace) -> None:
         if len(calibrated) == args.stop_after:
             raise Stop
 
-    from moeslim.calibrate.runner import LayerRunner
+    from moeslim.stream.runner import LayerRunner
 
     ckpt = open_checkpoint(args.model)
     LayerRunner(ckpt, resolve_layout(ckpt)).close()  # warm-up: imports the model code, builds the model once
     start, cpu = time.perf_counter(), time.process_time()
     with contextlib.suppress(Stop):
-        run_calibration(ckpt, resolve_layout(ckpt), opts, out=args.out, on_layer=on_layer)
+        run_calibration(RunContext(ckpt, resolve_layout(ckpt), opts), out=args.out, on_layer=on_layer)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "cpu": time.process_time() - cpu, "calibrated": calibrated}))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeslim.calibrate.data import load_calibration
+from moeslim.stream.tokens import load_calibration
 
 CALIBRATED = ["frequency", "gate-mass", "soft-mass", "ean", "reap", "reconstruction"]
 DATA_FREE = ["router-norm", "weight-norm"]

@@ -14,19 +14,18 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from moeslim import __version__, jsonio
-from moeslim.calibrate.options import CalibrationOptions
 from moeslim.criteria import CRITERIA, DEFAULT_CRITERION
 from moeslim.errors import MoeslimError, UsageError
 from moeslim.hub import is_hub_source, redact, resolve_source
+from moeslim.inspection import format_report as format_inspect
+from moeslim.inspection import human_bytes, inspect_report
 from moeslim.layout import Routing, resolve_layout, routing_of
-from moeslim.plan import PLAN_NAME, check_feasible
-from moeslim.publish.facts import CARD_NAME
-from moeslim.publish.heatmap import IMAGE_NAME
+from moeslim.names import CARD_NAME, IMAGE_NAME, PLAN_NAME, VALIDATION_NAME
+from moeslim.plan import check_feasible
 from moeslim.publish.push import PushOptions, check_write_access, push_folder, upload_list
-from moeslim.report import format_report as format_inspect
-from moeslim.report import human_bytes, inspect_report
 from moeslim.source import open_checkpoint
-from moeslim.validate.report import VALIDATION_NAME, format_report, kl_gate, write_report
+from moeslim.stream.options import CalibrationOptions
+from moeslim.validate.report import format_report, kl_gate, write_report
 from moeslim.validate.run import ValidateOptions, validate
 
 if TYPE_CHECKING:
@@ -100,7 +99,7 @@ def _check_keep(routing: Routing, keep: int | None, top_k: int | None) -> None:
 
 def _leader(device: str) -> bool:
     """Whether this process reports and writes: always, except the ranks other than 0 of a torchrun."""
-    from moeslim.calibrate.ranks import current
+    from moeslim.stream.ranks import current
 
     return current(device).leader
 
@@ -272,16 +271,17 @@ def calibrate(
 ) -> None:
     """Collect routing statistics layer by layer, for `moeslim slim --stats`."""
     from moeslim.calibrate.session import run_calibration  # torch and transformers: only when calibrating
+    from moeslim.stream.context import RunContext
 
     opts = CalibrationOptions(
         calib, samples, seq_len, seed, device, dtype, batch_size, max_memory, reconstruction_tokens,
         calib_split, calib_column, trust_remote_code,
     )  # fmt: skip
     ckpt = open_checkpoint(src)
-    stats, meta = run_calibration(ckpt, resolve_layout(ckpt), opts, out=out, overwrite=overwrite)
+    stats, meta = run_calibration(RunContext(ckpt, resolve_layout(ckpt), opts), out=out, overwrite=overwrite)
     if not _leader(device):
         return
-    cal = meta["calibration"]
+    cal = meta.calibration
     typer.echo(f"calibrated {len(stats.layers)} MoE layers on {cal['tokens']} tokens ({cal['data']}); wrote {out}")
 
 

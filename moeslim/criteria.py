@@ -57,7 +57,7 @@ def _dequantised_weight_norm(ckpt: Checkpoint, layout: Layout) -> Scores:
     method = unreadable(ckpt.config)
     if method:
         raise PlanError(f"weight-norm cannot dequantise {method} expert weights (it reads {READABLE}); use router-norm")
-    from moeslim.calibrate.dequant import Reader, dense_items
+    from moeslim.stream.dequant import Reader, dense_items
 
     out = {}
     with Reader() as reader:
@@ -87,7 +87,7 @@ DATA_FREE: dict[str, Callable[[Checkpoint, Layout, int | None], Scores]] = {
     "random": random_scores,
 }
 
-# Calibrated criteria: per-layer scores from routing statistics (see moeslim/calibrate/stats.py).
+# Calibrated criteria: per-layer scores from routing statistics (see moeslim/calibrate/capture.py).
 CALIBRATED: dict[str, Callable[[LayerStats], np.ndarray]] = {
     "frequency": lambda s: s["count"],
     "gate-mass": lambda s: s["gate_mass"],

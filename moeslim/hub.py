@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from moeslim import __version__
 from moeslim.errors import CheckpointError, HubAuthError, HubError, MissingFileError, MoeslimError, UsageError
-from moeslim.source import INDEX_NAME, SINGLE_NAME, read_json
+from moeslim.names import INDEX_NAME, SINGLE_NAME
+from moeslim.source import read_json
 
 if TYPE_CHECKING:
     from huggingface_hub.errors import RemoteEntryNotFoundError

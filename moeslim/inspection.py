@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from moeslim.families import text_config
+from moeslim.families.table import text_config
 from moeslim.layout import Layout, MoeLayer
 from moeslim.quant import quantization_config
 from moeslim.source import Checkpoint

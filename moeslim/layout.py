@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from moeslim.errors import CheckpointError
-from moeslim.families import Family, config_value, family_of, text_config
+from moeslim.families.table import Family, config_value, family_of, text_config
 from moeslim.jsonio import is_whole
 from moeslim.source import Checkpoint
 

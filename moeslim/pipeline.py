@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import shlex
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
-from moeslim.calibrate.options import CalibrationOptions
-from moeslim.calibrate.ranks import Ranks, current
 from moeslim.calibrate.statistics import HALVES, Statistics
-from moeslim.correction import wanted
+from moeslim.correct.run import wanted
 from moeslim.criteria import (
     AUTO,
     CRITERIA,
@@ -28,14 +28,17 @@ from moeslim.criteria import (
     layer_scores,
 )
 from moeslim.errors import MoeslimError, PlanError
-from moeslim.families import check_calibratable, text_config
+from moeslim.families.table import check_calibratable, text_config
 from moeslim.hub import resolve_source
 from moeslim.layout import Layout, resolve_layout, routing_of
-from moeslim.plan import PLAN_NAME, Plan, check_feasible, check_plan, jaccard, load_plan, select, select_one
+from moeslim.names import PLAN_NAME
+from moeslim.plan import Correction, Plan, check_feasible, check_plan, jaccard, load_plan, select, select_one
 from moeslim.publish.facts import write_model_card
 from moeslim.publish.push import PushOptions, check_write_access, push_folder
 from moeslim.shards import TensorInfo
 from moeslim.source import Checkpoint, open_checkpoint
+from moeslim.stream.options import CalibrationOptions
+from moeslim.stream.ranks import Ranks, current
 from moeslim.surgery.config import dump_config, rewrite_config
 from moeslim.surgery.files import check_space, copy_files, extra_files, foreign_file
 from moeslim.surgery.mapping import plan_outputs
@@ -44,6 +47,9 @@ from moeslim.targets import TMP_SUFFIX, atomic_folder, check_outside, check_targ
 from moeslim.units import parse_size
 from moeslim.validate.report import write_report
 from moeslim.validate.run import ValidateOptions, kl_exceeds, validate
+
+if TYPE_CHECKING:
+    from moeslim.stream.context import RunContext
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,23 @@ class SlimResult:
     validation: dict | None = None  # the validation report, also saved as validation.json
 
 
+@dataclass
+class Job:
+    """The source of one ``slim``, opened once: every pass (calibration, trials, correction, validation) reads it
+    through this, and the run context (tokenizer, calibration tokens, ranks, dtype) is built on first need."""
+
+    root: Path
+    ckpt: Checkpoint
+    layout: Layout
+    opts: SlimOptions
+
+    @functools.cached_property
+    def context(self) -> RunContext:
+        from moeslim.stream.context import RunContext  # torch: only for passes that run the model
+
+        return RunContext(self.ckpt, self.layout, self.opts.calibration)
+
+
 def slim(opts: SlimOptions) -> SlimResult:
     """Prune ``opts.source`` into ``opts.out``; the source is only read, the target appears whole or not at all.
 
@@ -94,39 +117,38 @@ def slim(opts: SlimOptions) -> SlimResult:
         check_write_access(push)  # before any work: a long prune must not end in a refused token
     root = resolve_source(str(opts.source), opts.revision, preflight=lambda config: preflight(config, opts))
     ckpt = open_checkpoint(root)
-    layout = resolve_layout(ckpt)
+    job = Job(root, ckpt, resolve_layout(ckpt), opts)
     copied, skipped = extra_files(ckpt.root, ckpt.shards)
     ranks = current(opts.calibration.device)
     if not ranks.leader:
-        return _follow(root, ckpt, layout, opts, ranks, skipped)
+        return _follow(job, ranks, skipped)
     with contextlib.ExitStack() as held:
         out = opts.out or (default_out(opts.source, opts.keep) if opts.keep is not None else None)
         work = None
         if out is not None:
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
             work = _work_folder(held, out)
-        plan = make_plan(ckpt, layout, opts, work)
+        plan = make_plan(job, work)
         if out is None:
             out = default_out(opts.source, plan.keep)
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
             work = _work_folder(held, out)
         assert work is not None
-        plan, patches = _settle_correction(ckpt, layout, plan, opts, work)
-        total, shards, report = _write(ckpt, layout, plan, out, copied, shard_limit, opts, patches)
+        plan, patches = _settle_correction(job, plan, work)
+        total, shards, report = _write(job, plan, out, copied, shard_limit, patches)
     url = _push(out, push) if push and not kl_exceeds(report or {}, opts.max_kl) else None
     return SlimResult(out, plan, total, shards, skipped, url, report)
 
 
-def _follow(
-    root: Path, ckpt: Checkpoint, layout: Layout, opts: SlimOptions, ranks: Ranks, skipped: list[Path]
-) -> SlimResult:
+def _follow(job: Job, ranks: Ranks, skipped: list[Path]) -> SlimResult:
     """A rank other than 0 under torchrun: it calibrates and validates its share with rank 0, which alone claims,
     writes and pushes the output; its result holds the same plan and validation, and nothing written."""
-    plan = _settle_correction(ckpt, layout, make_plan(ckpt, layout, opts), opts, None)[0]
+    opts = job.opts
+    plan = _settle_correction(job, make_plan(job), None)[0]
     out = opts.out or default_out(opts.source, plan.keep)
     report = None
     if opts.validation is not None:
-        report = validate(root, Path(ranks.from_leader(None)), opts.validation)
+        report = validate(job.root, Path(ranks.from_leader(None)), opts.validation, job.ckpt)
     return SlimResult(out, plan, 0, 0, skipped, None, report)
 
 
@@ -148,53 +170,51 @@ def _work_folder(held: contextlib.ExitStack, out: Path) -> Path:
     ))  # fmt: skip
 
 
-def _settle_correction(
-    ckpt: Checkpoint, layout: Layout, plan: Plan, opts: SlimOptions, work: Path | None
-) -> tuple[Plan, dict[str, TensorInfo]]:
+def _settle_correction(job: Job, plan: Plan, work: Path | None) -> tuple[Plan, dict[str, TensorInfo]]:
     """The plan with its correction recorded, and the patched tensors surgery takes (``work``: where they are
     written; None on ranks other than 0, which write nothing). ``auto`` may have fitted it in its calibration
     pass already; otherwise, when wanted, it is fitted now in a pass of its own."""
-    from moeslim.correction import FITTED, patches_in
+    from moeslim.correct.run import FITTED, patches_in
 
-    fitted = plan.correction if opts.plan is None else {}
-    if "method" in fitted:
+    opts = job.opts
+    fitted = plan.correction if opts.plan is None else Correction()
+    if fitted.fitted:
         return plan, patches_in(work / FITTED) if work is not None else {}
-    if "skipped" in fitted:
+    if fitted.skipped is not None:
         return _said(plan, fitted, opts), {}
     if not wanted(plan, is_calibrated(opts.criterion) and opts.plan is None, opts.correct):
-        return dataclasses.replace(plan, correction={}), {}
-    return _correct(ckpt, layout, plan, opts, work)
+        return dataclasses.replace(plan, correction=Correction()), {}
+    return _correct(job, plan, work)
 
 
-def _said(plan: Plan, record: dict, opts: SlimOptions) -> Plan:
+def _said(plan: Plan, record: Correction, opts: SlimOptions) -> Plan:
     """A correction that could not be made: refused when ``--correct`` asked for it, else said in one line."""
     if opts.correct:
-        raise PlanError(f"cannot correct the experts: {record['skipped']}; pass --no-correct")
-    print(f"moeslim: note: experts not corrected: {record['skipped']}", file=sys.stderr)
+        raise PlanError(f"cannot correct the experts: {record.skipped}; pass --no-correct")
+    print(f"moeslim: note: experts not corrected: {record.skipped}", file=sys.stderr)
     return dataclasses.replace(plan, correction=record)
 
 
-def _correct(
-    ckpt: Checkpoint, layout: Layout, plan: Plan, opts: SlimOptions, work: Path | None
-) -> tuple[Plan, dict[str, TensorInfo]]:
+def _correct(job: Job, plan: Plan, work: Path | None) -> tuple[Plan, dict[str, TensorInfo]]:
     """The plan's correction fitted in a pass of its own (patch files in ``work``) and recorded in it."""
-    from moeslim.correction import check_redo, run_correction
+    from moeslim.correct.run import check_redo, run_correction, skip_reason
 
-    record, patches = run_correction(ckpt, layout, opts.calibration, plan, work)
+    reason = skip_reason(job.ckpt, job.layout)  # before the run context loads anything
+    record, patches = (Correction(skipped=reason), {}) if reason else run_correction(job.context, plan, work)
     check_redo(plan, record)
-    if "skipped" in record:
-        return _said(plan, record, opts), {}
+    if record.skipped is not None:
+        return _said(plan, record, job.opts), {}
     return dataclasses.replace(plan, correction=record), patches
 
 
 def _write(
-    ckpt: Checkpoint, layout: Layout, plan: Plan, out: Path, copied: list[Path], shard_limit: int,
-    opts: SlimOptions, patches: dict[str, TensorInfo] | None = None,
-) -> tuple[int, int, dict | None]:  # fmt: skip
+    job: Job, plan: Plan, out: Path, copied: list[Path], shard_limit: int, patches: dict[str, TensorInfo]
+) -> tuple[int, int, dict | None]:
     """Shards, config, copied files, plan, validation and card into a temp folder renamed to ``out`` at the end.
 
     Returns (bytes of tensors written, number of shards, validation report or None).
     """
+    ckpt, layout, opts = job.ckpt, job.layout, job.opts
     outputs = plan_outputs(ckpt, layout, plan.kept, patches)
     shards = plan_shards(outputs, shard_limit)
     total = sum(t.nbytes for t in outputs)
@@ -206,22 +226,25 @@ def _write(
         (tmp / "config.json").write_text(dump_config(config), encoding="utf-8")
         copy_files(ckpt.root, copied, tmp)
         (tmp / PLAN_NAME).write_text(plan.to_json(), encoding="utf-8")
-        report = _validate(ckpt.root, tmp, opts)  # before the card, which shows it
+        report = _validate(job, tmp)  # before the card, which shows it
         name = opts.push_to.split("/")[-1] if opts.push_to else out.name
         write_model_card(tmp, ckpt, layout, plan, source=str(opts.source), name=name, command=opts.command)
     return total, len(shards), report
 
 
-def _validate(root: Path, tmp: Path, opts: SlimOptions) -> dict | None:
-    """Validate the written output against its source and save ``validation.json`` in it (None: skipped).
+def _validate(job: Job, tmp: Path) -> dict | None:
+    """Validate the written output against its source (opened once, by ``job``) and save ``validation.json`` in it
+    (None: skipped).
 
     The report names the source as given and the pruned model as ``.`` (the folder holding the report), so that
     the same plan gives the same files, wherever they are written.
     """
+    opts = job.opts
     if opts.validation is None:
         return None
     current(opts.calibration.device).from_leader(str(tmp))  # the other ranks of a torchrun validate with us
-    report = {**validate(root, tmp, opts.validation), "original": str(opts.source), "pruned": "."}
+    report = {**validate(job.root, tmp, opts.validation, job.ckpt), "original": str(opts.source),
+              "pruned": "."}  # fmt: skip
     write_report(report, tmp)
     return report
 
@@ -259,10 +282,11 @@ def _push_options(opts: SlimOptions) -> PushOptions | None:
     return PushOptions(opts.push_to, opts.private, opts.push_revision, opts.create_pr)
 
 
-def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, work: Path | None = None) -> Plan:
+def make_plan(job: Job, work: Path | None = None) -> Plan:
     """The plan from ``--plan``, or scored by a criterion; feasibility is checked before any scoring. ``auto``
     fits the correction of its first candidate in the same pass, into ``work`` (correction.py's ``FITTED``); the
     plan records it when that candidate wins."""
+    ckpt, layout, opts = job.ckpt, job.layout, job.opts
     if opts.plan is not None:
         plan = load_plan(opts.plan)
         if opts.keep is not None and opts.keep != plan.keep:
@@ -280,16 +304,16 @@ def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, work: Path | 
     top_k = layout.top_k if opts.top_k is None else opts.top_k
     check_feasible(layout, opts.keep, top_k)
     calibration: dict = {}
-    correction: dict = {}
+    correction = Correction()
     criterion = opts.criterion
     if criterion == AUTO and opts.stats is None:
-        criterion, scores, calibration, correction = _auto(ckpt, layout, opts, opts.keep, work)
+        criterion, scores, calibration, correction = _auto(job, opts.keep, work)
     elif is_calibrated(criterion):
         if criterion == AUTO:
             criterion = "ean"
             print("moeslim: note: --stats given, and auto measures candidate plans while it calibrates; using the"
                   " statistics' ean scores (pass --criterion to choose another)", file=sys.stderr)  # fmt: skip
-        scores, calibration = _calibrated(ckpt, layout, dataclasses.replace(opts, criterion=criterion), opts.keep)
+        scores, calibration = _calibrated(job, criterion, opts.keep)
     else:
         scores = DATA_FREE[criterion](ckpt, layout, opts.seed)
     return Plan(
@@ -305,12 +329,12 @@ def make_plan(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, work: Path | 
     )
 
 
-def _calibrated(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, keep: int) -> tuple[dict, dict]:
+def _calibrated(job: Job, criterion: str, keep: int) -> tuple[dict, dict]:
     """Scores from statistics (``--stats`` or calibrated now), and the provenance with per-layer stability."""
     from moeslim.calibrate.session import run_calibration  # torch and transformers: only for calibrated criteria
-    from moeslim.calibrate.store import check_stats_fit, load_stats
+    from moeslim.calibrate.stats_file import check_stats_fit, load_stats
 
-    criterion = opts.criterion
+    ckpt, layout, opts = job.ckpt, job.layout, job.opts
 
     def choose(index: int, stats: Statistics) -> tuple[int, ...]:
         return select_one(layout, _require(layer_scores(criterion, stats, index), criterion, index), keep)
@@ -319,11 +343,11 @@ def _calibrated(ckpt: Checkpoint, layout: Layout, opts: SlimOptions, keep: int) 
     if opts.stats is not None:
         stats, meta = load_stats(opts.stats)
         check_stats_fit(meta, ckpt, layout, opts.stats)
-        if opts.progressive != bool(meta["settings"].get("progressive")):
+        if opts.progressive != bool(meta.settings.get("progressive")):
             raise PlanError("--progressive and the statistics disagree: calibrate again with the same --progressive")
     else:
-        stats, meta = run_calibration(ckpt, layout, opts.calibration, progressive=progressive)
-    info = {**meta["calibration"], "progressive": opts.progressive,
+        stats, meta = run_calibration(job.context, progressive=progressive)
+    info = {**meta.calibration, "progressive": opts.progressive,
             "stability": _stability(criterion, stats, layout, keep)}  # fmt: skip
     return calibrated_scores(criterion, stats, ckpt, layout), info
 
@@ -338,41 +362,46 @@ def _stability(criterion: str, stats: Statistics, layout: Layout, keep: int) -> 
     return stability
 
 
-def _auto(
-    ckpt: Checkpoint, layout: Layout, opts: SlimOptions, keep: int, work: Path | None
-) -> tuple[str, dict, dict, dict]:
+def _auto(job: Job, keep: int, work: Path | None) -> tuple[str, dict, dict, Correction]:
     """Calibrate once with every candidate criterion's plan measured on held-out calibration batches
     (``calibrate/trials.py``); the winner's scores, with every candidate's measured KL in the provenance, and the
     correction fitted in the same pass when wanted and the first candidate won (else empty)."""
     from moeslim.calibrate.session import check_runnable, run_calibration
     from moeslim.calibrate.trials import CANDIDATES, PlanTrials
-    from moeslim.correction import FITTED, PatchWriter, skip_reason
+    from moeslim.correct.fit import Fitter
+    from moeslim.correct.run import FITTED, PatchWriter, skip_reason
+    from moeslim.stream.loop import Observer
 
+    ckpt, layout, opts = job.ckpt, job.layout, job.opts
     check_runnable(ckpt, layout)  # before the data-free candidates read any weight
     fixed = {name: DATA_FREE[name](ckpt, layout, None) for name in CANDIDATES if name in DATA_FREE}
 
     def scores_of(name: str, index: int, stats: Statistics) -> np.ndarray:
         return fixed[name][index] if name in fixed else _require(layer_scores(name, stats, index), name, index)
 
-    ranks = current(opts.calibration.device)
-    writer = None
+    ctx = job.context
+    stats = Statistics(layout.num_experts)
+    trials = PlanTrials(layout, keep, scores_of, stats)
+    observers: list[Observer] = [trials]
+    writer = fitter = None
     if opts.correct is not False and skip_reason(ckpt, layout) is None:
-        folder = work / FITTED if work is not None and ranks.leader else None
+        folder = work / FITTED if work is not None and ctx.ranks.leader else None
         if folder is not None:
             folder.mkdir()
         writer = PatchWriter(ckpt, layout, folder)
-    trials = PlanTrials(layout, keep, scores_of, on_fit=writer, ranks=ranks)
-    stats, meta = run_calibration(ckpt, layout, opts.calibration, trials=trials)
+        fitter = Fitter(layout.family.name, lambda index: trials.kept[CANDIDATES[0]][index], writer)
+        observers.append(fitter)  # after the trials, which choose each layer's kept experts
+    stats, meta = run_calibration(ctx, stats=stats, observers=observers)
     winner = trials.winner or CANDIDATES[0]
     scores = fixed[winner] if winner in fixed else calibrated_scores(winner, stats, ckpt, layout)
     stability = {} if winner in fixed else _stability(winner, stats, layout, keep)
-    info = {**meta["calibration"], "progressive": False, "stability": stability,
+    info = {**meta.calibration, "progressive": False, "stability": stability,
             "auto": {"chose": winner, "held_out_batches": len(trials.held), "kl": trials.kl}}  # fmt: skip
-    correction: dict = {}
-    if trials.fit_error is not None:
-        correction = {"skipped": trials.fit_error}
+    correction = Correction()
+    if fitter is not None and fitter.error is not None:
+        correction = Correction(skipped=fitter.error)
     elif writer is not None and winner == CANDIDATES[0]:
-        correction = writer.record(meta["calibration"])
+        correction = writer.record(meta.calibration)
     return winner, scores, info, correction
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,7 +21,53 @@ T = TypeVar("T")
 
 PLAN_FORMAT = "moeslim.plan"
 PLAN_VERSION = 1
-PLAN_NAME = "moeslim_plan.json"
+
+
+@dataclass(frozen=True)
+class Correction:
+    """How a plan's kept experts were refit (``method`` set), or why they were not (``skipped`` set); neither: no
+    correction was asked for. JSON only at the edges: ``to_dict`` / ``of``."""
+
+    method: str | None = None
+    ridge: float | None = None  # λ, relative to the mean diagonal of G_k
+    data: str | None = None  # the calibration tokens it was fitted on: their source,
+    digest: str | None = None  # their sha256
+    tokens: int | None = None  # and their count
+    experts: dict[str, int] = field(default_factory=dict)  # MoE layer → kept experts refit
+    sha256: str | None = None  # of the patch files written
+    skipped: str | None = None  # why the experts were not corrected
+
+    @property
+    def fitted(self) -> bool:
+        return self.method is not None
+
+    def __bool__(self) -> bool:
+        return self.fitted or self.skipped is not None
+
+    def to_dict(self) -> dict:
+        if self.skipped is not None:
+            return {"skipped": self.skipped}
+        if not self.fitted:
+            return {}
+        return {"method": self.method, "ridge": self.ridge, "data": self.data, "digest": self.digest,
+                "tokens": self.tokens, "experts": self.experts, "sha256": self.sha256}  # fmt: skip
+
+    @classmethod
+    def of(cls, doc: dict) -> Correction:
+        """The record of a plan's ``correction`` object (checked field by field)."""
+        if "skipped" in doc:
+            return cls(skipped=_field(doc, "skipped", str, "a string", "correction: "))
+        if "method" not in doc:
+            return cls()
+        experts = _field(doc, "experts", dict, "an object", "correction: ")
+        if not all(isinstance(k, str) and jsonio.is_whole(v) for k, v in experts.items()):
+            raise _Invalid("correction: experts must map layer numbers to whole numbers")
+        return cls(
+            method=_field(doc, "method", str, "a string", "correction: "),
+            ridge=_optional(doc, "ridge", (int, float)), data=_optional(doc, "data", str),
+            digest=_optional(doc, "digest", str), tokens=_optional(doc, "tokens", int), experts=dict(experts),
+            sha256=_optional(doc, "sha256", str),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,7 +85,7 @@ class Plan:
     seed: int | None = None
     scores: dict[int, tuple[float, ...]] = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)  # data, token count, hash, settings; empty when data-free
-    correction: dict = field(default_factory=dict)  # how the kept experts were refit (correction.py); empty: not
+    correction: Correction = field(default_factory=Correction)  # how the kept experts were refit, or why not
 
     @property
     def keep(self) -> int:
@@ -61,7 +107,7 @@ class Plan:
             "criterion": self.criterion,
             "seed": self.seed,
             **({"calibration": self.calibration} if self.calibration else {}),
-            **({"correction": self.correction} if self.correction else {}),
+            **({"correction": self.correction.to_dict()} if self.correction else {}),
             "layers": layers,
         }
         return jsonio.dumps(doc, indent=2) + "\n"
@@ -107,7 +153,9 @@ def _plan_of(doc: dict) -> Plan:
         seed=None if doc.get("seed") is None else _int_field(doc, "seed"),
         scores=scores,
         calibration={} if doc.get("calibration") is None else dict(_field(doc, "calibration", dict, "an object")),
-        correction={} if doc.get("correction") is None else dict(_field(doc, "correction", dict, "an object")),
+        correction=Correction()
+        if doc.get("correction") is None
+        else Correction.of(_field(doc, "correction", dict, "an object")),
     )
     if odd := uneven_layer(kept):
         raise _Invalid(f"layer {odd[0]} keeps {odd[1]} experts, other layers {odd[2]}")
@@ -267,3 +315,11 @@ def uneven_layer(kept: dict[int, tuple[int, ...]]) -> tuple[int, int, int] | Non
     majority = counts.most_common(1)[0][0] if counts else 0
     odd = [(index, len(k)) for index, k in sorted(kept.items()) if len(k) != majority]
     return (*odd[0], majority) if odd else None
+
+
+def _optional(doc: dict, key: str, kind: type | tuple[type, ...]) -> Any:
+    """``doc[key]`` when present and of ``kind`` (None when absent or null)."""
+    value = doc.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise _Invalid(f"correction: {key} is {_show(value)}, of the wrong type")
+    return value

@@ -3,7 +3,7 @@ the names of the tensors a quantiser stores beside (or instead of) a weight."""
 
 from __future__ import annotations
 
-from moeslim.families import text_config
+from moeslim.families.table import text_config
 
 # scales of FP8 blocks, MXFP4 blocks and scales, GPTQ / AWQ packs, compressed-tensors scales
 QUANT_SUFFIXES = ("_scale_inv", "_blocks", "_scales", ".qweight", ".qzeros", ".scales", ".g_idx", ".weight_scale")

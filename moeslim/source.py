@@ -7,10 +7,8 @@ from pathlib import Path, PurePosixPath
 
 from moeslim import jsonio
 from moeslim.errors import CheckpointError, MissingFileError
+from moeslim.names import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 from moeslim.shards import TensorInfo, read_header
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     root = Path(path)
     if not root.is_dir():
         raise MissingFileError(f"{root} is not a folder; pass a local checkpoint folder")
-    config = read_json(root / "config.json", what="model config")
+    config = read_json(root / CONFIG_NAME, what="model config")
     weight_map = _weight_map(root)
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}

@@ -16,15 +16,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeslim.calibrate.collect import Statistics, calibrate_layers
-from moeslim.calibrate.masking import drop_experts_of
-from moeslim.calibrate.options import CalibrationOptions
-from moeslim.calibrate.runner import LayerRunner
 from moeslim.calibrate.trials import CANDIDATES, PlanTrials
 from moeslim.criteria import DATA_FREE, layer_scores
 from moeslim.layout import resolve_layout
-from moeslim.pipeline import SlimOptions, make_plan
+from moeslim.pipeline import Job, SlimOptions, make_plan
 from moeslim.plan import select_one
 from moeslim.source import open_checkpoint
+from moeslim.stream.masking import drop_experts_of
+from moeslim.stream.options import CalibrationOptions
+from moeslim.stream.runner import LayerRunner
 from tests.conftest import run_cli, tree_digest
 
 pytestmark = pytest.mark.slow
@@ -50,10 +50,11 @@ def test_streamed_kl_of_every_candidate_equals_a_full_forward(name: str, built: 
     def scores(criterion: str, index: int, stats: Statistics) -> np.ndarray:
         return fixed[criterion][index] if criterion in fixed else layer_scores(criterion, stats, index)
 
-    trials = PlanTrials(layout, keep, scores)
+    stats = Statistics(layout.num_experts)
+    trials = PlanTrials(layout, keep, scores, stats)
     runner = LayerRunner(ckpt, layout)
     try:
-        stats = calibrate_layers(runner, TOKENS, 2, Statistics(layout.num_experts), trials=trials)
+        calibrate_layers(runner, TOKENS, 2, stats, trials)
     finally:
         runner.close()
     assert trials.held == [3]  # the last quarter of 4 batches
@@ -100,11 +101,11 @@ def test_auto_writes_exactly_the_winners_plan(built: Callable[[str], Path]) -> N
     src = built("qwen3_moe")
     ckpt = open_checkpoint(src)
     layout = resolve_layout(ckpt)
-    auto = make_plan(ckpt, layout, SlimOptions(src, keep=4, calibration=SMALL))
+    auto = make_plan(Job(src, ckpt, layout, SlimOptions(src, keep=4, calibration=SMALL)))
     winner = auto.calibration["auto"]["chose"]
     assert auto.criterion == winner and winner in CANDIDATES
     assert set(auto.calibration["auto"]["kl"]) == set(CANDIDATES)
-    single = make_plan(ckpt, layout, SlimOptions(src, keep=4, criterion=winner, calibration=SMALL))
+    single = make_plan(Job(src, ckpt, layout, SlimOptions(src, keep=4, criterion=winner, calibration=SMALL)))
     assert auto.kept == single.kept and auto.scores == single.scores
 
 

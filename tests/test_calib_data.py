@@ -20,9 +20,9 @@ import torch
 from tokenizers import processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from moeslim.calibrate import data
-from moeslim.calibrate.data import CalibrationData, CalibrationDataError, load_calibration, stdlib_files
 from moeslim.errors import MoeslimError
+from moeslim.stream import tokens as data
+from moeslim.stream.tokens import CalibrationData, CalibrationDataError, load_calibration, stdlib_files
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-qwen3-moe"
 LETTERS = "abcdefgh"  # single letters are vocabulary entries, one id each

@@ -12,12 +12,12 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeslim.calibrate.data import load_calibration
-from moeslim.calibrate.masking import drop_experts_of
-from moeslim.calibrate.stats import LayerStats, collect
-from moeslim.engine.modules import moe_parts
+from moeslim.calibrate.capture import LayerStats, collect
 from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
+from moeslim.stream.masking import drop_experts_of
+from moeslim.stream.modules import moe_parts
+from moeslim.stream.tokens import load_calibration
 from tests.conftest import run_cli, tree_digest
 
 pytestmark = pytest.mark.slow

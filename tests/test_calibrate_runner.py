@@ -1,6 +1,6 @@
 """The streaming runner's statistics equal those of one ordinary full-model transformers forward.
 
-Both sides use the same statistics hooks (moeslim/calibrate/stats.py); what is compared is the streaming
+Both sides use the same statistics hooks (moeslim/calibrate/capture.py); what is compared is the streaming
 machinery: meta-device model, per-layer loading through transformers' conversion, captured layer arguments,
 batching, and the two calibration halves.
 """
@@ -16,12 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from moeslim.calibrate.capture import FIELDS, LayerStats, collect
 from moeslim.calibrate.collect import HALVES, Statistics, calibrate_layers
-from moeslim.calibrate.runner import Activations, LayerRunner
-from moeslim.calibrate.stats import FIELDS, LayerStats, collect
-from moeslim.engine.modules import moe_parts
 from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
+from moeslim.stream.modules import moe_parts
+from moeslim.stream.runner import Activations, LayerRunner
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_streaming_statistics_equal_full_forward(name: str, built: Callable[[str
     layout = resolve_layout(ckpt)
     runner = LayerRunner(ckpt, layout)
     try:
-        stats = calibrate_layers(runner, TOKENS, 2, Statistics(layout.num_experts), reconstruction_tokens=0)
+        stats = calibrate_layers(runner, TOKENS, 2, Statistics(layout.num_experts))
     finally:
         runner.close()
     expected = _reference(src, layout, [[0, 1], [2, 3], [4, 5]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moeslim.errors import UnsupportedModelError
-from moeslim.families import FAMILIES, family_of
+from moeslim.families.table import FAMILIES, family_of
 from moeslim.surgery.config import dump_config, rewrite_config
 
 

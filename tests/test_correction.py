@@ -21,13 +21,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fixtures.build_fixtures import FIXTURES
-from moeslim.calibrate.correct import RIDGE, LayerFit
-from moeslim.calibrate.data import load_calibration
-from moeslim.calibrate.masking import mask_router
-from moeslim.calibrate.ranks import SINGLE
-from moeslim.engine.modules import moe_parts
+from moeslim.correct.fit import RIDGE, LayerFit
 from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
+from moeslim.stream.masking import mask_router
+from moeslim.stream.modules import moe_parts
+from moeslim.stream.ranks import SINGLE
+from moeslim.stream.tokens import load_calibration
 from tests.conftest import run_cli, tree_digest
 
 pytestmark = pytest.mark.slow

@@ -23,12 +23,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.numpy import load_file
 
-from moeslim.calibrate.collect import Statistics, calibrate_layers
-from moeslim.calibrate.ranks import Ranks
-from moeslim.calibrate.runner import LayerRunner
-from moeslim.calibrate.stats import FIELDS, HALVES
+from moeslim.calibrate.capture import FIELDS, HALVES
+from moeslim.calibrate.collect import Collector, Statistics, calibrate_layers
 from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
+from moeslim.stream.ranks import Ranks
+from moeslim.stream.runner import LayerRunner
 from tests.conftest import tree_digest
 
 pytestmark = pytest.mark.slow
@@ -48,10 +48,11 @@ def _calibrate(src: Path, ranks: Ranks, seen: list[int]) -> Statistics:
     layout = resolve_layout(ckpt)
     runner = LayerRunner(ckpt, layout)
     try:
-        return calibrate_layers(
-            runner, TOKENS, 2, Statistics(layout.num_experts), reconstruction_tokens=16, ranks=ranks,
+        collector = Collector(
+            Statistics(layout.num_experts), reconstruction_tokens=16,
             on_layer=lambda index, stats, store: seen.append(len(store)),
         )  # fmt: skip
+        return calibrate_layers(runner, TOKENS, 2, collector, ranks=ranks)
     finally:
         runner.close()
 

@@ -1,7 +1,7 @@
 """Every MoE family the installed transformers defines: pruned correctly, or refused in one line with why.
 
 The families are discovered, not listed (``moe_model_types``). For each, the committed layout record
-(``moeslim/engine/families.json``) must equal a fresh derivation from the model definition, so a new
+(``moeslim/families/families.json``) must equal a fresh derivation from the model definition, so a new
 transformers release shows new or changed families here. A supported family gets a tiny random checkpoint
 written by ``save_pretrained``; moeslim prunes it with a random plan; the pruned checkpoint must load
 strictly in the family's own class, give the logits of the original whose routers cannot reach the dropped
@@ -21,18 +21,18 @@ import pytest
 import torch
 import transformers
 
+from moeslim.calibrate.capture import FIELDS, LayerStats, Statistics, collect
 from moeslim.calibrate.collect import calibrate_layers
-from moeslim.calibrate.masking import drop_experts_of
-from moeslim.calibrate.runner import LayerRunner
-from moeslim.calibrate.stats import FIELDS, LayerStats, Statistics, collect
-from moeslim.engine.derive import DERIVED_PATH, moe_model_types, probe
-from moeslim.engine.modules import moe_parts
-from moeslim.engine.tiny import tiny_model
-from moeslim.families import FAMILIES
+from moeslim.families.derive import DERIVED_PATH, moe_model_types, probe
+from moeslim.families.table import FAMILIES
+from moeslim.families.tiny import tiny_model
 from moeslim.layout import _matches, resolve_layout
+from moeslim.names import PLAN_NAME
 from moeslim.pipeline import SlimOptions, slim
-from moeslim.plan import PLAN_NAME
 from moeslim.source import open_checkpoint
+from moeslim.stream.masking import drop_experts_of
+from moeslim.stream.modules import moe_parts
+from moeslim.stream.runner import LayerRunner
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -63,7 +63,7 @@ def coverage_table(request: pytest.FixtureRequest) -> None:
 
 
 def test_the_committed_table_names_exactly_the_installed_families() -> None:
-    assert sorted(TABLE) == TYPES, "regenerate with: python -m moeslim.engine.derive"
+    assert sorted(TABLE) == TYPES, "regenerate with: python -m moeslim.families.derive"
 
 
 def _layout_text(record: dict[str, Any]) -> str:
@@ -101,7 +101,7 @@ def _logits(model: Any, ids: torch.Tensor | None = None) -> torch.Tensor:
 @pytest.mark.parametrize("model_type", TYPES)
 def test_family_is_pruned_exactly_or_refused_with_its_reason(model_type: str, tmp_path: Path, capsys) -> None:
     fresh, built = probe(model_type)  # the derivation's own tiny model serves as the checkpoint: built once
-    assert TABLE.get(model_type) == fresh, "regenerate with: python -m moeslim.engine.derive"
+    assert TABLE.get(model_type) == fresh, "regenerate with: python -m moeslim.families.derive"
     if "refused" in fresh:
         _assert_refused(model_type, fresh["refused"], tmp_path, capsys)
         return
@@ -147,7 +147,7 @@ def _assert_streaming_statistics_equal_full_forward(model: Any, src: Path, layou
     tokens = torch.randint(3, 200, (4, 10), generator=torch.Generator().manual_seed(2))
     runner = LayerRunner(open_checkpoint(src), layout)
     try:
-        stats = calibrate_layers(runner, tokens, 2, Statistics(layout.num_experts), reconstruction_tokens=0)
+        stats = calibrate_layers(runner, tokens, 2, Statistics(layout.num_experts))
     finally:
         runner.close()
     parts = moe_parts(model, layout)

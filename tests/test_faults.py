@@ -557,14 +557,16 @@ WORDS = " ".join(f"w{i % 90}" for i in range(4000))  # words the fixture tokeniz
 @pytest.fixture(scope="module")
 def base_stats(built, work: Path) -> Path:
     """A valid statistics folder for the qwen3_moe fixture, written by the calibration `moeslim calibrate` runs."""
-    from moeslim.calibrate.session import CalibrationOptions, run_calibration
+    from moeslim.calibrate.session import run_calibration
     from moeslim.layout import resolve_layout
     from moeslim.source import open_checkpoint
+    from moeslim.stream.context import RunContext
+    from moeslim.stream.options import CalibrationOptions
 
     (work / "calib.txt").write_text(WORDS)
     ckpt = open_checkpoint(built("qwen3_moe"))
     opts = CalibrationOptions(str(work / "calib.txt"), samples=4, seq_len=16, reconstruction_tokens=16)
-    run_calibration(ckpt, resolve_layout(ckpt), opts, out=work / "base-stats")
+    run_calibration(RunContext(ckpt, resolve_layout(ckpt), opts), out=work / "base-stats")
     return work / "base-stats"
 
 
@@ -763,7 +765,7 @@ def test_zero_max_memory_is_refused(size: str, built, work: Path, tmp_path: Path
 
 
 def _layout(experts: int = 8) -> Any:
-    from moeslim.families import FAMILIES
+    from moeslim.families.table import FAMILIES
     from moeslim.layout import Layout, MoeLayer
 
     layers = tuple(MoeLayer(i, f"model.layers.{i}.mlp.", (), (), (), False) for i in (1, 2, 3))

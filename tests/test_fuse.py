@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moeslim.calibrate.fuse import plan_fusions
-from moeslim.calibrate.runner import LayerRunner, decoder_of
 from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
+from moeslim.stream.fuse import plan_fusions
+from moeslim.stream.runner import LayerRunner, decoder_of
 
 PER_EXPERT = [
     "mixtral",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moeslim.errors import PlanError
-from moeslim.families import FAMILIES
+from moeslim.families.table import FAMILIES
 from moeslim.layout import Layout, MoeLayer
 from moeslim.plan import Plan, check_feasible, check_plan, load_plan, select
 

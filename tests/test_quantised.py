@@ -25,8 +25,8 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from safetensors.torch import load_file, save_file
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
-from moeslim.calibrate.dequant import fp8_dense, packed_dense, scaled_dense
 from moeslim.source import open_checkpoint
+from moeslim.stream.dequant import fp8_dense, packed_dense, scaled_dense
 from tests.conftest import run_cli, tree_digest
 
 QUANTISED = {"deepseek_v3_fp8": 8, "gpt_oss_mxfp4": 4, "qwen3_moe_int4": 4}  # fixture → --keep
@@ -300,9 +300,9 @@ def test_every_missing_piece_of_a_quantised_weight_is_one_line(
 
 
 def test_fp8_activation_scales_travel_with_their_weight_in_any_order() -> None:
-    from moeslim.calibrate.dequant import Packed, dense_items
     from moeslim.shards import TensorInfo
     from moeslim.source import Checkpoint
+    from moeslim.stream.dequant import Packed, dense_items
 
     folder = Path("/nonexistent")  # headers only: nothing is read
     specs = [("a.input_scale", "F32", (1,)), ("a.weight", "F8_E4M3", (16, 16)), ("a.weight_scale_inv", "F32", (1, 1))]

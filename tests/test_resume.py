@@ -21,10 +21,12 @@ from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file
 
 from moeslim import jsonio
-from moeslim.calibrate.session import CalibrationOptions, run_calibration
-from moeslim.calibrate.stats import Statistics
+from moeslim.calibrate.capture import Statistics
+from moeslim.calibrate.session import run_calibration
 from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
+from moeslim.stream.context import RunContext
+from moeslim.stream.options import CalibrationOptions
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +55,7 @@ def calibrate(
             raise Stop
 
     try:
-        run_calibration(ckpt, resolve_layout(ckpt), opts, out=out, progressive=progressive, on_layer=on_layer)
+        run_calibration(RunContext(ckpt, resolve_layout(ckpt), opts), out, progressive=progressive, on_layer=on_layer)
     except Stop:
         assert stop_after is not None
     return calibrated

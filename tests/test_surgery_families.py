@@ -15,12 +15,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moeslim.calibrate.masking import drop_experts_of
-from moeslim.families import family_of
+from moeslim.families.table import family_of
 from moeslim.layout import resolve_layout
+from moeslim.names import PLAN_NAME
 from moeslim.pipeline import SlimOptions, slim
-from moeslim.plan import PLAN_NAME
 from moeslim.source import open_checkpoint
+from moeslim.stream.masking import drop_experts_of
 
 pytestmark = pytest.mark.slow
 

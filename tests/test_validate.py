@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from moeslim.calibrate.session import load_tokenizer
 from moeslim.cli import main
 from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
+from moeslim.stream.context import load_tokenizer
 from moeslim.surgery.files import copy_files, extra_files
 from moeslim.surgery.mapping import plan_outputs
 from moeslim.surgery.writer import plan_shards, write_checkpoint

@@ -39,12 +39,14 @@ from pathlib import Path
 
 from render import CANDIDATES, Result, load, report, save, splice
 
-from moeslim.calibrate.session import CalibrationOptions, run_calibration
+from moeslim.calibrate.session import run_calibration
 from moeslim.criteria import AUTO, DEFAULT_CRITERION, is_calibrated
 from moeslim.errors import PlanError
 from moeslim.layout import resolve_layout
 from moeslim.pipeline import SlimOptions, slim
 from moeslim.source import open_checkpoint
+from moeslim.stream.context import RunContext
+from moeslim.stream.options import CalibrationOptions
 from moeslim.validate.run import ValidateOptions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,7 +169,7 @@ def run(model: Path, work: Path, keep: int, criterion: str, calib: Path, samples
         stats = work / f"stats-{calib.stem}-{samples}-{seed or 0}"
         if not (stats / "stats.json").is_file():
             ckpt = open_checkpoint(model)
-            run_calibration(ckpt, resolve_layout(ckpt), calibration, out=stats)
+            run_calibration(RunContext(ckpt, resolve_layout(ckpt), calibration), out=stats)
     opts = SlimOptions(
         source=model, keep=keep, out=work / "out", criterion=criterion, seed=None if calibrated else seed,
         overwrite=True, stats=stats, calibration=calibration, progressive=progressive, correct=correct,

@@ -15,11 +15,10 @@ from typing import cast
 import numpy as np
 import torch
 
-from moeslim.calibrate.masking import router_logits
-
 # The numpy data they fill live in statistics.py (no torch); importable from here too, their first home.
 from moeslim.calibrate.statistics import FIELDS, HALVES, LayerStats, Statistics  # noqa: F401
-from moeslim.engine.modules import MoeParts, takes_routing
+from moeslim.stream.masking import router_logits
+from moeslim.stream.modules import MoeParts, takes_routing
 
 
 @contextlib.contextmanager

@@ -7,10 +7,11 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from moeslim.names import STATS_ARRAYS, STATS_JSON
 from moeslim.safefs import PART_SUFFIX, is_part, remove_path
 from moeslim.targets import check_outside, check_replaceable, files_under, locked
 
-STATS_FILES = ("stats.json", "stats.safetensors")
+STATS_FILES = (STATS_JSON, STATS_ARRAYS)
 WORK_DIRS = ("resume", "resume.tmp")  # boundary activations kept for resuming an interrupted calibration
 
 

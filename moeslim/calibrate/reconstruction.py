@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from moeslim.calibrate.masking import mask_router
-from moeslim.calibrate.ranks import Ranks
-from moeslim.engine.modules import MoeParts
 from moeslim.layout import Routing
+from moeslim.stream.masking import mask_router
+from moeslim.stream.modules import MoeParts
+from moeslim.stream.ranks import Ranks
 
 
 class ReconstructionSampler:

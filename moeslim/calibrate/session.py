@@ -3,48 +3,47 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from moeslim.calibrate.collect import Chooser, OnLayer, calibrate_layers
+from moeslim.calibrate.capture import Statistics
+from moeslim.calibrate.collect import Chooser, Collector, OnLayer, calibrate_layers
 from moeslim.calibrate.folder import claim_stats_folder, clear_stats
-from moeslim.calibrate.options import CalibrationOptions
-from moeslim.calibrate.ranks import Ranks, current, rank_device
-from moeslim.calibrate.resume import Boundary, drop_boundary, load_boundary, note, save_boundary
-from moeslim.calibrate.stats import Statistics
-from moeslim.calibrate.store import check_stats_fit, fingerprint, load_stats, save_stats
-from moeslim.errors import DeviceError, MissingFileError, OutputError, PlanError
-from moeslim.families import check_calibratable
+from moeslim.calibrate.statistics import CalibrationMeta
+from moeslim.calibrate.stats_file import check_stats_fit, fingerprint, load_stats, save_stats
+from moeslim.errors import OutputError, PlanError
+from moeslim.families.table import check_calibratable
 from moeslim.layout import Layout
+from moeslim.names import STATS_JSON
 from moeslim.quant import READABLE, unreadable
 from moeslim.source import Checkpoint
-from moeslim.units import parse_size
+from moeslim.stream.context import RunContext
+from moeslim.stream.loop import Observer
+from moeslim.stream.ranks import Ranks
+from moeslim.stream.resume import Boundary, drop_boundary, load_boundary, note, save_boundary
 
 if TYPE_CHECKING:
-    from moeslim.calibrate.runner import Activations
-    from moeslim.calibrate.trials import PlanTrials
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    from moeslim.stream.runner import Activations
 
 
 def run_calibration(
-    ckpt: Checkpoint, layout: Layout, opts: CalibrationOptions, out: Path | None = None,
-    progressive: Chooser | None = None, overwrite: bool = False,
-    on_layer: Callable[[int], None] = lambda index: None, trials: PlanTrials | None = None,
-) -> tuple[Statistics, dict]:  # fmt: skip
-    """Calibrate ``ckpt``. With ``out``, the statistics and the hidden states reached are saved after every
-    calibrated layer, and a partial run resumes after its last calibrated layer (``resume.py``). ``on_layer(index)``
-    follows each calibrated layer, once saved; an exception it raises stops the run there."""
-    check_runnable(ckpt, layout)
-    dtype, max_bytes = parse_dtype(opts.dtype), _size(opts.max_memory)
-    ranks = current(opts.device)  # several under torchrun: each runs a share of the batches, rank 0 writes
-    claim = out is not None and ranks.leader
-    with claim_stats_folder(ckpt.root, out) if claim and out is not None else contextlib.nullcontext():
-        return _calibrate(ckpt, layout, opts, out, progressive, overwrite, on_layer, dtype, max_bytes, trials, ranks)
+    ctx: RunContext, out: Path | None = None, *, progressive: Chooser | None = None, overwrite: bool = False,
+    on_layer: Callable[[int], None] = lambda index: None, stats: Statistics | None = None,
+    observers: Sequence[Observer] = (),
+) -> tuple[Statistics, CalibrationMeta]:  # fmt: skip
+    """Calibrate ``ctx``'s checkpoint into ``stats`` (new statistics by default), with other ``observers`` of the
+    same pass (``auto``'s trials, the correction fit). With ``out``, the statistics and the hidden states reached
+    are saved after every calibrated layer, and a partial run resumes after its last calibrated layer
+    (``resume.py``). ``on_layer(index)`` follows each calibrated layer, once saved; an exception it raises stops
+    the run there."""
+    check_runnable(ctx.ckpt, ctx.layout)
+    claim = out is not None and ctx.ranks.leader  # rank 0 writes
+    with claim_stats_folder(ctx.ckpt.root, out) if claim and out is not None else contextlib.nullcontext():
+        return _calibrate(ctx, out, progressive, overwrite, on_layer, stats, observers)
 
 
 def check_runnable(ckpt: Checkpoint, layout: Layout) -> None:
@@ -59,36 +58,29 @@ def check_runnable(ckpt: Checkpoint, layout: Layout) -> None:
 
 
 def _calibrate(
-    ckpt: Checkpoint, layout: Layout, opts: CalibrationOptions, out: Path | None, progressive: Chooser | None,
-    overwrite: bool, on_layer: Callable[[int], None], dtype: torch.dtype, max_bytes: int | None,
-    trials: PlanTrials | None = None, ranks: Ranks | None = None,
-) -> tuple[Statistics, dict]:  # fmt: skip
+    ctx: RunContext, out: Path | None, progressive: Chooser | None, overwrite: bool,
+    on_layer: Callable[[int], None], stats: Statistics | None, observers: Sequence[Observer],
+) -> tuple[Statistics, CalibrationMeta]:  # fmt: skip
     """``run_calibration`` once ``out`` (if any) is held by this run."""
-    from moeslim.calibrate.data import load_calibration  # imports tokenizers only when calibrating
-
-    data = load_calibration(
-        opts.calib, load_tokenizer(ckpt), samples=opts.samples, seq_len=opts.seq_len, seed=opts.seed,
-        split=opts.calib_split, column=opts.calib_column,
-    )  # fmt: skip
-    meta = _meta(ckpt, layout, opts, data.source, data.digest, data.tokens.numel(), progressive is not None)
-    ranks = ranks or Ranks()
+    ckpt, layout, opts, ranks = ctx.ckpt, ctx.layout, ctx.opts, ctx.ranks
+    data = ctx.data()
+    meta = _meta(ctx, progressive is not None)
     resumed = _resume(out, meta, ckpt, layout, overwrite) if ranks.leader else None  # rank 0 owns the folder
-    stats = ranks.from_leader(resumed) or Statistics(layout.num_experts)
-    batch_size = min(opts.batch_size, max(1, opts.samples // 2))
-    batches = data.tokens.split(batch_size)
+    stats = ranks.from_leader(resumed) or stats or Statistics(layout.num_experts)
+    batches = data.tokens.split(ctx.batch_size)
     if len(batches) < ranks.world:
         raise PlanError(f"{ranks.world} processes need at least {ranks.world} calibration batches, and there are"
                         f" {len(batches)}; raise --samples or lower --batch-size")  # fmt: skip
-    start = _start(out, meta, stats, layout, [batches[b] for b in ranks.share(len(batches))], dtype, max_bytes, ranks)
-    from moeslim.calibrate.runner import LayerRunner  # transformers' model code: imported when used
-
-    runner = LayerRunner(ckpt, layout, rank_device(opts.device), dtype, opts.trust_remote_code)
+    mine = [batches[b] for b in ranks.share(len(batches))]
+    start = _start(ctx, out, meta, stats, mine)
+    collector = Collector(
+        stats, reconstruction_tokens=opts.reconstruction_tokens, progressive=progressive,
+        on_layer=_saver(out, meta, layout, on_layer, ranks),
+    )  # fmt: skip
+    runner = ctx.runner()
     try:
-        calibrate_layers(
-            runner, data.tokens, batch_size, stats, max_bytes=max_bytes, progressive=progressive,
-            reconstruction_tokens=opts.reconstruction_tokens, start=start,
-            on_layer=_saver(out, meta, layout, on_layer, ranks), trials=trials, ranks=ranks,
-        )  # fmt: skip
+        calibrate_layers(runner, data.tokens, ctx.batch_size, collector, *observers, ranks=ranks,
+                         max_bytes=ctx.max_bytes, start=start)  # fmt: skip
     finally:
         runner.close()
     if out is not None:
@@ -100,17 +92,17 @@ def _calibrate(
 
 
 def _start(
-    out: Path | None, meta: dict, stats: Statistics, layout: Layout, batches: list[torch.Tensor],
-    dtype: torch.dtype, max_bytes: int | None, ranks: Ranks,
-) -> Boundary | None:  # fmt: skip
+    ctx: RunContext, out: Path | None, meta: CalibrationMeta, stats: Statistics, batches: list[torch.Tensor]
+) -> Boundary | None:
     """Where a resumed run starts (said on stderr): the saved boundary of this rank's ``batches``, or None to run
     from the embedding. Ranks resume from their boundaries only when every rank has one at the same layer."""
+    layout, ranks = ctx.layout, ctx.ranks
     trunk = _trunk(layout)
     pending = [i for i in trunk if i not in stats.halves]
     if out is None or not stats.layers or not pending:
         return None
     shapes = [(ids.shape[0], ids.shape[1]) for ids in batches]
-    start = load_boundary(out, meta, pending, shapes, dtype, max_bytes, ranks.tag)
+    start = load_boundary(out, meta, pending, shapes, ctx.dtype, ctx.max_bytes, ranks.tag)
     layers = set(ranks.gather(None if start is None else start.next_layer))
     say = note if ranks.leader else (lambda text: None)
     if start is None or len(layers) > 1:
@@ -123,7 +115,9 @@ def _start(
     return start
 
 
-def _saver(out: Path | None, meta: dict, layout: Layout, on_layer: Callable[[int], None], ranks: Ranks) -> OnLayer:
+def _saver(
+    out: Path | None, meta: CalibrationMeta, layout: Layout, on_layer: Callable[[int], None], ranks: Ranks
+) -> OnLayer:
     """What follows each calibrated layer: with ``out``, rank 0 saves the statistics, then (unless it was the last
     MoE layer) every rank the boundary of its own batches after the layer."""
     trunk = set(_trunk(layout))
@@ -145,69 +139,33 @@ def _trunk(layout: Layout) -> list[int]:
     return [layer.index for layer in layout.layers if not layer.mtp]
 
 
-def _meta(
-    ckpt: Checkpoint, layout: Layout, opts: CalibrationOptions, source: str, digest: str, tokens: int,
-    progressive: bool,
-) -> dict:  # fmt: skip
+def _meta(ctx: RunContext, progressive: bool) -> CalibrationMeta:
+    ckpt, layout, opts, data = ctx.ckpt, ctx.layout, ctx.opts, ctx.data()
     settings = {k: v for k, v in asdict(opts).items() if k not in ("trust_remote_code", "calib")}
-    return {
-        "model": {
+    return CalibrationMeta(
+        model={
             "name": ckpt.root.resolve().name,
             "model_type": layout.family.name,
             "num_experts": layout.num_experts,
             "fingerprint": fingerprint(ckpt, layout),
         },
-        "calibration": {"data": source, "digest": digest, "tokens": tokens, "samples": opts.samples,
-                        "seq_len": opts.seq_len, "seed": opts.seed},
-        "settings": {**settings, "progressive": progressive},
-    }  # fmt: skip
+        calibration={"data": data.source, "digest": data.digest, "tokens": data.tokens.numel(),
+                     "samples": opts.samples, "seq_len": opts.seq_len, "seed": opts.seed},
+        settings={**settings, "progressive": progressive},
+    )  # fmt: skip
 
 
-def _resume(out: Path | None, meta: dict, ckpt: Checkpoint, layout: Layout, overwrite: bool) -> Statistics | None:
+def _resume(
+    out: Path | None, meta: CalibrationMeta, ckpt: Checkpoint, layout: Layout, overwrite: bool
+) -> Statistics | None:
     """Statistics already in ``out`` from the same model, data and settings; None to start afresh."""
-    if out is None or not (out / "stats.json").exists():
+    if out is None or not (out / STATS_JSON).exists():
         return None
     previous, old = load_stats(out)
     check_stats_fit(old, ckpt, layout, out)
-    same = old.get("calibration") == meta["calibration"] and old.get("settings") == meta["settings"]
-    if same:
+    if old.same_run(meta):
         return previous
     if not overwrite:
         raise OutputError(f"{out} holds statistics from other data or settings; pass --overwrite or another --out")
     clear_stats(out)  # moeslim's own files only: the folder and anything else in it stay
     return None
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model")
-
-
-def load_tokenizer(ckpt: Checkpoint) -> Any:
-    """The model's own tokenizer. transformers would build an empty one from config.json alone, so the
-    vocabulary file must be there."""
-    from transformers import AutoTokenizer
-
-    missing = MissingFileError(
-        f"no tokenizer in {ckpt.root} (none of {', '.join(TOKENIZER_FILES)}); calibration needs the model's"
-        " tokenizer files next to its weights (or use a data-free --criterion such as router-norm)"
-    )
-    if not any((ckpt.root / name).is_file() for name in TOKENIZER_FILES):
-        raise missing
-    try:
-        return AutoTokenizer.from_pretrained(ckpt.root)
-    except (OSError, ValueError, TypeError) as e:
-        raise missing from e
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise DeviceError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _size(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise PlanError(f"--max-memory {text!r} is not a size like 8GB or 500MB") from e

@@ -57,3 +57,26 @@ class Statistics:
     @property
     def layers(self) -> list[int]:
         return sorted(self.halves)
+
+
+@dataclass(frozen=True)
+class CalibrationMeta:
+    """What a calibration measured: ``model`` (name, model_type, num_experts, fingerprint), ``calibration`` (the
+    tokens' provenance: data, digest, tokens, samples, seq_len, seed) and ``settings`` (the options, progressive).
+    Saved beside the statistics (``stats.json``), recorded in plans, and what identifies a resume boundary; its
+    three parts stay plain JSON objects, as written."""
+
+    model: dict
+    calibration: dict
+    settings: dict
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.model["num_experts"])
+
+    def same_run(self, other: CalibrationMeta) -> bool:
+        """Whether ``other`` used the same data and settings (then its statistics can be resumed)."""
+        return self.calibration == other.calibration and self.settings == other.settings
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "calibration": self.calibration, "settings": self.settings}

@@ -14,9 +14,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
 from moeslim import jsonio
-from moeslim.calibrate.stats import FIELDS, HALVES, LayerStats, Statistics
+from moeslim.calibrate.capture import FIELDS, HALVES, LayerStats, Statistics
+from moeslim.calibrate.statistics import CalibrationMeta
 from moeslim.errors import CheckpointError, MissingFileError, PlanError
 from moeslim.layout import Layout
+from moeslim.names import STATS_ARRAYS, STATS_JSON
 from moeslim.safefs import write_atomic, write_text_atomic
 from moeslim.shards import read_header
 from moeslim.source import Checkpoint
@@ -36,7 +38,7 @@ def fingerprint(ckpt: Checkpoint, layout: Layout) -> str:
     return digest.hexdigest()
 
 
-def save_stats(folder: Path, stats: Statistics, meta: dict) -> None:
+def save_stats(folder: Path, stats: Statistics, meta: CalibrationMeta) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for index, parts in stats.halves.items():
@@ -44,20 +46,20 @@ def save_stats(folder: Path, stats: Statistics, meta: dict) -> None:
             arrays.update({f"layers.{index}.{half}.{k}": v for k, v in parts[half].arrays.items()})
             arrays[f"layers.{index}.{half}.tokens"] = np.array([parts[half].tokens], dtype=np.float64)
     arrays.update({f"layers.{i}.reconstruction": v for i, v in stats.reconstruction.items()})
-    write_atomic(folder / "stats.safetensors", save(arrays))  # E numbers a layer: small
-    doc = {"format": STATS_FORMAT, "version": STATS_VERSION, **meta, "layers_done": stats.layers}
-    write_text_atomic(folder / "stats.json", jsonio.dumps(doc, indent=2) + "\n")
+    write_atomic(folder / STATS_ARRAYS, save(arrays))  # E numbers a layer: small
+    doc = {"format": STATS_FORMAT, "version": STATS_VERSION, **meta.to_dict(), "layers_done": stats.layers}
+    write_text_atomic(folder / STATS_JSON, jsonio.dumps(doc, indent=2) + "\n")
 
 
-def load_stats(folder: Path) -> tuple[Statistics, dict]:
+def load_stats(folder: Path) -> tuple[Statistics, CalibrationMeta]:
     """Read a statistics folder written by ``save_stats``, checking it whole; its fit to a model is checked by
     ``check_stats_fit``."""
-    if not (folder / "stats.json").is_file() or not (folder / "stats.safetensors").is_file():
+    if not (folder / STATS_JSON).is_file() or not (folder / STATS_ARRAYS).is_file():
         raise MissingFileError(f"{folder} is not a moeslim statistics folder (stats.json, stats.safetensors)")
     try:
-        meta = _read_meta(folder / "stats.json")
-        arrays = _read_arrays(folder / "stats.safetensors")
-        return _statistics(meta, arrays), meta
+        meta = _read_meta(folder / STATS_JSON)
+        arrays = _read_arrays(folder / STATS_ARRAYS)
+        return _statistics(meta, arrays), CalibrationMeta(meta["model"], meta["calibration"], meta["settings"])
     except (_Corrupt, CheckpointError) as e:
         raise PlanError(f"{e}; recalibrate (delete {folder}) or pass another --stats") from e
 
@@ -124,9 +126,9 @@ def _array(arrays: dict[str, np.ndarray], key: str, shape: tuple[int, ...]) -> n
     return arrays[key]
 
 
-def check_stats_fit(meta: dict, ckpt: Checkpoint, layout: Layout, where: Path) -> None:
+def check_stats_fit(meta: CalibrationMeta, ckpt: Checkpoint, layout: Layout, where: Path) -> None:
     """Statistics (checked by ``load_stats``) must come from this very model: same config and router weights."""
-    model = meta["model"]
+    model = meta.model
     if model["fingerprint"] != fingerprint(ckpt, layout) or model["num_experts"] != layout.num_experts:
         raise PlanError(
             f"statistics in {where} were collected on another model ({model.get('name', '?')});"

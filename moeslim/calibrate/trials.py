@@ -7,32 +7,29 @@ plan, routing only to that plan's kept experts (the candidates' kept sets for a 
 statistics are). Candidates whose plans agree so far share one stream, so the extra compute is at most the
 number of distinct plans × a quarter of the tokens. After the last layer, each stream's logits are compared
 with the original's: ``ean``'s plan wins unless another's KL(original ‖ pruned) is lower beyond the noise of the
-held-out sequences (``finish``). With ``on_fit``, the same pass also fits ``ean``'s correction
-(``correct.py``) on every MoE layer's inputs, so when ``ean`` wins nothing more is read. Weights are read once,
-one layer at a time, as in a plain calibration.
+held-out sequences (``finish``). The same pass can also fit ``ean``'s correction (``correct/fit.py``'s
+``Fitter``, another observer), so when ``ean`` wins nothing more is read. Weights are read once, one layer at a
+time, as in a plain calibration.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from moeslim.calibrate.correct import LayerFit, Unsupported
-from moeslim.calibrate.masking import mask_router
-from moeslim.calibrate.ranks import SINGLE, Ranks
 from moeslim.calibrate.statistics import Statistics
-from moeslim.engine.modules import MoeParts
 from moeslim.layout import Layout
 from moeslim.plan import select_one
-from moeslim.surgery.patch import PatchError
+from moeslim.stream.loop import Observer, Walk
+from moeslim.stream.masking import mask_router
+from moeslim.stream.modules import MoeParts
 
 if TYPE_CHECKING:
-    from moeslim.calibrate.runner import Activations, LayerRunner
+    from moeslim.stream.runner import LayerRunner
 
 #: The criteria ``auto`` measures, in the order that breaks ties (equal KL means equal plans in practice); the first
 #: is the incumbent. ``frequency`` and ``weight-norm`` were measured too until the quality study showed each of them
@@ -43,21 +40,19 @@ HELD_OUT = 4  # one batch in HELD_OUT (at least one) is held out, the last ones
 Z = 1.96  # the two-sided 95 % normal quantile
 
 LayerScores = Callable[[str, int, Statistics], np.ndarray]  # (criterion, layer index, statistics) → scores
-OnFit = Callable[[Any, int, tuple[int, ...], dict, Any], None]  # (model, layer, kept, ΔW per expert, down)
 
 
-class PlanTrials:
-    """Candidate plans streamed beside a calibration pass (``collect.calibrate_layers(trials=...)``)."""
+class PlanTrials(Observer):
+    """Candidate plans streamed beside a calibration pass: an observer of the layer loop after the ``Collector``
+    filling ``stats`` (it needs each layer's statistics once measured)."""
 
     def __init__(
-        self, layout: Layout, keep: int, scores: LayerScores, candidates: tuple[str, ...] = CANDIDATES,
-        on_fit: OnFit | None = None, ranks: Ranks = SINGLE,
+        self, layout: Layout, keep: int, scores: LayerScores, stats: Statistics,
+        candidates: tuple[str, ...] = CANDIDATES,
     ) -> None:  # fmt: skip
-        self.layout, self.keep, self.scores, self.candidates = layout, keep, scores, candidates
-        self.on_fit, self.ranks = on_fit, ranks  # the first candidate's correction, fitted in the same pass
-        self.fit_error: str | None = None  # why the correction could not be fitted (then on_fit is dropped)
-        self._fit: LayerFit | None = None
+        self.layout, self.keep, self.scores, self.stats, self.candidates = layout, keep, scores, stats, candidates
         self.held: list[int] = []
+        self.last = -1  # the last trunk MoE layer: past it only the held-out batches run
         self._streams: list[list[torch.Tensor]] = []  # per distinct plan so far: the held-out hidden states
         self._of: dict[str, int] = {}  # candidate → its stream
         self.kept: dict[str, dict[int, tuple[int, ...]]] = {c: {} for c in candidates}
@@ -70,63 +65,51 @@ class PlanTrials:
         count = min(max(1, batches // HELD_OUT), batches - 1)
         return list(range(batches - count, batches))
 
-    def start(self, store: Activations, held: list[int]) -> None:
-        """Every candidate starts from the held-out batches' embedded hidden states (one shared stream); ``held``:
-        their positions in ``store`` (this rank's held-out batches)."""
-        self.held = held
-        self._streams = [[store[b].clone() for b in self.held]]
+    def begin(self, walk: Walk) -> None:
+        """Every candidate starts from the held-out batches' embedded hidden states (one shared stream)."""
+        if walk.first or self.stats.halves:
+            raise ValueError("plan trials need a fresh one-shot calibration")
+        held = set(self.held_out(walk.count))
+        self.held = [p for p, b in enumerate(walk.mine) if b in held]  # this rank's held-out batches
+        self.last = max(walk.moe)
+        self._streams = [[walk.store[b].clone() for b in self.held]]
         self._of = dict.fromkeys(self.candidates, 0)
 
-    @contextlib.contextmanager
-    def capture(self, block: MoeParts | None) -> Iterator[None]:
-        """Around the statistics pass of an MoE layer: with ``on_fit``, what the correction is fitted on."""
-        if self.on_fit is None or block is None:
-            yield
-            return
-        try:
-            self._fit = LayerFit(block, self.layout.num_experts)
-        except Unsupported as e:
-            self._give_up(e)
-            yield
-            return
-        with self._fit.capture():
-            yield
+    def stop(self, walk: Walk) -> int | None:
+        return walk.runner.num_layers  # the whole model: the plans are measured on the logits
 
-    def advance(self, runner: LayerRunner, index: int, layer: torch.nn.Module, stats: Statistics) -> None:
+    def batches(self, walk: Walk, index: int) -> list[int] | None:
+        return self.held if index > self.last else None  # the rest of the model, for the held-out batches only
+
+    def after(self, walk: Walk, index: int, layer: torch.nn.Module) -> None:
         """Run decoder layer ``index`` (loaded) over every stream; an MoE layer routes each candidate's stream
-        only to the experts that candidate keeps there, splitting streams whose candidates now disagree, and
-        fits the first candidate's correction there."""
+        only to the experts that candidate keeps there, splitting streams whose candidates now disagree."""
+        runner = walk.runner
         block = runner.parts.get(index)
-        if block is None or index not in stats.halves:
+        if block is None or index not in self.stats.halves:
             self._streams = [self._forward(runner, index, layer, stream) for stream in self._streams]
             return
         groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
         for name in self.candidates:
-            kept = select_one(self.layout, self.scores(name, index, stats), self.keep, layer=index)
+            kept = select_one(self.layout, self.scores(name, index, self.stats), self.keep, layer=index)
             self.kept[name][index] = kept
             groups.setdefault((self._of[name], kept), []).append(name)
-        if self._fit is not None and self.on_fit is not None:
-            fit, self._fit = self._fit, None
-            kept = self.kept[self.candidates[0]][index]
-            try:
-                self.on_fit(runner.model, index, kept, fit.solve(kept, self.ranks), fit.down)
-            except (Unsupported, PatchError) as e:
-                self._give_up(e)
         streams: list[list[torch.Tensor]] = []
         for (old, kept), names in groups.items():
             self._of.update(dict.fromkeys(names, len(streams)))
             streams.append(self._forward(runner, index, layer, self._streams[old], block, kept))
         self._streams = streams
 
-    def finish(self, runner: LayerRunner, reference: Activations, ranks: Ranks = SINGLE) -> str:
-        """Compare every stream's logits with the original's (``reference``: the original model's hidden states
-        after the last layer), over the ranks' held-out sequences; returns the winning candidate.
+    def finish(self, walk: Walk) -> None:
+        """Compare every stream's logits with the original's (the walk's stream after the last layer), over the
+        ranks' held-out sequences, and choose the winner.
 
         The first candidate (``ean``, the best single criterion of the quality study) is kept unless another is
         better on the held-out sequences beyond their noise: its per-sequence KLs lower, paired, with the 95 %
         interval of the mean difference below zero. Among those the lowest mean KL wins. Closer calls are noise:
         at keep 75 % the held-out calibration text ranked plans within 0.003 KL the other way round from the
         held-out evaluation text (benchmarks/quality)."""
+        runner, reference, ranks = walk.runner, walk.store, walk.ranks
         runner.load_head()
         totals = np.zeros(len(self._streams))
         per_sequence: list[list[float]] = [[] for _ in self._streams]
@@ -152,10 +135,6 @@ class PlanTrials:
             name for name in self.candidates if _below(sequences[self._of[name]] - sequences[self._of[incumbent]])
         ]
         self.winner = min(better, key=lambda name: (self.kl[name], self.candidates.index(name)), default=incumbent)
-        return self.winner
-
-    def _give_up(self, e: Exception) -> None:
-        self.fit_error, self.on_fit, self._fit = f"{self.layout.family.name}: {e}", None, None
 
     def _forward(
         self, runner: LayerRunner, index: int, layer: torch.nn.Module, stream: list[torch.Tensor],

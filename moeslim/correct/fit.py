@@ -19,7 +19,8 @@ states, the layer's MoE inputs and error shares, and one expert's sums. ``benchm
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from moeslim.calibrate.masking import mask_router
-from moeslim.calibrate.ranks import Ranks
-from moeslim.correction import RIDGE  # λ, relative to the mean diagonal of G_k (1e-3 to 1e-1: held-out KL ± 0.002)
-from moeslim.engine.modules import MoeParts, takes_routing
+from moeslim.stream.loop import Observer, Walk
+from moeslim.stream.masking import mask_router
+from moeslim.stream.modules import MoeParts, takes_routing
+from moeslim.stream.ranks import Ranks
+from moeslim.surgery.patch import PatchError
 
+RIDGE = 1e-2  # λ, relative to the mean diagonal of G_k (1e-3 to 1e-1: held-out KL ± 0.002)
 CHUNK = 1024  # tokens per experts call while fitting (their intermediate activations are the transient memory)
 
 
@@ -251,25 +254,54 @@ class LayerFit:
         _, self.down = inner_activations(self.parts.experts, x, k)
 
 
-def correct_layers(
-    runner: Any, tokens: torch.Tensor, batch_size: int, kept: dict[int, tuple[int, ...]], on_layer: Any,
-    *, max_bytes: int | None = None, ranks: Ranks | None = None,
-) -> None:  # fmt: skip
-    """Stream ``tokens`` through the original model, fitting each trunk MoE layer's correction for its ``kept``
-    experts on that layer's inputs; ``on_layer(index, kept, deltas, down)`` follows each fitted layer."""
-    from tqdm import tqdm
+class Fitter(Observer):
+    """Fits, as an observer of the layer loop, each trunk MoE layer's correction for the experts ``kept(index)``
+    keeps there, on that layer's inputs; ``on_fit(model, index, kept, deltas, down)`` follows each fitted layer.
 
-    ranks = ranks or Ranks()
-    count = -(-tokens.shape[0] // batch_size)
-    store = runner.embed(tokens, batch_size, max_bytes, only=ranks.share(count))
-    runner.unload_embedding()
-    trunk = [layer.index for layer in runner.layout.layers if not layer.mtp]
-    stop = trunk[-1] + 1
-    quiet = None if ranks.leader else True
-    for index, layer in tqdm(runner.layers(0, stop), desc="correcting", total=stop, unit="layer", disable=quiet):
-        block = runner.parts.get(index)
-        fit = LayerFit(block, runner.layout.num_experts) if block is not None else None
-        with fit.capture() if fit is not None else contextlib.nullcontext():
-            runner.forward(index, layer, store, update=index < trunk[-1])
-        if fit is not None:
-            on_layer(index, kept[index], fit.solve(kept[index], ranks), fit.down)
+    A model whose experts cannot be corrected (``Unsupported``, or a ``PatchError`` from ``on_fit``) sets
+    ``error`` to why; nothing more is fitted, and a walk with no other observer stops there."""
+
+    def __init__(self, family: str, kept: Callable[[int], tuple[int, ...]], on_fit: OnFit) -> None:
+        self.family, self.kept, self.on_fit = family, kept, on_fit
+        self.error: str | None = None
+        self._fit: LayerFit | None = None
+        self._last = -1
+
+    def begin(self, walk: Walk) -> None:
+        self._last = max(walk.moe)
+
+    def stop(self, walk: Walk) -> int | None:
+        return self._last + 1
+
+    def batches(self, walk: Walk, index: int) -> list[int] | None:
+        return list(range(len(walk.store))) if self.error is None and index <= self._last else None
+
+    def layer(self, walk: Walk, index: int, layer: torch.nn.Module) -> AbstractContextManager[None] | None:
+        block = walk.block(index)
+        if block is None or self.error is not None:
+            return None
+        try:
+            self._fit = LayerFit(block, walk.runner.layout.num_experts)
+        except Unsupported as e:
+            self._give_up(e)
+            return None
+        return self._fit.capture()
+
+    def after(self, walk: Walk, index: int, layer: torch.nn.Module) -> None:
+        fit, self._fit = self._fit, None
+        if fit is None:
+            return
+        kept = self.kept(index)
+        try:
+            self.on_fit(walk.runner.model, index, kept, fit.solve(kept, walk.ranks), fit.down)
+        except (Unsupported, PatchError) as e:
+            self._give_up(e)
+
+    def done(self, walk: Walk) -> bool:
+        return self.error is not None
+
+    def _give_up(self, e: Exception) -> None:
+        self.error = f"{self.family}: {e}"
+
+
+OnFit = Callable[[Any, int, tuple[int, ...], dict, Any], None]  # (model, layer, kept, ΔW per expert, down)

@@ -1,7 +1,7 @@
 """The correction step of ``slim``: after the plan is chosen, the kept experts' down projections are refit on the
-calibration tokens (``calibrate/correct.py``) and written to patch files that surgery takes them from
-(``surgery/patch.py``). The plan records how, on which tokens, and the sha256 of what was written, so ``--plan``
-redoes it and says whether the bytes came out the same.
+calibration tokens (``fit.py``) and written to patch files that surgery takes them from (``surgery/patch.py``).
+The plan records how, on which tokens, and the sha256 of what was written, so ``--plan`` redoes it and says
+whether the bytes came out the same.
 """
 
 from __future__ import annotations
@@ -9,19 +9,20 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moeslim.calibrate.options import CalibrationOptions
 from moeslim.errors import MoeslimError, PlanError
-from moeslim.families import check_calibratable, text_config
+from moeslim.families.table import check_calibratable, text_config
 from moeslim.layout import Layout
-from moeslim.plan import Plan
+from moeslim.plan import Correction, Plan
 from moeslim.shards import TensorInfo, read_header
 from moeslim.source import Checkpoint
 
+if TYPE_CHECKING:
+    from moeslim.stream.context import RunContext
+
 METHOD = "least squares on the kept experts' down projections"
 FITTED = "fitted"  # the folder, inside slim's work folder, of a correction fitted during auto's calibration
-RIDGE = 1e-2  # λ of calibrate/correct.py (which imports torch), relative to the mean diagonal of G_k
 
 
 def skip_reason(ckpt: Checkpoint, layout: Layout) -> str | None:
@@ -48,7 +49,7 @@ class PatchWriter:
         self._digest = hashlib.sha256()
 
     def __call__(self, model: Any, index: int, kept: tuple[int, ...], deltas: dict, down: Any) -> None:
-        from moeslim.engine.modules import loaded_names, moe_parts
+        from moeslim.stream.modules import loaded_names, moe_parts
         from moeslim.surgery.patch import layer_patch, save_patch
 
         self.corrected[str(index)] = len(deltas)
@@ -67,46 +68,36 @@ class PatchWriter:
         self.patches.update(save_patch(values, path))
         self._digest.update(path.read_bytes())
 
-    def record(self, calibration: dict) -> dict:
+    def record(self, calibration: dict) -> Correction:
         """The plan's ``correction``: method, the tokens it was fitted on, experts corrected per layer, sha256."""
-        return {
-            "method": METHOD, "ridge": RIDGE, "data": calibration.get("data"), "digest": calibration.get("digest"),
-            "tokens": calibration.get("tokens"), "experts": self.corrected, "sha256": self._digest.hexdigest(),
-        }  # fmt: skip
+        from moeslim.correct.fit import RIDGE  # torch: loaded by the fit already
 
-
-def run_correction(
-    ckpt: Checkpoint, layout: Layout, opts: CalibrationOptions, plan: Plan, folder: Path | None
-) -> tuple[dict, dict[str, TensorInfo]]:
-    """Fit the correction of ``plan`` on ``opts``' tokens in its own pass; returns the plan's ``correction``
-    record and the patched tensors (source name → its bytes in a file under ``folder``, written by rank 0 only). A
-    model whose experts cannot be corrected gives ``{"skipped": why}`` and no patches."""
-    from moeslim.calibrate.correct import Unsupported, correct_layers
-    from moeslim.calibrate.data import load_calibration
-    from moeslim.calibrate.ranks import current, rank_device
-    from moeslim.calibrate.runner import LayerRunner
-    from moeslim.calibrate.session import _size, load_tokenizer, parse_dtype
-    from moeslim.surgery.patch import PatchError
-
-    if reason := skip_reason(ckpt, layout):
-        return {"skipped": reason}, {}
-    data = load_calibration(
-        opts.calib, load_tokenizer(ckpt), samples=opts.samples, seq_len=opts.seq_len, seed=opts.seed,
-        split=opts.calib_split, column=opts.calib_column,
-    )  # fmt: skip
-    ranks = current(opts.device)
-    runner = LayerRunner(ckpt, layout, rank_device(opts.device), parse_dtype(opts.dtype), opts.trust_remote_code)
-    writer = PatchWriter(ckpt, layout, folder if ranks.leader else None)
-    batch_size = min(opts.batch_size, max(1, opts.samples // 2))
-    try:
-        correct_layers(
-            runner, data.tokens, batch_size, plan.kept,
-            lambda *fitted: writer(runner.model, *fitted), max_bytes=_size(opts.max_memory), ranks=ranks,
+        return Correction(
+            METHOD, RIDGE, calibration.get("data"), calibration.get("digest"), calibration.get("tokens"),
+            self.corrected, self._digest.hexdigest(),
         )  # fmt: skip
-    except (Unsupported, PatchError) as e:
-        return {"skipped": f"{layout.family.name}: {e}"}, {}
+
+
+def run_correction(ctx: RunContext, plan: Plan, folder: Path | None) -> tuple[Correction, dict[str, TensorInfo]]:
+    """Fit the correction of ``plan`` on the context's calibration tokens in a pass of its own; returns the plan's
+    ``correction`` record and the patched tensors (source name → its bytes in a file under ``folder``, written by
+    rank 0 only). A model whose experts cannot be corrected gives a ``skipped`` record and no patches."""
+    from moeslim.correct.fit import Fitter
+    from moeslim.stream.loop import walk
+
+    if reason := skip_reason(ctx.ckpt, ctx.layout):
+        return Correction(skipped=reason), {}
+    data = ctx.data()
+    runner = ctx.runner()
+    writer = PatchWriter(ctx.ckpt, ctx.layout, folder if ctx.ranks.leader else None)
+    fitter = Fitter(ctx.layout.family.name, plan.kept.__getitem__, writer)
+    try:
+        walk(runner, data.tokens, ctx.batch_size, [fitter], ranks=ctx.ranks, max_bytes=ctx.max_bytes,
+             desc="correcting")  # fmt: skip
     finally:
         runner.close()
+    if fitter.error is not None:
+        return Correction(skipped=fitter.error), {}
     record = writer.record({"data": data.source, "digest": data.digest, "tokens": data.tokens.numel()})
     return record, writer.patches
 
@@ -123,23 +114,21 @@ def wanted(plan: Plan, criterion_calibrated: bool, asked: bool | None) -> bool:
     if asked is not None:
         return asked
     if plan.correction:
-        return "method" in plan.correction
+        return plan.correction.fitted
     return criterion_calibrated
 
 
-def check_redo(plan: Plan, record: dict) -> None:
+def check_redo(plan: Plan, record: Correction) -> None:
     """A ``--plan`` that recorded a correction: the new one must have been fitted on the same tokens; different
     bytes (other hardware or thread counts) are said, not refused."""
     old = plan.correction
-    if "method" not in old:
+    if not old.fitted or not record.fitted:  # a skipped one is said, or refused when asked for, by the caller
         return
-    if "skipped" in record:  # said, or refused when asked for, by the caller
-        return
-    if record["digest"] != old.get("digest"):
+    if record.digest != old.digest:
         raise PlanError(
             "the plan's correction was fitted on other calibration tokens; pass the same --calib, --samples,"
             " --seq-len and --seed as when it was made, or --no-correct"
         )
-    if record["sha256"] != old.get("sha256"):
+    if record.sha256 != old.sha256:
         print("moeslim: note: the corrected tensors differ from the plan's in their last bits (another machine,"
               " device or thread count)", file=sys.stderr)  # fmt: skip

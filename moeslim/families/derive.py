@@ -7,7 +7,7 @@ name gains an index (``experts.8.…``) is one expert's. Each such tensor is map
 transformers' loading conversion to the parameter it loads into: parameters of the module that holds the
 largest expert-indexed tensor are the experts, the others the router. Config keys that hold the expert count
 are those that read 8 and 10. The result is plain data (``families.json``), so moeslim starts without torch;
-``python -m moeslim.engine.derive`` regenerates it and ``tests/test_every_family.py`` re-derives it.
+``python -m moeslim.families.derive`` regenerates it and ``tests/test_every_family.py`` re-derives it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from moeslim.engine.modules import loaded_names, owner, without_index
-from moeslim.engine.tiny import _DATA_DICTS, COUNT_KEYS, GROUP_KEYS, TOP_K, _text_path, architecture_of, tiny_model
+from moeslim.families.tiny import _DATA_DICTS, COUNT_KEYS, GROUP_KEYS, TOP_K, _text_path, tiny_model
+from moeslim.stream.build import architecture_of
+from moeslim.stream.modules import loaded_names, owner, without_index
 
 SMALL, LARGE = 8, 10  # the two expert counts the probe models are built with
 DERIVED_PATH = Path(__file__).with_name("families.json")
@@ -135,7 +136,7 @@ def _calibration(model: Any) -> str | None:
     """Why the family's decoder cannot be run one layer at a time (what calibration does), or None."""
     import torch
 
-    from moeslim.engine.stub import LayerProtocolError, decoder_of, layer_inputs
+    from moeslim.stream.stub import LayerProtocolError, decoder_of, layer_inputs
 
     decoder = decoder_of(model)
     if decoder is None:
@@ -152,7 +153,7 @@ def _layers_list(model: Any, text: dict[str, Any]) -> str | None:
     ``n_layers``, LongCat-Flash's ``num_layers``), else a per-layer list of that length (Nemotron-H's pattern)."""
     if "num_hidden_layers" in text:
         return None
-    from moeslim.engine.stub import decoder_of, layers_of
+    from moeslim.stream.stub import decoder_of, layers_of
 
     decoder = decoder_of(model)
     n = len(layers_of(decoder)) if decoder is not None else None

@@ -127,7 +127,7 @@ FAMILIES: dict[str, Family] = {
     )
 }  # fmt: skip
 
-_DERIVED = Path(__file__).with_name("engine") / "families.json"
+_DERIVED = Path(__file__).with_name("families.json")
 
 
 def _group_keys(key: str | None) -> tuple[str, str]:
@@ -142,7 +142,7 @@ def _group_rule(key: str | None) -> Callable[[dict], int]:
 
 
 def _derived() -> tuple[dict[str, Family], dict[str, str]]:
-    """Families derived from transformers' model definitions (engine/derive.py), and the refused ones with why.
+    """Families derived from transformers' model definitions (``derive.py``), and the refused ones with why.
 
     The hand-written entries above win for the model types they name: they carry what derivation cannot see
     (MTP layers, group rules, sigmoid routing of llama4, which layers the config makes MoE)."""

@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeGuard
 
+from moeslim.stream.build import architecture_of
+
 SHRINK: dict[str, int] = {
     "hidden_size": 64, "intermediate_size": 64, "moe_intermediate_size": 32, "expert_ffn_hidden_size": 32,
     "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32, "share_expert_dim": 32,
@@ -390,36 +392,6 @@ def _shrink_wrapper(d: dict[str, Any], path: list[str], widths: frozenset[int]) 
         ):
             d[k] = SHRINK["hidden_size"]
     _shrink_wrapper(d[path[0]], path[1:], widths)
-
-
-def architecture_of(model_type: str) -> str | None:
-    """The class that loads a family's checkpoints: causal LM, else image-text-to-text, else multimodal LM.
-
-    A wrapper family (vision / audio + text) whose causal-LM entry is the text-only class (it takes the text
-    sub-config) is loaded by its image-text or multimodal class: that is what its checkpoints are saved from."""
-    import transformers
-    from transformers.models.auto import modeling_auto
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    try:  # the lazy mapping has no working .get
-        sub_configs = getattr(CONFIG_MAPPING[model_type], "sub_configs", None) or {}
-    except KeyError:
-        sub_configs = {}
-    text_class = sub_configs.get("text_config")
-    found = []
-    for table in (
-        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
-        "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
-    ):
-        names = getattr(modeling_auto, table, {})
-        if model_type in names:
-            found.append(str(names[model_type]))
-    for name in found:
-        cls = getattr(transformers, name, None)
-        if text_class is None or getattr(cls, "config_class", None) is not text_class:
-            return name
-    return found[0] if found else None
 
 
 def _text_path(config: Any) -> list[str]:

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from moeslim.inspection import format_ranges, human_bytes
 from moeslim.jsonio import is_number as measured
-from moeslim.plan import PLAN_NAME, Plan
-from moeslim.report import format_ranges, human_bytes
+from moeslim.names import PLAN_NAME
+from moeslim.plan import Correction, Plan
 from moeslim.validate.report import LABELS, NOT_MEASURED
 
 TAGS = ["moe", "pruned", "expert-pruning", "moeslim"]
@@ -140,7 +141,7 @@ def _how_made(f: CardFacts) -> str:
         f"- plan (kept expert ids and scores per layer): `{PLAN_NAME}` in this repo",
     ]
     made = f"The command that made it:\n\n```bash\n{f.command}\n```" if f.command else "Made through the Python API."
-    refit = " (with the same calibration data: the correction is refit)" if "method" in p.correction else ""
+    refit = " (with the same calibration data: the correction is refit)" if p.correction.fitted else ""
     return (
         "## How it was made\n\n" + "\n".join(lines) + f"\n\n{made}\n\n"
         f"The same weights and config, byte for byte, from the plan in this repo{refit}:"
@@ -148,13 +149,13 @@ def _how_made(f: CardFacts) -> str:
     )
 
 
-def _correction(correction: dict) -> str:
+def _correction(correction: Correction) -> str:
     """Whether and how the kept experts were corrected after pruning."""
-    if "method" in correction:
-        corrected = sum(correction.get("experts", {}).values())
-        return f"- correction: {correction['method']} ({corrected} kept experts refit on the calibration tokens)"
-    if "skipped" in correction:
-        return f"- correction: none ({correction['skipped']})"
+    if correction.fitted:
+        corrected = sum(correction.experts.values())
+        return f"- correction: {correction.method} ({corrected} kept experts refit on the calibration tokens)"
+    if correction.skipped is not None:
+        return f"- correction: none ({correction.skipped})"
     return "- correction: none"
 
 

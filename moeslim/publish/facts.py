@@ -13,13 +13,11 @@ from huggingface_hub import constants
 from moeslim import __version__
 from moeslim.hub import is_hub_source, is_repo_id
 from moeslim.layout import Layout
+from moeslim.names import CARD_NAME, IMAGE_NAME, VALIDATION_NAME
 from moeslim.plan import Plan
 from moeslim.publish.card import CardFacts, Side, front_matter, render_card
-from moeslim.publish.heatmap import IMAGE_NAME, draw_expert_map
+from moeslim.publish.heatmap import draw_expert_map
 from moeslim.source import Checkpoint, open_checkpoint
-from moeslim.validate.report import VALIDATION_NAME
-
-CARD_NAME = "README.md"
 
 
 def write_model_card(folder: Path, ckpt: Checkpoint, layout: Layout, plan: Plan, *, source: str, name: str,

@@ -12,8 +12,6 @@ import numpy as np
 
 from moeslim.plan import Plan
 
-IMAGE_NAME = "expert_map.png"
-
 
 def expert_grid(plan: Plan) -> np.ndarray:
     """``(layers, experts)`` in [0, 1]: each layer's scores min-max scaled (criteria differ in scale across

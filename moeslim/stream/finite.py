@@ -14,10 +14,10 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from moeslim.calibrate.dequant import read
 from moeslim.errors import CheckpointError, DeviceError
 from moeslim.layout import MoeLayer
 from moeslim.source import Checkpoint
+from moeslim.stream.dequant import read
 
 CHUNK = 2**24  # elements tested at a time: bounds the temporaries of the exact test
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")

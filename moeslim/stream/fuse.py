@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeslim.calibrate.dequant import TORCH_DTYPES, Item, Reader
+from moeslim.stream.dequant import TORCH_DTYPES, Item, Reader
 
 
 @dataclass(frozen=True)

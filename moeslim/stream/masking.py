@@ -18,15 +18,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moeslim.engine.modules import MoeParts
 from moeslim.layout import Layout
+from moeslim.stream.modules import MoeParts
 
 
 @contextlib.contextmanager
 def drop_experts_of(model: torch.nn.Module, layout: Layout, kept: dict[int, tuple[int, ...]]) -> Iterator[None]:
     """Within the context, every MoE layer of ``model`` routes only to ``kept[layer]``; routers and selection
     biases are found from the checkpoint's own tensor names (``layout``), mapped forward by transformers."""
-    from moeslim.engine.modules import moe_parts
+    from moeslim.stream.modules import moe_parts
 
     with contextlib.ExitStack() as stack:
         for index, parts in moe_parts(model, layout).items():

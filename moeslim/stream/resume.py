@@ -27,7 +27,8 @@ from moeslim import jsonio
 from moeslim.safefs import remove_path
 
 if TYPE_CHECKING:
-    from moeslim.calibrate.runner import Activations
+    from moeslim.calibrate.statistics import CalibrationMeta
+    from moeslim.stream.runner import Activations
 
 RESUME, PARTIAL = "resume", "resume.tmp"
 BOUNDARY_FORMAT = "moeslim.resume"
@@ -42,7 +43,7 @@ class Boundary:
     store: Activations
 
 
-def save_boundary(out: Path, boundary: Boundary, layers_done: list[int], meta: dict, tag: str = "") -> None:
+def save_boundary(out: Path, boundary: Boundary, layers_done: list[int], meta: CalibrationMeta, tag: str = "") -> None:
     """Save ``boundary`` in ``out/resume/`` (``resume.rank0of2/`` and alike, one per process, under torchrun),
     replacing the previous one; ``layers_done``: those in stats.json."""
     partial, final = out / f"{RESUME}{tag}.tmp", out / f"{RESUME}{tag}"
@@ -60,7 +61,7 @@ def save_boundary(out: Path, boundary: Boundary, layers_done: list[int], meta: d
 
 
 def load_boundary(
-    out: Path, meta: dict, pending: list[int], batches: list[tuple[int, int]], dtype: torch.dtype,
+    out: Path, meta: CalibrationMeta, pending: list[int], batches: list[tuple[int, int]], dtype: torch.dtype,
     max_bytes: int | None, tag: str = "",
 ) -> Boundary | None:  # fmt: skip
     """The boundary saved in ``out`` for the calibration ``meta``, or None (absent, or unusable: noted on stderr).
@@ -69,7 +70,7 @@ def load_boundary(
     ``batches``: ``(rows, seq)`` of each batch, whose hidden states must be ``dtype``; they are kept in memory up
     to ``max_bytes``, then spilled to disk, as calibration keeps them.
     """
-    from moeslim.calibrate.runner import Activations  # transformers' model code: imported when used
+    from moeslim.stream.runner import Activations  # transformers' model code: imported when used
 
     folder = out / f"{RESUME}{tag}"
     if not folder.exists():
@@ -91,16 +92,16 @@ def drop_boundary(out: Path) -> None:
         remove_path(path)
 
 
-def identity(meta: dict) -> str:
+def identity(meta: CalibrationMeta) -> str:
     """The calibration a boundary belongs to: model fingerprint, data and settings."""
-    return hashlib.sha256(jsonio.dumps(meta, indent=None, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(jsonio.dumps(meta.to_dict(), indent=None, sort_keys=True).encode()).hexdigest()
 
 
 def note(text: str) -> None:
     print(f"moeslim: {text}", file=sys.stderr)
 
 
-def _check(doc: dict, meta: dict, pending: list[int]) -> int:
+def _check(doc: dict, meta: CalibrationMeta, pending: list[int]) -> int:
     """The next layer of the boundary ``doc``, after checking it belongs to ``meta`` and fits the statistics."""
     if not isinstance(doc, dict) or doc.get("format") != BOUNDARY_FORMAT or doc.get("version") != BOUNDARY_VERSION:
         raise ValueError("unknown format")

@@ -19,7 +19,7 @@ import ctypes
 import gc
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -32,17 +32,17 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
-from moeslim.calibrate.dequant import Deferred, Packed, Reader, dense_items
-from moeslim.calibrate.finite import check_finite
-from moeslim.calibrate.fuse import Fusion, fill, fused_shape, plan_fusions
-from moeslim.engine.modules import loaded_names, moe_parts
-from moeslim.engine.stub import LayerProtocolError, layer_inputs, layer_list_name
-from moeslim.engine.stub import decoder_of as find_decoder
 from moeslim.errors import CheckpointError, DeviceError
-from moeslim.families import calibration_refused
+from moeslim.families.table import calibration_refused
 from moeslim.layout import Layout
 from moeslim.shards import TensorInfo
 from moeslim.source import Checkpoint
+from moeslim.stream.dequant import TORCH_DTYPES, Deferred, Packed, Reader, dense_items
+from moeslim.stream.finite import check_finite
+from moeslim.stream.fuse import Fusion, fill, fused_shape, plan_fusions
+from moeslim.stream.modules import loaded_names, moe_parts
+from moeslim.stream.stub import LayerProtocolError, layer_inputs, layer_list_name
+from moeslim.stream.stub import decoder_of as find_decoder
 
 READ_CHUNK = 16 * 2**20
 
@@ -155,9 +155,12 @@ class LayerRunner:
         self._load(names)
         check_finite(self.model, self.ckpt, names)
 
-    def layers(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.nn.Module]]:
+    def layers(
+        self, start: int = 0, stop: int | None = None, unloaded: Callable[[int], None] = lambda index: None
+    ) -> Iterator[tuple[int, torch.nn.Module]]:
         """Yield ``(index, layer)`` for layers ``start`` to ``stop`` (default: the last) with that layer's weights
-        loaded; it is unloaded when the caller moves on. Layers outside the range are never read."""
+        loaded; it is unloaded when the caller moves on, and ``unloaded(index)`` follows, before the next layer
+        loads. Layers outside the range are never read."""
         indices = range(start, self.num_layers if stop is None else stop)
         pending: Future[None] | None = self._warm(start) if indices else None
         for i in indices:
@@ -170,6 +173,7 @@ class LayerRunner:
             finally:
                 layer.to("meta")
                 _release_memory(self._full_gc)
+            unloaded(i)
 
     @torch.no_grad()
     def forward(
@@ -356,7 +360,7 @@ def _release_memory(full: bool = True) -> None:
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack (see ``engine.stub.decoder_of``)."""
+    """The decoder stack (see ``stub.decoder_of``)."""
     decoder = find_decoder(model)
     if decoder is None:
         raise CheckpointError(f"cannot find the decoder layers of {type(model).__name__}")
@@ -365,7 +369,7 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
 
 def meta_model(root: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
     """The model of the checkpoint in ``root``, built from its config on the meta device (no memory), in eval mode."""
-    from moeslim.engine.build import model_class
+    from moeslim.stream.build import model_class
 
     config = _config(root, trust_remote_code)
     cls = model_class(config)
@@ -397,3 +401,23 @@ def _warm(ckpt: Checkpoint, names: list[str]) -> None:
                 start += os.preadv(fd, [buffer[: min(READ_CHUNK, end - start)]], start) or end
         finally:
             os.close(fd)
+
+
+def load_on_meta(ckpt: Checkpoint, names: list[str], trust_remote_code: bool = False) -> tuple[Any, Any, int]:
+    """The checkpoint's model on the meta device with tensors ``names`` (quantised ones at their dequantised names
+    and shapes) fed through transformers' loading conversion as meta tensors of their header shapes: no weight is
+    read. Returns the model, transformers' loading report (missing, unexpected, mismatched keys, conversion
+    errors) and the number of tensors fed."""
+    model = meta_model(ckpt.root, torch.float32, trust_remote_code)
+    state = {
+        item.name: torch.empty(item.shape, dtype=TORCH_DTYPES.get(item.dtype, torch.uint8), device="meta")
+        for item in dense_items(ckpt, names)
+    }
+    config = LoadStateDictConfig(
+        device_map={"": "meta"},
+        dtype=torch.float32,
+        weight_mapping=get_model_conversion_mapping(model),  # type: ignore[arg-type]
+    )
+    with no_progress_bars():
+        info = convert_and_load_state_dict_in_model(model, state, config)[0]
+    return model, info, len(state)

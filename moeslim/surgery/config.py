@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
-from moeslim.families import Family, set_config_value, text_config
+from moeslim.families.table import Family, set_config_value, text_config
 
 
 def rewrite_config(config: dict, family: Family, keep: int, top_k: int) -> dict:

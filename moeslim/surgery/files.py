@@ -9,16 +9,23 @@ import shutil
 from pathlib import Path
 
 from moeslim.errors import OutputError
-from moeslim.plan import PLAN_NAME
-from moeslim.publish.facts import CARD_NAME, VALIDATION_NAME
-from moeslim.publish.heatmap import IMAGE_NAME
+from moeslim.names import (
+    CARD_NAME,
+    CONFIG_NAME,
+    IMAGE_NAME,
+    INDEX_NAME,
+    PLAN_NAME,
+    SHARD_PATTERN,
+    SINGLE_NAME,
+    VALIDATION_NAME,
+)
 from moeslim.targets import files_under
 
 # Never carried over: the base model's card (the pruned model gets its own), weights in other formats that
 # would be stale (unpruned), and folders of tools and caches.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt", ".npz")
 SKIP_DIRS = {".git", ".cache", ".huggingface", "original"}
-SKIP_FILES = {"README.md", "config.json", "model.safetensors.index.json"}
+SKIP_FILES = {CARD_NAME, CONFIG_NAME, INDEX_NAME}
 
 
 def extra_files(root: Path, shards: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
@@ -47,8 +54,10 @@ def copy_files(root: Path, rels: list[Path], out_dir: Path) -> None:
 
 # What slim writes besides the files it copies from the source.
 WRITTEN = re.compile(
-    r"config\.json|model\.safetensors|model-\d+-of-\d+\.safetensors|model\.safetensors\.index\.json|"
-    + "|".join(re.escape(n) for n in (PLAN_NAME, CARD_NAME, VALIDATION_NAME, IMAGE_NAME))
+    "|".join(
+        re.escape(n) for n in (CONFIG_NAME, SINGLE_NAME, INDEX_NAME, PLAN_NAME, CARD_NAME, VALIDATION_NAME, IMAGE_NAME)
+    )
+    + f"|{SHARD_PATTERN}"
 )
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
+from moeslim.names import INDEX_NAME
 from moeslim.surgery.mapping import OutputTensor
 
-INDEX_NAME = "model.safetensors.index.json"
 CHUNK = 64 * 2**20  # bytes per copy call; bounds memory on the read/write fallback
 READ_AHEAD = 256 * 2**20  # bytes of source announced to the kernel ahead of the copy (page cache, not RSS)
 

@@ -64,8 +64,8 @@ def greedy(folder: Path, tokenizer: Any, prompts: list[str], dtype: torch.dtype,
     """``NEW_TOKENS`` greedy tokens after each prompt, decoded; the model is freed before returning."""
     from transformers import AutoConfig
 
-    from moeslim.calibrate.runner import no_progress_bars
-    from moeslim.engine.build import model_class
+    from moeslim.stream.build import model_class
+    from moeslim.stream.runner import no_progress_bars
 
     with no_progress_bars():
         model: Any = model_class(AutoConfig.from_pretrained(folder)).from_pretrained(folder, dtype=dtype)

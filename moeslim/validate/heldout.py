@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moeslim.calibrate.data import STDLIB, Corpus, open_corpus, read_tokens, token_digest
 from moeslim.errors import CalibrationDataError
+from moeslim.stream.tokens import STDLIB, Corpus, open_corpus, read_tokens, token_digest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from moeslim import jsonio
+from moeslim.names import VALIDATION_NAME
 from moeslim.safefs import write_text_atomic
 
-VALIDATION_NAME = "validation.json"  # in the pruned folder; the model card shows it
 NOT_MEASURED = "not measured"
 LABELS = {
     "kl_mean": "KL(original ‖ pruned), mean per token",

@@ -9,9 +9,9 @@ from typing import Any
 
 from moeslim import __version__
 from moeslim.errors import CalibrationDataError, UsageError
-from moeslim.families import family_of, text_config
+from moeslim.families.table import family_of, text_config
 from moeslim.layout import Layout, resolve_layout
-from moeslim.plan import PLAN_NAME
+from moeslim.names import PLAN_NAME
 from moeslim.quant import READABLE, unreadable
 from moeslim.source import Checkpoint, open_checkpoint
 from moeslim.validate.report import kl_gate
@@ -37,11 +37,12 @@ class ValidateOptions:
     require_data: bool = True  # False (slim): too little held-out text skips the numbers instead of failing
 
 
-def validate(original: Path, pruned: Path, opts: ValidateOptions) -> dict:
-    """The validation report of ``pruned`` against ``original`` (both local folders)."""
+def validate(original: Path, pruned: Path, opts: ValidateOptions, opened: Checkpoint | None = None) -> dict:
+    """The validation report of ``pruned`` against ``original`` (both local folders; ``opened``: the original
+    already opened by the caller, as ``slim`` has it)."""
     ckpt_p = open_checkpoint(pruned)
     structure = check_structure(ckpt_p, trust_remote_code=opts.trust_remote_code)
-    ckpt_o = open_checkpoint(original)
+    ckpt_o = opened or open_checkpoint(original)
     layout_o = resolve_layout(ckpt_o)
     check_pair(ckpt_o, layout_o, ckpt_p, structure.layout)
     report: dict[str, Any] = {
@@ -56,7 +57,7 @@ def validate(original: Path, pruned: Path, opts: ValidateOptions) -> dict:
     reason = numeric_skip_reason(ckpt_o, ckpt_p)
     if reason is None:
         try:
-            report.update(numeric(ckpt_o, ckpt_p, structure, opts))
+            report.update(numeric(ckpt_o, layout_o, ckpt_p, structure, opts))
         except CalibrationDataError as e:
             if opts.require_data:
                 raise
@@ -84,7 +85,7 @@ def check_pair(ckpt_o: Checkpoint, layout_o: Layout, ckpt_p: Checkpoint, layout_
 
 def numeric_skip_reason(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> str | None:
     """Why the numeric comparison cannot run (no tokenizer, quantised weights), or None."""
-    from moeslim.calibrate.session import TOKENIZER_FILES
+    from moeslim.stream.context import TOKENIZER_FILES
 
     calibration = family_of(ckpt_o.config).calibration
     if calibration:
@@ -99,17 +100,19 @@ def numeric_skip_reason(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> str | None:
 
 def tokenizer_of(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> Any:
     """The pruned folder's tokenizer (copied from the original), else the original's."""
-    from moeslim.calibrate.session import TOKENIZER_FILES, load_tokenizer
+    from moeslim.stream.context import TOKENIZER_FILES, load_tokenizer
 
     has = any((ckpt_p.root / n).is_file() for n in TOKENIZER_FILES)
     return load_tokenizer(ckpt_p if has else ckpt_o)
 
 
-def numeric(ckpt_o: Checkpoint, ckpt_p: Checkpoint, structure: Structure, opts: ValidateOptions) -> dict:
+def numeric(
+    ckpt_o: Checkpoint, layout_o: Layout, ckpt_p: Checkpoint, structure: Structure, opts: ValidateOptions
+) -> dict:
     """Metrics, per-layer errors and generations on held-out tokens."""
-    from moeslim.calibrate.ranks import current, rank_device
-    from moeslim.calibrate.runner import LayerRunner
-    from moeslim.calibrate.session import parse_dtype
+    from moeslim.stream.context import parse_dtype
+    from moeslim.stream.ranks import current, rank_device
+    from moeslim.stream.runner import LayerRunner
     from moeslim.validate.generate import generations, skip_reason
     from moeslim.validate.heldout import load_heldout
     from moeslim.validate.stream import compare
@@ -118,14 +121,12 @@ def numeric(ckpt_o: Checkpoint, ckpt_p: Checkpoint, structure: Structure, opts: 
     tokenizer = tokenizer_of(ckpt_o, ckpt_p)
     held = load_heldout(opts.calib, tokenizer, plan_calibration(ckpt_p.root), samples=opts.samples,
                         seq_len=opts.seq_len, seed=opts.seed)  # fmt: skip
-    layout_o = resolve_layout(ckpt_o)
     ranks = current(opts.device)  # under torchrun each process validates a share of the batches
     device = rank_device(opts.device)
     runners = [LayerRunner(c, lay, device, dtype, opts.trust_remote_code)
                for c, lay in ((ckpt_o, layout_o), (ckpt_p, structure.layout))]  # fmt: skip
     try:
-        trunk = {layer.index for layer in layout_o.layers if not layer.mtp}
-        result = compare(runners[0], runners[1], held.tokens, opts.batch_size, trunk, ranks)
+        result = compare(runners[0], runners[1], held.tokens, opts.batch_size, ranks)
     finally:
         for runner in runners:
             runner.close()

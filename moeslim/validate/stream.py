@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from moeslim.calibrate.ranks import SINGLE, Ranks
-from moeslim.calibrate.runner import Activations, LayerRunner
 from moeslim.errors import CheckpointError, DeviceError
+from moeslim.stream.loop import Observer, Walk, walk
+from moeslim.stream.ranks import SINGLE, Ranks
+from moeslim.stream.runner import Activations, LayerRunner
 from moeslim.validate.metrics import RelativeError, TokenMetrics, position_chunks
 
 
@@ -31,36 +31,51 @@ class Comparison:
     per_sequence: dict[str, list[float]]  # kl, nll_original, nll_pruned: each sequence's mean, in order
 
 
+class Pruned(Observer):
+    """The pruned model as an observer of the original's walk: its own stream of hidden states runs each layer
+    once the original's layer is unloaded (so one decoder layer is resident at a time), the relative error of
+    the two streams is taken after each MoE layer, and both heads score the tokens at the end."""
+
+    def __init__(self, runner: LayerRunner) -> None:
+        self.runner = runner
+        self.store: Activations | None = None
+        self.errors: dict[int, float] = {}
+        self.metrics = TokenMetrics()
+
+    def begin(self, walk: Walk) -> None:
+        self.store = self.runner.embed(walk.tokens, walk.batch_size, only=walk.mine)
+        self.runner.unload_embedding()
+
+    def stop(self, walk: Walk) -> int | None:
+        return walk.runner.num_layers
+
+    def unloaded(self, walk: Walk, index: int) -> None:
+        assert self.store is not None
+        with self.runner.loaded(index) as layer:
+            self.runner.forward(index, layer, self.store)
+        if index in walk.moe:
+            self.errors[index] = relative_error(walk.store, self.store, walk.ranks)
+            require_finite({"relative_error": self.errors[index]}, f"after layer {index}", walk.runner.dtype)
+
+    def finish(self, walk: Walk) -> None:
+        assert self.store is not None
+        walk.runner.load_head()
+        self.runner.load_head()
+        self.metrics = score(walk.runner, self.runner, walk.tokens, walk.batch_size, walk.store, self.store, walk.mine)
+
+
 def compare(
-    original: LayerRunner,
-    pruned: LayerRunner,
-    tokens: torch.Tensor,
-    batch_size: int,
-    moe_layers: set[int],
-    ranks: Ranks = SINGLE,
+    original: LayerRunner, pruned: LayerRunner, tokens: torch.Tensor, batch_size: int, ranks: Ranks = SINGLE
 ) -> Comparison:
-    """Run both models over ``tokens`` ``(samples, seq_len)``; see the module docstring. With several ``ranks``
-    each runs its share of the batches, and every rank ends with the metrics of all of them."""
-    mine = ranks.share(math.ceil(tokens.shape[0] / batch_size))
-    a = original.embed(tokens, batch_size, only=mine)
-    b = pruned.embed(tokens, batch_size, only=mine)
-    for runner in (original, pruned):
-        runner.unload_embedding()
-    errors = {}
-    quiet = None if ranks.leader else True
-    for i in tqdm(range(original.num_layers), desc="validating", unit="layer", disable=quiet):
-        for runner, store in ((original, a), (pruned, b)):
-            with runner.loaded(i) as layer:
-                runner.forward(i, layer, store)
-        if i in moe_layers:
-            errors[i] = relative_error(a, b, ranks)
-            require_finite({"relative_error": errors[i]}, f"after layer {i}", original.dtype)
-    original.load_head()
-    pruned.load_head()
-    metrics = TokenMetrics.merge(ranks.gather(score(original, pruned, tokens, batch_size, a, b, mine)))
+    """Run both models over ``tokens`` ``(samples, seq_len)`` in one walk of the original's layers; see the
+    module docstring. With several ``ranks`` each runs its share of the batches, and every rank ends with the
+    metrics of all of them."""
+    side = Pruned(pruned)
+    walk(original, tokens, batch_size, [side], ranks=ranks, desc="validating")
+    metrics = TokenMetrics.merge(ranks.gather(side.metrics))
     summary = metrics.summary()
     require_finite(summary, "from the logits", original.dtype)
-    return Comparison(summary, errors, metrics.per_sequence())
+    return Comparison(summary, side.errors, metrics.per_sequence())
 
 
 def require_finite(values: dict[str, float], where: str, dtype: torch.dtype) -> None:

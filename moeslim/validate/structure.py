@@ -21,15 +21,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from moeslim.errors import CheckpointError, StructureError
-from moeslim.families import Family, text_config
+from moeslim.families.table import Family, text_config
 from moeslim.layout import Layout, Routing, resolve_layout, routing_of
 from moeslim.quant import QUANT_SUFFIXES, unreadable
 from moeslim.source import Checkpoint
-
-TORCH_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -122,30 +117,13 @@ def check_with_transformers(
     ckpt: Checkpoint, layout: Layout, what: str, trust_remote_code: bool = False
 ) -> tuple[int, tuple[str, ...]]:
     """Feed the header shapes as meta tensors through transformers' loading conversion of a meta model."""
-    import torch
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
-    from transformers.modeling_utils import LoadStateDictConfig
+    from moeslim.stream.runner import load_on_meta
 
-    from moeslim.calibrate.dequant import dense_items
-    from moeslim.calibrate.runner import meta_model, no_progress_bars
-
-    model = meta_model(ckpt.root, torch.float32, trust_remote_code)
     mtp = tuple(_mtp_prefix(layer.block, layout.family) for layer in layout.layers if layer.mtp)
     # a quantisation calibration reads is checked at its dequantised names and shapes; others by name only
     by_name = unreadable(ckpt.config) is not None
     names = [n for n in ckpt.tensors if not n.startswith(mtp) and not (by_name and n.endswith(QUANT_SUFFIXES))]
-    state = {
-        item.name: torch.empty(item.shape, dtype=getattr(torch, TORCH_DTYPES.get(item.dtype, "uint8")), device="meta")
-        for item in dense_items(ckpt, names)
-    }
-    config = LoadStateDictConfig(
-        device_map={"": "meta"},
-        dtype=torch.float32,
-        weight_mapping=get_model_conversion_mapping(model),  # type: ignore[arg-type]
-    )
-    with no_progress_bars():
-        info = convert_and_load_state_dict_in_model(model, state, config)[0]
+    model, info, count = load_on_meta(ckpt, names, trust_remote_code)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     missing = {m for m in info.missing_keys if not (m in tied and tied[m] not in info.missing_keys)}
     if by_name:  # a weight stored under other names, e.g. `<name>_blocks` + `<name>_scales`
@@ -155,7 +133,7 @@ def check_with_transformers(
              " checked by name and expert count only"] if mtp else []  # fmt: skip
     if by_name:
         notes.append("quantised tensors are loaded by a quantiser: checked by name and expert count only")
-    return len(state), tuple(notes)
+    return count, tuple(notes)
 
 
 def _mtp_prefix(block: str, family: Family) -> str:

@@ -1,0 +1,107 @@
+"""What one command opens once and every pass of it shares: the checkpoint and its layout, the calibration
+settings, the processes (ranks) and device, the dtype, the tokenizer and the calibration tokens (both read when
+first needed, then kept).
+
+``slim`` builds one ``RunContext`` for the source and hands it to calibration, ``auto``'s trials, the correction
+and validation, so the tokenizer is loaded and the calibration text tokenised once, and the device and dtype are
+checked once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moeslim.errors import DeviceError, MissingFileError, PlanError
+from moeslim.layout import Layout
+from moeslim.source import Checkpoint
+from moeslim.stream.options import CalibrationOptions
+from moeslim.stream.ranks import Ranks, current, rank_device
+from moeslim.units import parse_size
+
+if TYPE_CHECKING:
+    from moeslim.stream.runner import LayerRunner
+    from moeslim.stream.tokens import CalibrationData
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "spiece.model")
+
+
+@dataclass
+class RunContext:
+    """A checkpoint opened for layer-by-layer passes with the settings ``opts``."""
+
+    ckpt: Checkpoint
+    layout: Layout
+    opts: CalibrationOptions
+    ranks: Ranks = field(init=False)
+    dtype: torch.dtype = field(init=False)
+    max_bytes: int | None = field(init=False)  # hidden states kept in memory before spilling to disk
+    _data: CalibrationData | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.dtype, self.max_bytes = parse_dtype(self.opts.dtype), max_memory(self.opts.max_memory)
+        self.ranks = current(self.opts.device)  # several under torchrun: each runs a share of the batches
+
+    @property
+    def device(self) -> str:
+        """This process's device (``cuda:N`` for rank N under torchrun)."""
+        return rank_device(self.opts.device)
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per batch: at most half the samples, so the statistics have two halves."""
+        return min(self.opts.batch_size, max(1, self.opts.samples // 2))
+
+    def data(self) -> CalibrationData:
+        """The calibration tokens ``(samples, seq_len)``, read and tokenised on first use."""
+        if self._data is None:
+            from moeslim.stream.tokens import load_calibration  # imports tokenizers only when calibrating
+
+            opts = self.opts
+            self._data = load_calibration(
+                opts.calib, load_tokenizer(self.ckpt), samples=opts.samples, seq_len=opts.seq_len, seed=opts.seed,
+                split=opts.calib_split, column=opts.calib_column,
+            )  # fmt: skip
+        return self._data
+
+    def runner(self) -> LayerRunner:
+        """A fresh layer runner of the checkpoint (close it when done)."""
+        from moeslim.stream.runner import LayerRunner  # transformers' model code: imported when used
+
+        return LayerRunner(self.ckpt, self.layout, self.device, self.dtype, self.opts.trust_remote_code)
+
+
+def load_tokenizer(ckpt: Checkpoint) -> Any:
+    """The model's own tokenizer. transformers would build an empty one from config.json alone, so the
+    vocabulary file must be there."""
+    from transformers import AutoTokenizer
+
+    missing = MissingFileError(
+        f"no tokenizer in {ckpt.root} (none of {', '.join(TOKENIZER_FILES)}); calibration needs the model's"
+        " tokenizer files next to its weights (or use a data-free --criterion such as router-norm)"
+    )
+    if not any((ckpt.root / name).is_file() for name in TOKENIZER_FILES):
+        raise missing
+    try:
+        return AutoTokenizer.from_pretrained(ckpt.root)
+    except (OSError, ValueError, TypeError) as e:
+        raise missing from e
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise DeviceError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def max_memory(text: str | None) -> int | None:
+    """``--max-memory`` in bytes (None: no bound)."""
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise PlanError(f"--max-memory {text!r} is not a size like 8GB or 500MB") from e
