@@ -6,16 +6,9 @@ from collections import Counter
 
 from moeslim.families.table import text_config
 from moeslim.layout import Layout, MoeLayer
-from moeslim.quant import quantization_config
+from moeslim.quant import FORMAT_MARKS, quantization_config
 from moeslim.source import Checkpoint
 from moeslim.surgery.mapping import plan_outputs
-
-QUANT_SIBLINGS = {
-    "weight_scale_inv": "fp8-block",
-    "_blocks": "mxfp4",
-    "qweight": "gptq/awq",
-    "weight_packed": "compressed",
-}
 
 
 def inspect_report(ckpt: Checkpoint, layout: Layout, keep: int | None = None) -> dict:
@@ -63,7 +56,7 @@ def _shared(ckpt: Checkpoint, layout: Layout) -> int:
 
 
 def _quantisation(ckpt: Checkpoint) -> list[str]:
-    found = {kind for marker, kind in QUANT_SIBLINGS.items() for n in ckpt.tensors if marker in n.rsplit(".", 1)[-1]}
+    found = {kind for marker, kind in FORMAT_MARKS.items() for n in ckpt.tensors if marker in n.rsplit(".", 1)[-1]}
     method = quantization_config(ckpt.config)
     if method.get("quant_method"):
         found.add(str(method["quant_method"]))

@@ -176,11 +176,40 @@ def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, st
     return found
 
 
+def decoder_layer_of(name: str, layers_name: str = "layers") -> int | None:
+    """The decoder layer a tensor name lies in (``model.layers.3.mlp…`` → 3), or None outside the layers."""
+    m = re.search(rf"(?:^|\.){re.escape(layers_name)}\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def expert_pattern(family: Family) -> re.Pattern[str]:
+    """Per-expert tensor names of ``family``: groups ``prefix`` (up to the expert id), ``layer``, ``expert`` and
+    ``suffix`` (``model.layers.1.mlp.experts.`` / ``1`` / ``3`` / ``down_proj.weight``)."""
+    prefixes = "|".join(re.escape(p) for p in family.experts)
+    stack, block = re.escape(family.layers_name), re.escape(family.block_path)
+    return re.compile(
+        rf"^(?P<prefix>(?:.*?\.)?{stack}\.(?P<layer>\d+)\.{block}(?:{prefixes}))(?P<expert>\d+)\.(?P<suffix>.+)$"
+    )
+
+
+def incomplete_expert(experts: dict[int, set[str]], num_experts: int) -> tuple[int, str | None] | None:
+    """The first expert of a per-expert layer that lacks a tensor: ``(expert, None)`` when it has none at all,
+    ``(expert, suffix)`` when it lacks ``suffix`` that another expert has; None when experts 0..E-1 all hold the
+    same tensors. The one completeness rule of per-expert layers (the layout and the structural check say it)."""
+    for j in range(num_experts):
+        if not experts.get(j):
+            return j, None
+    every = set().union(*(experts[j] for j in range(num_experts)))
+    for j in range(num_experts):
+        if lacking := sorted(every - experts[j]):
+            return j, lacking[0]
+    return None
+
+
 def _check_layer_count(ckpt: Checkpoint, family: Family, n_layers: int) -> None:
     """``num_hidden_layers`` cannot exceed the decoder layers that have weights (checked before any per-layer
     work, so an absurd count fails at once)."""
-    decoder_layer = re.compile(rf"(?:^|\.){re.escape(family.layers_name)}\.(\d+)\.")
-    found = {int(m.group(1)) for name in ckpt.tensors if (m := decoder_layer.search(name))}
+    found = {i for name in ckpt.tensors if (i := decoder_layer_of(name, family.layers_name)) is not None}
     if n_layers > max(found, default=-1) + 1:
         raise CheckpointError(
             f"config.json says num_hidden_layers={n_layers}, but the weights hold layers up to"
@@ -195,10 +224,8 @@ def _check_layers_against_config(
     trunk = {i for i in blocks if i < n_layers}
     if expected is None:  # derived families: the MoE layers are those with a router, and experts need one
         expected = trunk
-        experts = "|".join(re.escape(e) for e in family.experts)
-        stack = re.escape(family.layers_name)
-        pattern = re.compile(rf"(?:^|\.){stack}\.(\d+)\.{re.escape(family.block_path)}(?:{experts})")
-        if orphan := sorted({int(m.group(1)) for n in names if (m := pattern.search(n))} - set(blocks)):
+        pattern = expert_pattern(family)
+        if orphan := sorted({int(m["layer"]) for n in names if (m := pattern.match(n))} - set(blocks)):
             raise CheckpointError(
                 f"layer {orphan[0]}: holds expert tensors but no router ({family.block_path}{family.router_weight});"
                 " the checkpoint is incomplete, re-download it"
@@ -309,15 +336,16 @@ def _check_per_expert(
         raise CheckpointError(
             f"layer {index}: expert {extra[0]} exists but config says {num_experts} experts; the config does not match"
         )
-    for j in range(num_experts):
-        if j not in per_expert:
-            raise CheckpointError(f"layer {index}: expert {j} has no tensors under {block}; checkpoint incomplete")
-    reference = set(per_expert[0])
-    for j in range(num_experts):
-        if odd := sorted(set(per_expert[j]) ^ reference):
-            holder, lacking = (j, 0) if odd[0] in per_expert[j] else (0, j)
+    found = incomplete_expert({j: set(parts) for j, parts in per_expert.items()}, num_experts)
+    if found is not None:
+        lacking, suffix = found
+        if suffix is None:
             raise CheckpointError(
-                f"layer {index}: expert {lacking} lacks {odd[0]} that expert {holder} has"
-                f" ({block}experts.{lacking}.{odd[0]}); checkpoint incomplete"
+                f"layer {index}: expert {lacking} has no tensors under {block}; checkpoint incomplete"
             )
+        holder = min(j for j in range(num_experts) if suffix in per_expert[j])
+        raise CheckpointError(
+            f"layer {index}: expert {lacking} lacks {suffix} that expert {holder} has"
+            f" ({block}experts.{lacking}.{suffix}); checkpoint incomplete"
+        )
     return tuple(tuple(per_expert[j].values()) for j in range(num_experts))

@@ -5,8 +5,26 @@ from __future__ import annotations
 
 from moeslim.families.table import text_config
 
-# scales of FP8 blocks, MXFP4 blocks and scales, GPTQ / AWQ packs, compressed-tensors scales
-QUANT_SUFFIXES = ("_scale_inv", "_blocks", "_scales", ".qweight", ".qzeros", ".scales", ".g_idx", ".weight_scale")
+#: What a quantiser stores of a weight ``<module>.weight``, by format: the suffixes of those tensors' names. The one
+#: home of this knowledge: dequantisation (``stream/dequant.py``), the structural check and ``inspect`` read it here.
+FP8_SCALE = ("_scale_inv",)  # <module>.weight_scale_inv: a scale per block, beside the F8 weight
+FP8_EXTRA = (".activation_scale", ".input_scale")  # activation scales of FP8 layers: not needed to dequantise
+MXFP4_PARTS = ("_blocks", "_scales")  # <module>.<name>_blocks and _scales stand for <module>.<name>
+PACKED_PARTS = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")  # compressed-tensors ints
+SCALED_PARTS = (".weight", ".weight_scale", ".weight_zero_point", ".input_scale")  # compressed-tensors float/int
+GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")  # GPTQ / AWQ packs (not dequantised yet)
+
+#: tensors that only mean something beside a quantised weight
+COMPANIONS = (*FP8_SCALE, *MXFP4_PARTS, *PACKED_PARTS)
+#: names a quantiser stores instead of, or beside, a weight transformers would expect
+QUANT_SUFFIXES = (*FP8_SCALE, *MXFP4_PARTS, *GPTQ_PARTS, ".weight_scale")
+#: a mark of each format in a tensor's last name part → the format, for ``inspect``
+FORMAT_MARKS = {
+    "weight_scale_inv": "fp8-block",
+    "_blocks": "mxfp4",
+    "qweight": "gptq/awq",
+    "weight_packed": "compressed",
+}
 
 
 def quantization_config(config: dict) -> dict:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from moeslim.errors import CheckpointError
-from moeslim.quant import READABLE, quantization_config
+from moeslim.quant import COMPANIONS, FP8_EXTRA, PACKED_PARTS, READABLE, SCALED_PARTS, quantization_config
 from moeslim.shards import TensorInfo
 from moeslim.source import Checkpoint
 
@@ -46,21 +46,6 @@ TORCH_DTYPES = {
 }  # fmt: skip
 
 FP8, MXFP4, PACKED, SCALED = "fp8", "mxfp4", "compressed-tensors", "compressed-tensors-scaled"
-
-#: on-disk companions of a weight, by format; those not used by the arithmetic are read past
-_FP8_EXTRA = (".activation_scale", ".input_scale")
-_PACKED_PARTS = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")
-_SCALED_PARTS = (".weight", ".weight_scale", ".weight_zero_point", ".input_scale")
-#: tensors that only mean something beside a quantised weight
-_COMPANIONS = (
-    "_scale_inv",
-    "_blocks",
-    "_scales",
-    ".weight_packed",
-    ".weight_scale",
-    ".weight_shape",
-    ".weight_zero_point",
-)
 
 
 @dataclass(frozen=True)
@@ -245,7 +230,7 @@ def dense_items(ckpt: Checkpoint, names: Iterable[str]) -> list[Item]:
             item = _group(ckpt, name, present, method, quant, reader) if method else None
             if item is None:
                 info = ckpt.tensors[name]
-                if info.dtype.startswith("F8") or (method and name.endswith(_COMPANIONS)):
+                if info.dtype.startswith("F8") or (method and name.endswith(COMPANIONS)):
                     raise CheckpointError(
                         f"{name} ({info.dtype}) has no quantised weight or scale to go with it; the checkpoint is"
                         " incomplete or its quantization_config does not match it: re-download it"
@@ -262,14 +247,14 @@ def _group(ckpt: Checkpoint, name: str, present: set[str], method: str, quant: d
     """The quantised group that on-disk tensor ``name`` belongs to, or None when it is a plain tensor."""
     t = ckpt.tensors
     if method == FP8:
-        extras = [name.removesuffix(e) + ".weight" for e in _FP8_EXTRA if name.endswith(e)]  # met before the weight
+        extras = [name.removesuffix(e) + ".weight" for e in FP8_EXTRA if name.endswith(e)]  # met before the weight
         base = extras[0] if extras else name.removesuffix("_scale_inv") if name.endswith(".weight_scale_inv") else name
         scale = base + "_scale_inv"
         if scale not in present or base not in present:
             return None
         block = tuple(int(b) for b in quant.get("weight_block_size") or ())
         module = base.removesuffix(".weight")
-        extra = tuple(module + s for s in _FP8_EXTRA if module + s in present)
+        extra = tuple(module + s for s in FP8_EXTRA if module + s in present)
         _check_fp8(t[base], t[scale], block)
         return Packed(base, t[base].shape, FP8, {"codes": t[base], "scales": t[scale]}, (base, scale, *extra), block)
     if method == MXFP4:
@@ -283,7 +268,7 @@ def _group(ckpt: Checkpoint, name: str, present: set[str], method: str, quant: d
         shape = (b.shape[0], b.shape[2] * b.shape[3] * 2, b.shape[1])
         return Packed(stem, shape, MXFP4, {"codes": b, "scales": t[scales]}, (blocks, scales))
     if method == PACKED:
-        prefix = next((name.removesuffix(s) for s in _PACKED_PARTS + _SCALED_PARTS if name.endswith(s)), None)
+        prefix = next((name.removesuffix(s) for s in PACKED_PARTS + SCALED_PARTS if name.endswith(s)), None)
         if prefix is None:
             return None
         if prefix + ".weight_packed" in present:
@@ -335,7 +320,7 @@ def _packed(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict, reade
         raise CheckpointError(
             f"{prefix}.weight_packed {list(words)} does not hold a {list(shape)} weight of {bits}-bit codes"
         )
-    sources = tuple(prefix + s for s in _PACKED_PARTS if prefix + s in present)
+    sources = tuple(prefix + s for s in PACKED_PARTS if prefix + s in present)
     scale_dtype = parts["scales"].dtype
     return Packed(prefix + ".weight", shape, PACKED, parts | {"shape": shape_info}, sources, (bits,), scale_dtype)
 
@@ -361,7 +346,7 @@ def _scaled(ckpt: Checkpoint, prefix: str, present: set[str], quant: dict) -> Pa
             f"{scale.name} has shape {list(scale.shape)}, which is no tensor, row, group or block scale of"
             f" {codes.name} {list(codes.shape)}; the checkpoint's quantization_config does not match its weights"
         )
-    sources = tuple(prefix + s for s in _SCALED_PARTS if prefix + s in present)
+    sources = tuple(prefix + s for s in SCALED_PARTS if prefix + s in present)
     return Packed(prefix + ".weight", codes.shape, SCALED, parts, sources, block if per_block else (), scale.dtype)
 
 

@@ -16,13 +16,20 @@ Three steps, each failing with one line that names the layer and the tensor:
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 
 from moeslim.errors import CheckpointError, StructureError
 from moeslim.families.table import Family, text_config
-from moeslim.layout import Layout, Routing, resolve_layout, routing_of
+from moeslim.layout import (
+    Layout,
+    Routing,
+    decoder_layer_of,
+    expert_pattern,
+    incomplete_expert,
+    resolve_layout,
+    routing_of,
+)
 from moeslim.quant import QUANT_SUFFIXES, unreadable
 from moeslim.source import Checkpoint
 
@@ -82,14 +89,14 @@ def check_experts(ckpt: Checkpoint, routing: Routing, what: str) -> None:
         return  # one tensor per layer with experts on dim 0: resolve_layout checks its rows
     for index, experts in sorted(per_expert_tensors(ckpt, family).items()):
         block = experts.pop("block")
-        suffixes = sorted(set().union(*experts.values()))
-        for j in range(routing.num_experts):
-            for suffix in suffixes:
-                if suffix not in experts.get(j, set()):
-                    raise StructureError(
-                        f"{what} is missing {block}{j}.{suffix} (layer {index}, expert {j});"
-                        f" config.json says {routing.num_experts} experts"
-                    )
+        found = incomplete_expert(experts, routing.num_experts)
+        if found is not None:
+            j, suffix = found
+            suffix = suffix or sorted(set().union(*experts.values()))[0]
+            raise StructureError(
+                f"{what} is missing {block}{j}.{suffix} (layer {index}, expert {j});"
+                f" config.json says {routing.num_experts} experts"
+            )
         extra = sorted(j for j in experts if j >= routing.num_experts)
         if extra and not family.extra_experts:
             name = f"{block}{extra[0]}.{sorted(experts[extra[0]])[0]}"
@@ -101,15 +108,13 @@ def check_experts(ckpt: Checkpoint, routing: Routing, what: str) -> None:
 
 def per_expert_tensors(ckpt: Checkpoint, family: Family) -> dict[int, dict]:
     """Layer index → {expert id → tensor suffixes, "block": the experts' key prefix}."""
-    prefixes = "|".join(re.escape(p) for p in family.experts)
-    stack, block = re.escape(family.layers_name), re.escape(family.block_path)
-    pattern = re.compile(rf"^(.*?{stack}\.(\d+)\.{block}(?:{prefixes}))(\d+)\.(.+)$")
+    pattern = expert_pattern(family)
     found: dict[int, dict] = defaultdict(lambda: defaultdict(set))
     for name in ckpt.tensors:
         if m := pattern.match(name):
-            layer = found[int(m.group(2))]
-            layer["block"] = m.group(1)
-            layer[int(m.group(3))].add(m.group(4))
+            layer = found[int(m["layer"])]
+            layer["block"] = m["prefix"]
+            layer[int(m["expert"])].add(m["suffix"])
     return {i: dict(v) for i, v in found.items()}
 
 
@@ -163,5 +168,5 @@ def _raise_first(what: str, missing: set, unexpected: set, mismatched: list, err
 
 
 def _where(name: str) -> str:
-    m = re.search(r"(?:layers|blocks)\.(\d+)\.", name)
-    return f"layer {m.group(1)}" if m else "outside the decoder layers"
+    index = next((i for stack in ("layers", "blocks") if (i := decoder_layer_of(name, stack)) is not None), None)
+    return "outside the decoder layers" if index is None else f"layer {index}"
