@@ -38,7 +38,7 @@ from moeslim.publish.push import PushOptions, check_write_access, push_folder
 from moeslim.shards import TensorInfo
 from moeslim.source import Checkpoint, open_checkpoint
 from moeslim.stream.options import CalibrationOptions
-from moeslim.stream.ranks import Ranks, current
+from moeslim.stream.ranks import SINGLE, Ranks, current
 from moeslim.surgery.config import dump_config, rewrite_config
 from moeslim.surgery.files import check_space, copy_files, extra_files, foreign_file
 from moeslim.surgery.mapping import plan_outputs
@@ -97,6 +97,7 @@ class Job:
     ckpt: Checkpoint
     layout: Layout
     opts: SlimOptions
+    ranks: Ranks = SINGLE  # the processes of a torchrun (joined once)
 
     @functools.cached_property
     def context(self) -> RunContext:
@@ -117,11 +118,10 @@ def slim(opts: SlimOptions) -> SlimResult:
         check_write_access(push)  # before any work: a long prune must not end in a refused token
     root = resolve_source(str(opts.source), opts.revision, preflight=lambda config: preflight(config, opts))
     ckpt = open_checkpoint(root)
-    job = Job(root, ckpt, resolve_layout(ckpt), opts)
+    job = Job(root, ckpt, resolve_layout(ckpt), opts, current(opts.calibration.device))
     copied, skipped = extra_files(ckpt.root, ckpt.shards)
-    ranks = current(opts.calibration.device)
-    if not ranks.leader:
-        return _follow(job, ranks, skipped)
+    if not job.ranks.leader:
+        return _follow(job, skipped)
     with contextlib.ExitStack() as held:
         out = opts.out or (default_out(opts.source, opts.keep) if opts.keep is not None else None)
         work = None
@@ -140,7 +140,7 @@ def slim(opts: SlimOptions) -> SlimResult:
     return SlimResult(out, plan, total, shards, skipped, url, report)
 
 
-def _follow(job: Job, ranks: Ranks, skipped: list[Path]) -> SlimResult:
+def _follow(job: Job, skipped: list[Path]) -> SlimResult:
     """A rank other than 0 under torchrun: it calibrates and validates its share with rank 0, which alone claims,
     writes and pushes the output; its result holds the same plan and validation, and nothing written."""
     opts = job.opts
@@ -148,7 +148,7 @@ def _follow(job: Job, ranks: Ranks, skipped: list[Path]) -> SlimResult:
     out = opts.out or default_out(opts.source, plan.keep)
     report = None
     if opts.validation is not None:
-        report = validate(job.root, Path(ranks.from_leader(None)), opts.validation, job.ckpt)
+        report = validate(job.root, Path(job.ranks.from_leader(None)), opts.validation, job.ckpt)
     return SlimResult(out, plan, 0, 0, skipped, None, report)
 
 
@@ -242,7 +242,7 @@ def _validate(job: Job, tmp: Path) -> dict | None:
     opts = job.opts
     if opts.validation is None:
         return None
-    current(opts.calibration.device).from_leader(str(tmp))  # the other ranks of a torchrun validate with us
+    job.ranks.from_leader(str(tmp))  # the other ranks of a torchrun validate with us
     report = {**validate(job.root, tmp, opts.validation, job.ckpt), "original": str(opts.source),
               "pruned": "."}  # fmt: skip
     write_report(report, tmp)
