@@ -23,6 +23,7 @@ from moeslim.criteria import (
     CRITERIA,
     DATA_FREE,
     DEFAULT_CRITERION,
+    RECONSTRUCTION,
     calibrated_scores,
     is_calibrated,
     layer_scores,
@@ -101,9 +102,14 @@ class Job:
 
     @functools.cached_property
     def context(self) -> RunContext:
+        """The run context of this slim's passes. The reconstruction criterion's greedy search (most of a
+        calibration's CPU at real widths) runs only when ``--criterion reconstruction`` asks for it."""
         from moeslim.stream.context import RunContext  # torch: only for passes that run the model
 
-        return RunContext(self.ckpt, self.layout, self.opts.calibration)
+        calibration = self.opts.calibration
+        if self.opts.criterion != RECONSTRUCTION:
+            calibration = dataclasses.replace(calibration, reconstruction_tokens=0)
+        return RunContext(self.ckpt, self.layout, calibration)
 
 
 def slim(opts: SlimOptions) -> SlimResult:

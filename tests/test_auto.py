@@ -148,3 +148,29 @@ def test_auto_with_progressive_is_refused(built: Callable[[str], Path], capsys: 
     assert err.strip().splitlines() == [
         "moeslim: error: --progressive needs one calibrated criterion such as ean, not auto"
     ]
+
+
+@pytest.mark.parametrize("criterion", ["auto", "ean", "reconstruction"])
+def test_the_reconstruction_search_runs_only_when_its_criterion_asks(
+    criterion: str, built: Callable[[str], Path]
+) -> None:
+    """Its greedy search was most of a calibration's CPU at real widths, and no other plan reads its scores."""
+    import sys
+
+    from moeslim.calibrate.reconstruction import ReconstructionSampler
+
+    src = built("qwen3_moe")
+    ckpt = open_checkpoint(src)
+    searches = []
+
+    def watch(frame, event, arg):  # noqa: ANN001, ANN202 - sys.setprofile's signature
+        if event == "call" and frame.f_code is ReconstructionSampler.scores.__wrapped__.__code__:  # no_grad wraps it
+            searches.append(frame)
+
+    job = Job(src, ckpt, resolve_layout(ckpt), SlimOptions(src, keep=4, criterion=criterion, calibration=SMALL))
+    sys.setprofile(watch)
+    try:
+        make_plan(job)
+    finally:
+        sys.setprofile(None)
+    assert (len(searches) > 0) == (criterion == "reconstruction"), len(searches)
