@@ -53,7 +53,7 @@ def weight_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Sc
 
 def _dequantised_weight_norm(ckpt: Checkpoint, layout: Layout) -> Scores:
     """``weight_norm`` of a quantised checkpoint: each expert's weights dequantised as calibration reads them
-    (``calibrate/dequant.py``), one expert at a time."""
+    (``stream/dequant.py``), one expert at a time."""
     method = unreadable(ckpt.config)
     if method:
         raise PlanError(f"weight-norm cannot dequantise {method} expert weights (it reads {READABLE}); use router-norm")

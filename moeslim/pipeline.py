@@ -75,7 +75,7 @@ class SlimOptions:
     command: str = ""  # the command line that made it, for the model card
     validation: ValidateOptions | None = ValidateOptions(samples=8, seq_len=128, require_data=False)  # None: skip
     max_kl: float | None = None  # a validated mean KL above this is not pushed
-    correct: bool | None = None  # refit the kept experts (correction.py); None: when the plan used calibration data
+    correct: bool | None = None  # refit the kept experts (correct/); None: when the plan used calibration data
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,7 @@ def _push_options(opts: SlimOptions) -> PushOptions | None:
 
 def make_plan(job: Job, work: Path | None = None) -> Plan:
     """The plan from ``--plan``, or scored by a criterion; feasibility is checked before any scoring. ``auto``
-    fits the correction of its first candidate in the same pass, into ``work`` (correction.py's ``FITTED``); the
+    fits the correction of its first candidate in the same pass, into ``work`` (``correct/run.py``'s ``FITTED``); the
     plan records it when that candidate wins."""
     ckpt, layout, opts = job.ckpt, job.layout, job.opts
     if opts.plan is not None:

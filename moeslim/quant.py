@@ -34,7 +34,7 @@ def quantization_config(config: dict) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-#: formats whose weights calibration and validation dequantise layer by layer (``calibrate/dequant.py``)
+#: formats whose weights calibration and validation dequantise layer by layer (``stream/dequant.py``)
 READABLE = "fp8 block-scaled, mxfp4 and compressed-tensors pack-, float- and int-quantized"
 CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "naive-quantized")
 

@@ -1,6 +1,6 @@
 """Routing statistics as plain numpy data: per MoE layer and expert, sums over calibration tokens.
 
-No torch here: criteria, plans and the statistics store read them without it; ``stats.py`` collects them.
+No torch here: criteria, plans and the statistics file read them without it; ``capture.py`` collects them.
 """
 
 from __future__ import annotations

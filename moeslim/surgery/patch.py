@@ -1,6 +1,6 @@
 """Corrected tensors for surgery: the kept experts' down projections, rewritten in the checkpoint's own tensors.
 
-The correction (``calibrate/correct.py``) is fitted on the loaded model's parameter; here it is carried back to the
+The correction (``correct/fit.py``) is fitted on the loaded model's parameter; here it is carried back to the
 tensors on disk that load into that parameter (one per expert, or one fused tensor per layer), in their dtype and
 orientation. A patch file holds each rewritten tensor as the output will hold it (a fused tensor already sliced to the
 kept experts), and ``plan_outputs`` takes its bytes from there instead of the source.

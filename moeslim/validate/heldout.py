@@ -1,6 +1,6 @@
 """Held-out validation tokens: packed like calibration data, from documents calibration did not read.
 
-Calibration (``calibrate/data.py``, ``read_tokens``) reads documents of a corpus in a seeded shuffled order until it has
+Calibration (``stream/tokens.py``, ``read_tokens``) reads documents of a corpus in a seeded shuffled order until it has
 ``samples × seq_len`` tokens. When the plan records a calibration on the same corpus, that reading is
 replayed here and its token digest compared with the recorded one: when they match, the exact set of
 documents calibration read is known, and validation packs its tokens from the other documents only, so no

@@ -9,7 +9,7 @@ Three steps, each failing with one line that names the layer and the tensor:
 3. transformers itself agrees: the model is instantiated from the config on the meta device and the
    checkpoint's keys, as meta tensors of the header shapes and dtypes, go through transformers' own loading
    conversion (the one ``from_pretrained`` uses, experts fused in memory); any missing, unexpected or
-   mismatched key is an error. Quantised weights in a format calibration reads (``calibrate/dequant.py``) go
+   mismatched key is an error. Quantised weights in a format calibration reads (``stream/dequant.py``) go
    through at their dequantised names and shapes; those of other formats are loaded by a quantiser, not this
    path, and are checked by name only (step 2).
 """
