@@ -14,6 +14,11 @@ PACKED_PARTS = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zer
 SCALED_PARTS = (".weight", ".weight_scale", ".weight_zero_point", ".input_scale")  # compressed-tensors float/int
 GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")  # GPTQ / AWQ packs (not dequantised yet)
 
+#: what is gone once a weight is dequantised: its scales, zero points, shapes and activation scales
+DROPPED_WHEN_DENSE = (*FP8_SCALE, *FP8_EXTRA, "_scales", ".weight_scale", ".weight_zero_point", ".weight_shape",
+                      ".qzeros", ".scales", ".g_idx")  # fmt: skip
+#: packed codes and how many dense values one stored element holds, by stored dtype
+PACKED_CODES = {".weight_packed": {"I32": 8, "I64": 16}, ".qweight": {"I32": 8}, "_blocks": {"U8": 2}}
 #: tensors that only mean something beside a quantised weight
 COMPANIONS = (*FP8_SCALE, *MXFP4_PARTS, *PACKED_PARTS)
 #: names a quantiser stores instead of, or beside, a weight transformers would expect

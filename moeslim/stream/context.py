@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moeslim.errors import DeviceError, MissingFileError, PlanError
+from moeslim.families.table import text_config
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
+from moeslim.stream.memory import check_fits
 from moeslim.stream.options import CalibrationOptions
 from moeslim.stream.ranks import Ranks, current, rank_device
 from moeslim.units import parse_size
@@ -68,10 +70,21 @@ class RunContext:
         return self._data
 
     def runner(self) -> LayerRunner:
-        """A fresh layer runner of the checkpoint (close it when done)."""
+        """A fresh layer runner of the checkpoint (close it when done), once its largest layer is known to fit."""
         from moeslim.stream.runner import LayerRunner  # transformers' model code: imported when used
 
+        self.check_fits()
         return LayerRunner(self.ckpt, self.layout, self.device, self.dtype, self.opts.trust_remote_code)
+
+    def check_fits(self, streams: int = 1) -> None:
+        """Refuse in one line, before any weight is read, a pass whose largest layer and ``streams`` copies of
+        the hidden states cannot fit in memory (``memory.py``)."""
+        opts, size = self.opts, self.dtype.itemsize
+        hidden = int(text_config(self.ckpt.config).get("hidden_size") or 0)
+        states = opts.samples * opts.seq_len * hidden * size
+        if self.max_bytes is not None:
+            states = min(states, self.max_bytes)
+        check_fits(self.ckpt, self.layout, size, states * streams, opts.dtype)
 
 
 def load_tokenizer(ckpt: Checkpoint) -> Any:

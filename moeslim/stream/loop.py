@@ -47,6 +47,7 @@ import torch
 from tqdm import tqdm
 
 from moeslim.stream.masking import mask_router
+from moeslim.stream.memory import is_out_of_memory, out_of_memory
 from moeslim.stream.ranks import SINGLE, Ranks
 
 if TYPE_CHECKING:
@@ -137,17 +138,25 @@ def walk(
     state.stop = max((s for o in observers if (s := o.stop(state)) is not None), default=first)
     quiet = None if ranks.leader else True  # bars on a terminal, and from rank 0 only
 
+    at = [first]  # the layer being loaded or run, for the out-of-memory line
+
     def unloaded(index: int) -> None:
+        at[0] = index + 1
         for observer in observers:
             observer.unloaded(state, index)
 
     layers = runner.layers(first, state.stop, unloaded=unloaded)
-    for index, layer in tqdm(layers, desc=desc, total=state.stop, initial=first, unit="layer", disable=quiet):
-        _step(state, observers, index, layer)
-        for observer in observers:
-            observer.after(state, index, layer)
-        if all(observer.done(state) for observer in observers):
-            break
+    try:
+        for index, layer in tqdm(layers, desc=desc, total=state.stop, initial=first, unit="layer", disable=quiet):
+            _step(state, observers, index, layer)
+            for observer in observers:
+                observer.after(state, index, layer)
+            if all(observer.done(state) for observer in observers):
+                break
+    except (MemoryError, RuntimeError) as e:
+        if is_out_of_memory(e):
+            raise out_of_memory(f"at decoder layer {at[0]}") from e
+        raise
     for observer in observers:
         observer.finish(state)
     return state
