@@ -16,7 +16,7 @@ import torch
 
 from moeslim.layout import Routing
 from moeslim.stream.masking import mask_router
-from moeslim.stream.modules import MoeParts
+from moeslim.stream.modules import MoeParts, choice_of
 from moeslim.stream.ranks import Ranks
 
 
@@ -82,7 +82,7 @@ class ReconstructionSampler:
     def _output(self, x: torch.Tensor, outputs: torch.Tensor, kept: tuple[int, ...], experts: int) -> torch.Tensor:
         """Routed MoE output ``(tokens, hidden)`` when only ``kept`` of the ``experts`` can be chosen."""
         with mask_router(self.parts, kept, experts):
-            _, weight, index = self.router(x, *self._router_args)  # (tokens, k) each
+            weight, index = choice_of(self.router(x, *self._router_args))  # (tokens, k) each
         rows = torch.arange(x.shape[0], device=x.device)
         return sum(weight[:, p, None].float() * outputs[index[:, p], rows] for p in range(index.shape[1]))
 

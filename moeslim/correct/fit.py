@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from moeslim.stream.loop import Observer, Walk
 from moeslim.stream.masking import mask_router
-from moeslim.stream.modules import MoeParts, takes_routing
+from moeslim.stream.modules import MoeParts, choice_of, takes_routing
 from moeslim.stream.ranks import Ranks
 from moeslim.surgery.patch import PatchError
 
@@ -174,9 +174,9 @@ class LayerFit:
             raise Unsupported("its block does not call its router and experts on the same tokens")
         x, share = torch.cat(self._inputs), torch.cat(self._outputs)
         self._inputs, self._outputs = [], []
-        _, original, chosen = self.parts.router(x, *self._router_args)
+        original, chosen = choice_of(self.parts.router(x, *self._router_args))
         with mask_router(self.parts, kept, self.num_experts):
-            _, weight, index = self.parts.router(x, *self._router_args)
+            weight, index = choice_of(self.parts.router(x, *self._router_args))
         # share ← (y − ŷ) / s, in place; a token the pruned router routes exactly as before lost nothing (exactly 0,
         # not the rounding of recomputing its output)
         changed = ((chosen != index) | (original != weight)).any(-1)

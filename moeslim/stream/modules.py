@@ -108,3 +108,12 @@ def takes_routing(experts: Any) -> bool:
     """Whether an experts module is called with the router's choice, ``(hidden, index, weights)``, as in
     transformers 5.x; Llama-4's takes the hidden states only (every token through every expert, pre-scaled)."""
     return len(inspect.signature(experts.forward).parameters) >= 3
+
+
+def choice_of(outputs: tuple) -> tuple[Any, Any]:
+    """``(weight, index)`` ``(tokens, k)`` of a router's outputs, whatever their order: the index is the integer
+    tensor, the weight the floating one of the same shape (GraniteMoe's router returned ``(index, weight,
+    logits)`` up to transformers 5.16, ``(logits, weight, index)`` later; most return the latter)."""
+    index = next(t for t in outputs if not t.is_floating_point())
+    weight = next(t for t in outputs if t.is_floating_point() and t.shape == index.shape)
+    return weight, index
