@@ -12,7 +12,7 @@ import numpy as np
 
 from moeslim.calibrate.statistics import LayerStats, Statistics
 from moeslim.errors import CheckpointError, PlanError
-from moeslim.floats import read_float
+from moeslim.floats import read_float, read_rows
 from moeslim.layout import Layout, MoeLayer
 from moeslim.plan import check_finite_scores
 from moeslim.quant import READABLE, quantization_config, unreadable
@@ -23,12 +23,14 @@ Scores = dict[int, np.ndarray]  # layer index → (experts,) float64
 
 
 def router_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Scores:
-    """L2 norm of each expert's router row ``||W_router[j]||``."""
+    """L2 norm of each routed expert's router row ``||W_router[j]||``: rows on whichever dim the family keeps
+    experts, and only the routed experts' (rows after them, LongCat-Flash's zero-computation experts', are kept
+    by surgery but not scored)."""
     weight_name = layout.family.router_weight
     out = {}
     for layer in layout.layers:
         name = layer.block + weight_name
-        w = _read(ckpt, name)  # (experts, hidden) float32
+        w = _by_expert(layer, name, _read(ckpt, name), layout.num_experts)  # (experts, hidden) float32
         _check_finite_rows(w, layer.index, name)
         norms = np.sqrt(np.sum(np.square(w, dtype=np.float64), axis=1))  # (experts,) summed in float64
         out[layer.index] = norms.astype(np.float32).astype(np.float64)  # float32 norms, as the weights' precision
@@ -45,7 +47,8 @@ def weight_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Sc
         sq = np.zeros(layout.num_experts)
         for j in range(layout.num_experts):
             for name in _weight_tensors(ckpt, layer, j):
-                sq[j] += _sq_norm(ckpt, name, None if layer.per_expert else j, where=(layer.index, j))
+                w = _read(ckpt, name) if layer.per_expert else _expert_slice(ckpt, layer, name, j, layout.num_experts)
+                sq[j] += _finite_sq_norm(w, name, (layer.index, j))
         out[layer.index] = np.sqrt(sq)
         check_finite_scores(out[layer.index], layer.index, "weight-norm")
     return out
@@ -68,7 +71,10 @@ def _dequantised_weight_norm(ckpt: Checkpoint, layout: Layout) -> Scores:
                 for item in items:
                     if _is_side_tensor(item.name):
                         continue
-                    w = reader.dense(item, None if layer.per_expert else j).double().numpy()
+                    if layer.per_expert or _regular(layer, item.name):
+                        w = reader.dense(item, None if layer.per_expert else j).double().numpy()
+                    else:  # experts off dim 0 or in blocks of rows: the whole tensor, then expert j's part
+                        w = _by_expert(layer, item.name, reader.dense(item).double().numpy(), layout.num_experts)[j]
                     sq[j] += _finite_sq_norm(w, item.name, (layer.index, j))
             out[layer.index] = np.sqrt(sq)
             check_finite_scores(out[layer.index], layer.index, "weight-norm")
@@ -137,12 +143,33 @@ def calibrated_scores(criterion: str, stats: Statistics, ckpt: Checkpoint, layou
     return out
 
 
-def _read(ckpt: Checkpoint, name: str, row: int | None = None) -> np.ndarray:
-    """A tensor (or its ``row`` along dim 0) as float32; integer tensors are refused."""
+def _read(ckpt: Checkpoint, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """A tensor (or its rows ``start:stop`` along dim 0) as float32; integer tensors are refused."""
     info = ckpt.tensors[name]
     if info.dtype not in FLOAT_DTYPES:
         raise PlanError(f"cannot score from {name}: it is {info.dtype}, not floating point; use --criterion random")
-    return read_float(info, row)
+    return read_float(info) if rows is None else read_rows(info, *rows)
+
+
+def _by_expert(layer: MoeLayer, name: str, w: np.ndarray, experts: int) -> np.ndarray:
+    """A router or fused tensor ``w`` as ``(experts, -1)``: each routed expert's block of rows along the dim that
+    indexes experts, flattened; rows after the routed experts' (``MoeLayer.blocks``' extra rows) left out."""
+    per, _ = layer.block_of(name)
+    return np.moveaxis(w, layer.dim_of(name), 0)[: experts * per].reshape(experts, -1)
+
+
+def _regular(layer: MoeLayer, name: str) -> bool:
+    """Whether expert ``j`` of the fused tensor ``name`` is its row ``j`` along dim 0."""
+    return layer.dim_of(name) == 0 and layer.block_of(name) == (1, 0)
+
+
+def _expert_slice(ckpt: Checkpoint, layer: MoeLayer, name: str, j: int, experts: int) -> np.ndarray:
+    """Expert ``j``'s part of the fused tensor ``name``: its block of rows read alone where experts are on dim 0,
+    else cut from the whole tensor."""
+    if layer.dim_of(name) == 0:
+        per, _ = layer.block_of(name)
+        return _read(ckpt, name, (j * per, (j + 1) * per))
+    return _by_expert(layer, name, _read(ckpt, name), experts)[j]
 
 
 def _weight_tensors(ckpt: Checkpoint, layer: MoeLayer, j: int) -> list[str]:
@@ -171,11 +198,6 @@ def _check_finite_rows(w: np.ndarray, index: int, name: str) -> None:
             f"layer {index}: the router weight {name} holds non-finite values for expert {rows[0]};"
             " the checkpoint is corrupt, re-download it"
         )
-
-
-def _sq_norm(ckpt: Checkpoint, name: str, row: int | None, where: tuple[int, int]) -> float:
-    """Squared L2 norm of one expert's weight (one row of a fused tensor); ``where`` is (layer, expert)."""
-    return _finite_sq_norm(_read(ckpt, name, row), name, where)  # float32
 
 
 def _finite_sq_norm(w: np.ndarray, name: str, where: tuple[int, int]) -> float:

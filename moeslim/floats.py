@@ -50,13 +50,19 @@ def decode(raw: bytes, dtype: str) -> np.ndarray:
 
 def read_float(info: TensorInfo, row: int | None = None) -> np.ndarray:
     """The whole tensor, or its ``row`` along dim 0, as float32 of the tensor's shape (without dim 0 for a row)."""
-    shape = info.shape if row is None else info.shape[1:]
-    size = tensor_nbytes(info.dtype, shape)
-    if row is not None and not 0 <= row < info.shape[0]:
-        raise IndexError(f"row {row} of {info.name}, which has {info.shape[0]}")
+    if row is None:
+        return read_rows(info, 0, info.shape[0] if info.shape else 1).reshape(info.shape)
+    if not 0 <= row < (info.shape[0] if info.shape else 0):
+        raise IndexError(f"row {row} of {info.name}, which has {info.shape[0] if info.shape else 0}")
+    return read_rows(info, row, row + 1)[0]
+
+
+def read_rows(info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` along dim 0 as float32 ``(stop - start, *shape[1:])`` (a scalar is one row)."""
+    size = tensor_nbytes(info.dtype, info.shape[1:])  # bytes of one row
     with open(info.file, "rb") as f:
-        f.seek(info.start + (row or 0) * size)
-        raw = f.read(size)
-    if len(raw) != size:
+        f.seek(info.start + start * size)
+        raw = f.read((stop - start) * size)
+    if len(raw) != (stop - start) * size:
         raise OSError(f"{info.file} ended inside tensor {info.name}")
-    return decode(raw, info.dtype).reshape(shape)
+    return decode(raw, info.dtype).reshape(stop - start, *info.shape[1:])

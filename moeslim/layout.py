@@ -41,10 +41,14 @@ class MoeLayer:
         """The dim of ``name`` (a router or fused tensor) that indexes experts."""
         return dict(self.dims).get(name, 0)
 
+    def block_of(self, name: str) -> tuple[int, int]:
+        """``(rows per expert, extra rows after the experts)`` of ``name`` (a router or fused tensor)."""
+        return next(((k, z) for n, k, z in self.blocks if n == name), (1, 0))
+
     def rows_of(self, name: str, kept: tuple[int, ...], size: int) -> tuple[int, ...]:
         """The rows of ``name``'s expert dim (``size`` long) that keep experts ``kept``: each expert's block of
         rows, then every extra row after the experts (zero-computation experts stay)."""
-        per, extra = next(((k, z) for n, k, z in self.blocks if n == name), (1, 0))
+        per, extra = self.block_of(name)
         experts = (size - extra) // per
         return (*(j * per + r for j in kept for r in range(per)), *range(experts * per, size))
 

@@ -6,13 +6,15 @@ transformers release shows new or changed families here. A supported family gets
 written by ``save_pretrained``; moeslim prunes it with a random plan; the pruned checkpoint must load
 strictly in the family's own class, give the logits of the original whose routers cannot reach the dropped
 experts (float32, 1e-5), and keep every other tensor byte for byte. A refused family must be refused by the
-CLI in one line that carries the reason.
+CLI in one line that carries the reason. Every data-free criterion prunes every supported family too (the same
+tiny checkpoints, built once), its output loading strictly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import transformers
 
 from moeslim.calibrate.capture import FIELDS, LayerStats, Statistics, collect
 from moeslim.calibrate.collect import calibrate_layers
+from moeslim.criteria import DATA_FREE
 from moeslim.families.derive import DERIVED_PATH, moe_model_types, probe
 from moeslim.families.table import FAMILIES
 from moeslim.families.tiny import tiny_model
@@ -98,9 +101,33 @@ def _logits(model: Any, ids: torch.Tensor | None = None) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits
 
 
+Built = tuple[dict[str, Any], Any, Path | None]  # (fresh record, tiny model, its saved checkpoint)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Built]:
+    """A family's fresh derivation with its tiny model (distinct random weights) saved as a checkpoint, built
+    once per module: the derivation's own model serves as the checkpoint."""
+    cache: dict[str, Built] = {}
+
+    def get(model_type: str) -> Built:
+        if model_type not in cache:
+            fresh, built = probe(model_type)
+            src = None
+            if "refused" not in fresh:
+                src = tmp_path_factory.mktemp(model_type) / "src"
+                _distinct(built).save_pretrained(src)
+            cache[model_type] = (fresh, built, src)
+        return cache[model_type]
+
+    return get
+
+
 @pytest.mark.parametrize("model_type", TYPES)
-def test_family_is_pruned_exactly_or_refused_with_its_reason(model_type: str, tmp_path: Path, capsys) -> None:
-    fresh, built = probe(model_type)  # the derivation's own tiny model serves as the checkpoint: built once
+def test_family_is_pruned_exactly_or_refused_with_its_reason(
+    model_type: str, family: Callable[[str], Built], tmp_path: Path, capsys
+) -> None:
+    fresh, original, src = family(model_type)
     assert TABLE.get(model_type) == fresh, "regenerate with: python -m moeslim.families.derive"
     if "refused" in fresh:
         _assert_refused(model_type, fresh["refused"], tmp_path, capsys)
@@ -113,9 +140,8 @@ def test_family_is_pruned_exactly_or_refused_with_its_reason(model_type: str, tm
         assert all(_matches(r, hand.router) for r in fresh["router"])
         assert all(_matches(e, hand.experts) for e in fresh["experts"])
 
-    src, out = tmp_path / "src", tmp_path / "out"
-    original = _distinct(built)
-    original.save_pretrained(src)
+    assert src is not None
+    out = tmp_path / "out"
     slim(SlimOptions(src, keep=4, out=out, criterion="random", seed=7))
     plan = json.loads((out / PLAN_NAME).read_text())
     kept = {entry["layer"]: tuple(entry["kept"]) for entry in plan["layers"]}
@@ -140,6 +166,57 @@ def test_family_is_pruned_exactly_or_refused_with_its_reason(model_type: str, tm
         assert code == 2 and len(lines) == 1 and fresh["calibration"] in lines[0], err
         assert not (tmp_path / "stats").exists()
         COVERAGE[model_type] = ("pruned", f"{_layout_text(fresh)} (not calibrated: {fresh['calibration']})")
+
+
+@pytest.mark.parametrize("criterion", list(DATA_FREE))
+@pytest.mark.parametrize("model_type", TYPES)
+def test_every_data_free_criterion_prunes_every_family(
+    model_type: str, criterion: str, family: Callable[[str], Built], tmp_path: Path, capsys
+) -> None:
+    """``slim --criterion C`` exits 0 on every supported family for every data-free C, its plan keeps 4 of 8 experts
+    in every MoE layer and its output loads strictly; a score read from the weights is the score of the same
+    expert's tensors after pruning (an expert's rows read where they are, extra rows left out). A refused family
+    is refused in one line with its reason, whatever the criterion."""
+    fresh, _, src = family(model_type)
+    if src is None:
+        _assert_refused(model_type, fresh["refused"], tmp_path, capsys, ["--criterion", criterion])
+        return
+    out = tmp_path / "out"
+    args = [
+        "slim",
+        str(src),
+        "--keep",
+        "4",
+        "--criterion",
+        criterion,
+        "--seed",
+        "7",
+        "--no-validate",
+        "--out",
+        str(out),
+    ]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    plan = json.loads((out / PLAN_NAME).read_text())
+    before, after = open_checkpoint(src), open_checkpoint(out)
+    layout = resolve_layout(before)
+    assert [e["layer"] for e in plan["layers"]] == layout.moe_indices
+    for entry in plan["layers"]:
+        assert len(entry["scores"]) == 8 and len(entry["kept"]) == 4 == len(set(entry["kept"])), entry
+        assert all(0 <= j < 8 for j in entry["kept"]), entry
+    score = DATA_FREE[criterion]
+    if np.array_equal(_scores(score(before, layout, 1)), _scores(score(before, layout, 2))):  # read from weights
+        again = score(after, resolve_layout(after), None)
+        for entry in plan["layers"]:
+            kept_scores = np.asarray(entry["scores"])[entry["kept"]]
+            np.testing.assert_array_equal(again[entry["layer"]], kept_scores, err_msg=f"layer {entry['layer']}")
+    cls = getattr(transformers, fresh["architecture"])
+    _, info = cls.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+
+
+def _scores(scores: dict[int, np.ndarray]) -> list[list[float]]:
+    return [scores[i].tolist() for i in sorted(scores)]
 
 
 def _assert_streaming_statistics_equal_full_forward(model: Any, src: Path, layout: Any) -> None:
@@ -183,13 +260,14 @@ def _assert_untouched_bytes_equal(src: Path, out: Path, layout: Any) -> None:
             assert fa.read(a.nbytes) == fb.read(b.nbytes), name
 
 
-def _assert_refused(model_type: str, reason: str, tmp_path: Path, capsys) -> None:
-    """``slim`` refuses the family in one line carrying the reason, before reading any weight."""
+def _assert_refused(model_type: str, reason: str, tmp_path: Path, capsys, extra: Sequence[str] = ()) -> None:
+    """``slim`` (with ``extra`` arguments) refuses the family in one line carrying the reason, before reading any
+    weight."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": ["X"]}))
     (src / "model.safetensors").write_bytes(b"not read")  # a refusal must come before any weight is read
-    code, _, err = run_cli(["slim", str(src), "--keep", "2", "--out", str(tmp_path / "out")], capsys)
+    code, _, err = run_cli(["slim", str(src), "--keep", "2", "--out", str(tmp_path / "out"), *extra], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and reason in lines[0], err
     assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moeslim.floats import decode, read_float
+from moeslim.floats import decode, read_float, read_rows
 from moeslim.shards import read_header
 
 EVERY_16_BITS = torch.arange(65536, dtype=torch.int32).to(torch.int16)
@@ -41,3 +41,4 @@ def test_read_float_reads_a_row_from_the_file(tmp_path) -> None:
     assert same_bits(read_float(info, 2), weight[2].float().numpy())
     with pytest.raises(IndexError):
         read_float(info, 4)
+    assert same_bits(read_rows(info, 1, 3), weight[1:3].float().numpy())  # a flattened expert's block of rows
