@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from moeslim.errors import CheckpointError
+from moeslim.errors import CheckpointError, UnsupportedModelError
 from moeslim.families.table import Family, config_value, family_of, text_config
 from moeslim.jsonio import is_whole
 from moeslim.source import Checkpoint
@@ -84,8 +84,8 @@ def routing_of(config: dict) -> Routing:
     except TypeError as e:  # an unhashable model_type (a list, an object)
         raise CheckpointError("config.json model_type is not a string; fix or re-download the config") from e
     cfg = text_config(config)
-    num_experts = _config_int(cfg, family.count_keys, "expert count")
-    top_k = _config_int(cfg, family.top_k_keys, "top-k")
+    num_experts = _config_int(cfg, family.count_keys, "expert count", family.per_layer)
+    top_k = _config_int(cfg, family.top_k_keys, "top-k", family.per_layer)
     if not 1 <= top_k <= num_experts:
         raise CheckpointError(
             f"config.json routes each token to top-k {top_k} of {num_experts} experts; top-k must be between 1 and"
@@ -144,16 +144,31 @@ def resolve_layout(ckpt: Checkpoint) -> Layout:
     return Layout(**vars(routing), layers=layers)
 
 
-def _config_int(cfg: dict, keys: tuple[str, ...], what: str) -> int:
-    """The first of ``keys`` that ``cfg`` sets (not null), which must be a JSON whole number."""
+def _config_int(cfg: dict, keys: tuple[str, ...], what: str, per_layer: tuple[str, ...] = ()) -> int:
+    """The first of ``keys`` that ``cfg`` sets (not null), which must be a JSON whole number; for a key in
+    ``per_layer``, also a list of one whole number per layer, all equal (Hunyuan-A13B's ``moe_topk: [8, 8, …]``),
+    read as that number."""
     for key in keys:
         value = config_value(cfg, key)
         if value is None:
             continue
+        if key in per_layer and isinstance(value, list) and value and all(is_whole(v) for v in value):
+            if len(set(value)) > 1:
+                raise UnsupportedModelError(
+                    f"config.json {key} differs between layers ({_short(value)}); a per-layer different {what} is"
+                    " not supported, moeslim gives every MoE layer one"
+                )
+            value = value[0]
         if not is_whole(value):
             raise CheckpointError(f"config.json {key} is {value!r}, not a whole number; fix or re-download the config")
         return value
     raise CheckpointError(f"config.json has no {what} (looked for {', '.join(keys)}); the config is incomplete")
+
+
+def _short(values: list) -> str:
+    """A list as JSON, its middle elided past eight entries."""
+    shown = [*map(str, values[:4]), "…", *map(str, values[-4:])] if len(values) > 8 else list(map(str, values))
+    return "[" + ", ".join(shown) + "]"
 
 
 def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, str]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from moeslim.errors import UnsupportedModelError
+from moeslim.errors import CheckpointError, UnsupportedModelError
 from moeslim.families.table import FAMILIES, family_of
+from moeslim.layout import routing_of
 from moeslim.surgery.config import dump_config, rewrite_config
 
 
@@ -52,3 +53,49 @@ def test_grouping_applies_only_to_group_limited_routers() -> None:
     assert FAMILIES["deepseek_v2"].groups({"n_group": 8, "topk_method": "greedy"}) == 1
     assert FAMILIES["deepseek_v2"].groups({"n_group": 8, "topk_method": "group_limited_greedy"}) == 8
     assert FAMILIES["deepseek_v3"].groups({"n_group": 8}) == 8
+
+
+HUNYUAN_A13B = {  # the shape of tencent/Hunyuan-A13B-Instruct's config.json: per-layer lists, one entry per layer
+    "model_type": "hunyuan_v1_moe",
+    "num_hidden_layers": 3,
+    "num_experts": 64,
+    "moe_topk": [8, 8, 8],
+    "num_shared_expert": [1, 1, 1],
+    "moe_intermediate_size": [3072, 3072, 3072],
+}
+
+
+def test_a_per_layer_list_is_rewritten_as_a_list_of_the_new_value() -> None:
+    out = rewrite_config(HUNYUAN_A13B, family_of(HUNYUAN_A13B), 32, 4)
+    assert out == {**HUNYUAN_A13B, "num_experts": 32, "moe_topk": [4, 4, 4]}
+    assert HUNYUAN_A13B["moe_topk"] == [8, 8, 8]  # input untouched
+
+
+def test_a_per_layer_list_of_one_value_is_read_as_that_value() -> None:
+    routing = routing_of(HUNYUAN_A13B)
+    assert (routing.num_experts, routing.top_k) == (64, 8)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (
+            [8, 8, 4],
+            UnsupportedModelError,
+            r"moe_topk differs between layers \(\[8, 8, 4\]\); a per-layer different top-k is not supported",
+        ),
+        ([8, "8", 8], CheckpointError, r"moe_topk is \[8, '8', 8\], not a whole number"),
+        ([], CheckpointError, r"moe_topk is \[\], not a whole number"),
+    ],
+)
+def test_a_per_layer_list_of_different_or_odd_values_is_refused(value: list, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        routing_of({**HUNYUAN_A13B, "moe_topk": value})
+
+
+def test_a_list_where_the_family_takes_only_a_number_is_refused() -> None:
+    """Only keys the derivation found to take a per-layer list may hold one (transformers refuses the others)."""
+    assert family_of(HUNYUAN_A13B).per_layer == ("moe_topk",) and FAMILIES["qwen3_moe"].per_layer == ()
+    cfg = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 8, "num_experts_per_tok": [2, 2]}
+    with pytest.raises(CheckpointError, match=r"num_experts_per_tok is \[2, 2\], not a whole number"):
+        routing_of(cfg)

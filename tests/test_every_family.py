@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from moeslim.calibrate.capture import FIELDS, LayerStats, Statistics, collect
 from moeslim.calibrate.collect import calibrate_layers
 from moeslim.criteria import DATA_FREE
 from moeslim.families.derive import DERIVED_PATH, moe_model_types, probe
-from moeslim.families.table import FAMILIES
+from moeslim.families.table import FAMILIES, text_config
 from moeslim.families.tiny import tiny_model
 from moeslim.layout import _matches, resolve_layout
 from moeslim.names import PLAN_NAME
@@ -213,6 +214,48 @@ def test_every_data_free_criterion_prunes_every_family(
     cls = getattr(transformers, fresh["architecture"])
     _, info = cls.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+
+
+# Count and top-k keys a family's config may hold as a per-layer list, found by the derivation (the config class
+# takes the list and the model built from it computes the same logits). Under transformers 5.25: hunyuan_v1_moe's
+# moe_topk (Hunyuan-A13B's config.json lists one top-k per layer).
+LISTED = [(t, key) for t in TYPES for key in TABLE[t].get("per_layer_keys", [])]
+
+
+@pytest.mark.parametrize(("model_type", "key"), LISTED)
+def test_a_per_layer_list_is_read_as_its_one_value_and_rewritten_as_a_list(
+    model_type: str, key: str, family: Callable[[str], Built], tmp_path: Path, capsys
+) -> None:
+    """A config key that the family's own config class lets hold one value per layer, written as such a list of
+    equal values, prunes as the single value would: the output keeps the list with every entry rewritten, loads
+    strictly, and its routers choose as many experts as the list says. Different values per layer are refused in
+    one line."""
+    fresh, _, built = family(model_type)
+    assert built is not None
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(built, src)
+    config = json.loads((src / "config.json").read_text())
+    scope = text_config(config)
+    n, value = scope["num_hidden_layers"], scope[key]
+    top_k = key in fresh["top_k_keys"]
+    scope[key] = [value - 1] + [value] * (n - 1)
+    (src / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(["slim", str(src), "--keep", "4", "--criterion", "router-norm", "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"{key} differs between layers" in err, err
+    scope[key] = [value] * n
+    (src / "config.json").write_text(json.dumps(config))
+
+    cls = getattr(transformers, fresh["architecture"])
+    cls.from_pretrained(src)  # transformers reads the list form
+    code, _, err = run_cli(["slim", str(src), "--keep", "4", "--criterion", "router-norm", "--top-k", "1",
+                            "--out", str(out)], capsys)  # fmt: skip
+    assert code == 0, err
+    assert text_config(json.loads((out / "config.json").read_text()))[key] == [1 if top_k else 4] * n
+    pruned, info = cls.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+    layout = resolve_layout(open_checkpoint(out))
+    assert (layout.num_experts, layout.top_k) == (4, 1)
+    _assert_streaming_statistics_equal_full_forward(pruned.eval(), out, layout)  # routed count: tokens × 1
 
 
 def _scores(scores: dict[int, np.ndarray]) -> list[list[float]]:

@@ -124,6 +124,8 @@ def derive(model_type: str, built: list[Any] | None = None) -> dict[str, Any]:
     }
     if any(extra for _, extra in per_expert_extra.values()):
         record["extra_experts"] = True  # kept, renumbered after the kept experts
+    if per_layer := _per_layer_keys(small, [*count_keys, *record["top_k_keys"]]):
+        record["per_layer_keys"] = per_layer  # also read as a list of one value per layer (Hunyuan-A13B's moe_topk)
     stacks = {m["stack"] for name in [*stacked, *per_expert.values()] if (m := _LAYER.match(name))}
     if stacks != {"layers"}:
         record["layers_name"] = "".join(stacks)
@@ -146,6 +148,49 @@ def _calibration(model: Any) -> str | None:
     except LayerProtocolError as e:
         return str(e)
     return None
+
+
+def _per_layer_keys(model: Any, keys: list[str]) -> list[str]:
+    """Those of ``keys`` that the family's config also takes as a list with one entry per decoder layer, read as
+    that entry: its config class accepts the list, and the model built from it, with ``model``'s weights, gives
+    ``model``'s logits. Config classes that type a key as a number refuse the list at once."""
+    import torch
+
+    from moeslim.stream.stub import decoder_of, layers_of
+
+    decoder = decoder_of(model)
+    if decoder is None:
+        return []
+    layers, path = len(layers_of(decoder)), _text_path(model.config)
+    found: list[str] = []
+    for key in keys:
+        d = model.config.to_dict()
+        text = d
+        for part in path:
+            text = text[part]
+        if not _is_count(text.get(key)):
+            continue  # an alias the saved config does not hold, or a nested setting
+        text[key] = [text[key]] * layers
+        try:
+            listed = type(model)._from_config(type(model.config).from_dict(d), dtype=torch.float32).eval()
+        except Exception:  # noqa: BLE001 - the config class or the model's code does not take a list there
+            continue
+        listed.load_state_dict(model.state_dict())
+        if _same_logits(model, listed):
+            found.append(key)
+    return found
+
+
+def _same_logits(a: Any, b: Any) -> bool:
+    """Whether models ``a`` and ``b`` give the same logits on a few tokens (False where either cannot run)."""
+    import torch
+
+    ids = torch.arange(3, 11).reshape(2, 4)
+    try:
+        with torch.no_grad():
+            return torch.equal(a(input_ids=ids, use_cache=False).logits, b(input_ids=ids, use_cache=False).logits)
+    except Exception:  # noqa: BLE001 - a forward this tiny text-only call cannot drive
+        return False
 
 
 def _layers_list(model: Any, text: dict[str, Any]) -> str | None:

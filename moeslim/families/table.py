@@ -78,6 +78,7 @@ class Family:
     layers_name: str = "layers"  # the decoder's list of layers, as tensor names spell it (DBRX: "blocks")
     group_keys: tuple[str, str] = ("n_group", "topk_group")  # config keys of the group count and groups chosen
     calibration: str | None = None  # why its decoder cannot run one layer at a time (calibration, validation)
+    per_layer: tuple[str, ...] = ()  # count / top-k keys its config may also hold as one entry per layer (Hunyuan)
 
     @property
     def block_path(self) -> str:
@@ -164,7 +165,7 @@ def _derived() -> tuple[dict[str, Family], dict[str, str]]:
             dims=tuple(sorted(r.get("dims", {}).items())), layers_list=r.get("layers_list"),
             group_keys=_group_keys(groups), calibration=r.get("calibration"), flattened=tuple(r.get("flattened", ())),
             extra_rows=tuple(sorted(r.get("extra_rows", {}).items())), layers_name=r.get("layers_name", "layers"),
-            extra_experts=r.get("extra_experts", False),
+            extra_experts=r.get("extra_experts", False), per_layer=tuple(r.get("per_layer_keys", ())),
         )  # fmt: skip
     return derived, refused
 
