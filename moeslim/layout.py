@@ -79,10 +79,7 @@ class Layout(Routing):
 def routing_of(config: dict) -> Routing:
     """Routing settings from a raw ``config.json`` dict (looking through multimodal wrappers), checked for sense:
     a top-k the experts cannot serve or groups that do not divide them fail here, for every command alike."""
-    try:
-        family = family_of(config)
-    except TypeError as e:  # an unhashable model_type (a list, an object)
-        raise CheckpointError("config.json model_type is not a string; fix or re-download the config") from e
+    family = family_of(config)
     cfg = text_config(config)
     num_experts = _config_int(cfg, family.count_keys, "expert count", family.per_layer)
     top_k = _config_int(cfg, family.top_k_keys, "top-k", family.per_layer)

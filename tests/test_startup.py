@@ -6,6 +6,7 @@ Each command runs through the real entry point in a fresh interpreter, which the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "fixtures" / "tiny-qwen3-moe"
 HEAVY = ("torch", "transformers")
+DERIVATION = ("moeslim.families.derive", "moeslim.families.tiny")
 
 # Runs `python -m moeslim ARGS...` and writes the names of all imported modules to the file named first.
 RECORD = """\
@@ -28,11 +30,15 @@ finally:
 """
 
 
-def imported(args: list[str], tmp_path: Path) -> tuple[set[str], subprocess.CompletedProcess[str]]:
+def imported(
+    args: list[str], tmp_path: Path, env: dict[str, str] | None = None
+) -> tuple[set[str], subprocess.CompletedProcess[str]]:
+    """Run ``moeslim args`` in a fresh interpreter in ``tmp_path`` (with ``env`` added to the environment); the
+    modules it imported, and how it ended."""
     listing = tmp_path / "modules.json"
     done = subprocess.run(
         [sys.executable, "-c", RECORD, str(listing), *args], cwd=tmp_path, capture_output=True, text=True,
-        timeout=300,
+        timeout=300, env={**os.environ, **(env or {})},
     )  # fmt: skip
     return set(json.loads(listing.read_text())), done
 
@@ -51,6 +57,7 @@ def test_commands_without_a_model_import_no_torch(args: list[str], tmp_path: Pat
     modules, done = imported(args, tmp_path)
     assert done.returncode == 0, done.stderr
     assert not [m for m in HEAVY if m in modules], done.stdout
+    assert not [m for m in DERIVATION if m in modules]  # a committed family: nothing derived
 
 
 def test_slim_from_a_saved_plan_imports_no_torch(tmp_path: Path) -> None:

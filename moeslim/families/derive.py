@@ -42,17 +42,23 @@ def moe_model_types() -> list[str]:
     language-model class: what moeslim should prune."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    found = []
-    for model_type in sorted(CONFIG_MAPPING.keys()):
-        try:
-            d = CONFIG_MAPPING[model_type]().to_dict()
-        except Exception:  # noqa: BLE001 - a config class that cannot build its defaults has no family to derive
-            continue
-        nested = d.get("text_config")
-        text: dict[str, Any] = nested if isinstance(nested, dict) else d
-        if any(k in COUNT_KEYS for k in _flat_keys(text)) and architecture_of(model_type):
-            found.append(model_type)
-    return found
+    return [model_type for model_type in sorted(CONFIG_MAPPING.keys()) if is_moe_type(model_type)]
+
+
+def is_moe_type(model_type: str) -> bool:
+    """Whether the installed transformers defines ``model_type`` with a config that counts routed experts and a
+    language-model class."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        return False
+    try:
+        d = CONFIG_MAPPING[model_type]().to_dict()
+    except Exception:  # noqa: BLE001 - a config class that cannot build its defaults has no family to derive
+        return False
+    nested = d.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else d
+    return any(k in COUNT_KEYS for k in _flat_keys(text)) and architecture_of(model_type) is not None
 
 
 def _flat_keys(d: dict[str, Any]) -> list[str]:

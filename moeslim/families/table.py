@@ -8,11 +8,13 @@ appears only where the layout depends on config values (which layers are MoE, wh
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeslim.errors import UnsupportedModelError
+from moeslim.errors import CheckpointError, UnsupportedModelError
+from moeslim.families.runtime import installed_transformers, record_of
 
 
 def _all_layers(cfg: dict) -> list[int]:
@@ -128,7 +130,8 @@ FAMILIES: dict[str, Family] = {
     )
 }  # fmt: skip
 
-_DERIVED = Path(__file__).with_name("families.json")
+#: The committed table; ``MOESLIM_FAMILIES_TABLE`` names another (a regenerated one, or a test's cut-down copy).
+_DERIVED = Path(os.environ.get("MOESLIM_FAMILIES_TABLE") or Path(__file__).with_name("families.json"))
 
 
 def _group_keys(key: str | None) -> tuple[str, str]:
@@ -142,40 +145,47 @@ def _group_rule(key: str | None) -> Callable[[dict], int]:
     return lambda cfg: int(cfg.get(key) or 1)
 
 
-def _derived() -> tuple[dict[str, Family], dict[str, str]]:
-    """Families derived from transformers' model definitions (``derive.py``), and the refused ones with why.
+def _family(name: str, r: dict) -> Family:
+    """The family of one derived record (``families.json``, or one derived at run time)."""
+    groups = r.get("groups_key")
+    return Family(
+        name, tuple(t for t in r["model_types"] if t not in _HAND), r["block"], tuple(r["router"]),
+        tuple(r["count_keys"]), experts=tuple(r["experts"]), fused=r["fused"], top_k_keys=tuple(r["top_k_keys"]),
+        moe_layers=None, groups=_group_rule(groups), min_per_group=2 if groups and r["scoring"] == "sigmoid" else 1,
+        shared=tuple(r["shared"]), mtp_key=r.get("mtp_key"), scoring=r["scoring"],
+        dims=tuple(sorted(r.get("dims", {}).items())), layers_list=r.get("layers_list"),
+        group_keys=_group_keys(groups), calibration=r.get("calibration"), flattened=tuple(r.get("flattened", ())),
+        extra_rows=tuple(sorted(r.get("extra_rows", {}).items())), layers_name=r.get("layers_name", "layers"),
+        extra_experts=r.get("extra_experts", False), per_layer=tuple(r.get("per_layer_keys", ())),
+    )  # fmt: skip
+
+
+def _derived() -> tuple[str, dict[str, Family], dict[str, str]]:
+    """The transformers version the table was derived under; the families derived from its model definitions
+    (``derive.py``), and the refused ones with why.
 
     The hand-written entries above win for the model types they name: they carry what derivation cannot see
     (MTP layers, group rules, sigmoid routing of llama4, which layers the config makes MoE)."""
-    table = json.loads(_DERIVED.read_text(encoding="utf-8"))["families"]
-    hand = {t for f in FAMILIES.values() for t in f.model_types}
+    table = json.loads(_DERIVED.read_text(encoding="utf-8"))
     derived, refused = {}, {}
-    for name, r in table.items():
-        if name in hand:
+    for name, r in table["families"].items():
+        if name in _HAND:
             continue
         if "refused" in r:
             refused[name] = r["refused"]
-            continue
-        groups = r.get("groups_key")
-        derived[name] = Family(
-            name, tuple(t for t in r["model_types"] if t not in hand), r["block"], tuple(r["router"]),
-            tuple(r["count_keys"]), experts=tuple(r["experts"]), fused=r["fused"], top_k_keys=tuple(r["top_k_keys"]),
-            moe_layers=None, groups=_group_rule(groups), min_per_group=2 if groups and r["scoring"] == "sigmoid" else 1,
-            shared=tuple(r["shared"]), mtp_key=r.get("mtp_key"), scoring=r["scoring"],
-            dims=tuple(sorted(r.get("dims", {}).items())), layers_list=r.get("layers_list"),
-            group_keys=_group_keys(groups), calibration=r.get("calibration"), flattened=tuple(r.get("flattened", ())),
-            extra_rows=tuple(sorted(r.get("extra_rows", {}).items())), layers_name=r.get("layers_name", "layers"),
-            extra_experts=r.get("extra_experts", False), per_layer=tuple(r.get("per_layer_keys", ())),
-        )  # fmt: skip
-    return derived, refused
+        else:
+            derived[name] = _family(name, r)
+    return table["transformers"], derived, refused
 
 
-DERIVED, REFUSED = _derived()
+_HAND = {t for f in FAMILIES.values() for t in f.model_types}
+DERIVED_UNDER, DERIVED, REFUSED = _derived()
 _BY_MODEL_TYPE = {model_type: f for f in (*FAMILIES.values(), *DERIVED.values()) for model_type in f.model_types}
+_RUNTIME: dict[str, Family | str | None] = {}  # model type → its family derived at run time, or why it is refused
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_BY_MODEL_TYPE)
+    return sorted({*_BY_MODEL_TYPE, *(t for f in _RUNTIME.values() if isinstance(f, Family) for t in f.model_types)})
 
 
 def config_value(cfg: dict, key: str) -> object:
@@ -204,24 +214,72 @@ def set_config_value(cfg: dict, key: str, value: object) -> bool:
 def text_config(config: dict) -> dict:
     """The part of ``config.json`` describing the language model: itself, or ``text_config`` of a wrapper."""
     nested = config.get("text_config")
-    if isinstance(nested, dict) and nested.get("model_type") in _BY_MODEL_TYPE:
+    if isinstance(nested, dict) and _known(nested.get("model_type")):
         return nested
     return config
 
 
+def _known(model_type: object) -> bool:
+    """Whether ``model_type`` names a family moeslim prunes (in the table, or derived at run time)."""
+    if not isinstance(model_type, str):
+        return False
+    runtime_types = (t for f in _RUNTIME.values() if isinstance(f, Family) for t in f.model_types)
+    return model_type in _BY_MODEL_TYPE or model_type in runtime_types
+
+
 def family_of(config: dict) -> Family:
-    """The family of a raw ``config.json`` dict, looking through multimodal wrappers."""
+    """The family of a raw ``config.json`` dict, looking through multimodal wrappers.
+
+    A model type the table lacks but the installed transformers defines, or any derived one when the installed
+    transformers is not the version the table was derived under, is derived from the installed transformers
+    (``runtime.py``, cached per version), before any weight is read."""
     outer = config.get("model_type")
+    if not isinstance(outer, str | None):
+        raise CheckpointError("config.json model_type is not a string; fix or re-download the config")
+    nested = config.get("text_config")
+    inner = nested.get("model_type") if isinstance(nested, dict) else None
+    named = [t for t in (outer, inner) if isinstance(t, str)]
+    in_table = [t for t in named if t in _BY_MODEL_TYPE or t in REFUSED]  # a type the table lacks: derived only
+    refused = []  # where the table knows neither the wrapper's type nor its text's
     # A wrapper family's own record first (its checkpoints are named as the wrapper saves them), then its text's.
-    model_type = outer if isinstance(outer, str) and outer in _BY_MODEL_TYPE else text_config(config).get("model_type")
-    if model_type in REFUSED:
-        raise UnsupportedModelError(f"model family {model_type!r} cannot be pruned: {REFUSED[model_type]}")
-    if model_type not in _BY_MODEL_TYPE:
-        raise UnsupportedModelError(
-            f"unsupported model family {model_type!r} (model_type in config.json);"
-            f" moeslim supports: {', '.join(supported_model_types())}"
-        )
-    return _BY_MODEL_TYPE[model_type]
+    for model_type in in_table or named:
+        found = _lookup(model_type)
+        if isinstance(found, Family):
+            return found
+        if found is not None:
+            refused.append(f"model family {model_type!r} cannot be pruned: {found}")
+    if refused:
+        raise UnsupportedModelError(refused[0])
+    raise UnsupportedModelError(
+        f"unsupported model family {outer!r} (model_type in config.json);"
+        f" moeslim supports: {', '.join(supported_model_types())}"
+    )
+
+
+def _lookup(model_type: str) -> Family | str | None:
+    """``model_type``'s family, or why it is refused, or None where moeslim knows no MoE model of that type."""
+    if model_type in _HAND:
+        return _BY_MODEL_TYPE[model_type]
+    committed = _BY_MODEL_TYPE.get(model_type) or REFUSED.get(model_type)
+    version = installed_transformers()
+    if version is None or (committed and version == DERIVED_UNDER):
+        return committed
+    if model_type not in _RUNTIME:
+        try:
+            _RUNTIME[model_type] = _read(record_of(model_type, version), committed)
+        except (KeyError, TypeError, ValueError, AttributeError):  # a cached record that does not read: derive anew
+            _RUNTIME[model_type] = _read(record_of(model_type, version, rederive=True), committed)
+    return _RUNTIME[model_type]
+
+
+def _read(record: dict | None, committed: Family | str | None) -> Family | str | None:
+    """A record derived at run time as a family, or why it is refused; None (the installed transformers defines
+    no such MoE model) leaves the committed family, if any."""
+    if record is None:
+        return committed
+    if "refused" in record:
+        return str(record["refused"])
+    return _family(record["name"], record)
 
 
 def calibration_refused(name: str, reason: str) -> UnsupportedModelError:
