@@ -1,13 +1,17 @@
 """Thin typer commands. Usage errors get typer's short usage message and exit code 2; moeslim's own errors
 become one line on stderr and exit code 2 (``MOESLIM_DEBUG=1`` shows the traceback); a failed ``--max-kl``
-check exits with code 1, Ctrl-C with 130."""
+check exits with code 1, Ctrl-C with 130, SIGTERM and SIGHUP with 128 + the signal's number."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
     from moeslim.pipeline import SlimResult
 
 INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
+STOPPING = (signal.SIGTERM, signal.SIGHUP)  # what `timeout`, schedulers and a closed terminal send
 OUTPUT_FILES = {"plan": PLAN_NAME, "validation": VALIDATION_NAME, "model card": CARD_NAME, "expert map": IMAGE_NAME}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -318,20 +323,65 @@ def version() -> None:
     typer.echo(__version__)
 
 
+class Stopped(BaseException):
+    """A stopping signal (SIGTERM, SIGHUP) raised in the main thread, so that the run unwinds as on Ctrl-C: every
+    ``finally`` and context manager on the way out runs (temp folders removed, locks released). Not an
+    ``Exception``, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    for other in STOPPING:  # a second signal (a closed terminal sends SIGHUP twice) must not cut the cleanup short
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stopping_signals_raise() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into ``Stopped`` for the block; a signal already ignored (``nohup``) stays ignored.
+    Python lets only the main thread set handlers: elsewhere (moeslim run from a library's thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in STOPPING}
+    for signum, previous in saved.items():
+        if previous is not signal.SIG_IGN:
+            signal.signal(signum, _stop)
+    try:
+        yield
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+
+
+def _say(line: str) -> None:
+    """One line on stderr; nothing where stderr is gone (a closed terminal, the usual sender of SIGHUP)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
+
+
 def main() -> None:
     """The ``moeslim`` command: a short message for every failure a user can act on, never a traceback for them.
 
     typer reports usage errors (bad option values, missing arguments, unknown commands) with the usage line and
-    exit code 2, and turns Ctrl-C into exit code 130. moeslim's errors (exit 2) and other OS errors such as a
-    full disk or a denied permission (exit 1) become one line; ``MOESLIM_DEBUG=1`` shows their traceback.
+    exit code 2, and turns Ctrl-C into exit code 130; SIGTERM and SIGHUP end the run the same way, with exit code
+    128 + the signal's number (143, 129). moeslim's errors (exit 2) and other OS errors such as a full disk or a
+    denied permission (exit 1) become one line; ``MOESLIM_DEBUG=1`` shows their traceback.
     """
     try:
-        app(prog_name="moeslim")
+        with _stopping_signals_raise():
+            app(prog_name="moeslim")
     except SystemExit as e:  # typer ends every run with one; success returns, as callers of main() expect
         if e.code == INTERRUPTED:
-            print("moeslim: interrupted", file=sys.stderr)
+            _say("moeslim: interrupted")
         if e.code not in (0, None):
             raise
+    except Stopped as e:
+        _say(f"moeslim: stopped by {e}")
+        sys.exit(128 + e.signum)
     except (MoeslimError, OSError) as e:
         if os.environ.get("MOESLIM_DEBUG") == "1":
             raise
