@@ -283,7 +283,8 @@ def calibrate(
         calib_split, calib_column, trust_remote_code,
     )  # fmt: skip
     ckpt = open_checkpoint(src)
-    stats, meta = run_calibration(RunContext(ckpt, resolve_layout(ckpt), opts), out=out, overwrite=overwrite)
+    ctx = RunContext(ckpt, resolve_layout(ckpt), opts, spill_beside=out)
+    stats, meta = run_calibration(ctx, out=out, overwrite=overwrite)
     if not _leader(device):
         return
     cal = meta.calibration

@@ -97,12 +97,13 @@ class Job:
     ckpt: Checkpoint
     layout: Layout
     opts: SlimOptions
+    out: Path | None = None  # the output, once claimed: hidden states past --max-memory spill beside it
 
     @functools.cached_property
     def context(self) -> RunContext:
         from moeslim.stream.context import RunContext  # torch: only for passes that run the model
 
-        return RunContext(self.ckpt, self.layout, self.opts.calibration)
+        return RunContext(self.ckpt, self.layout, self.opts.calibration, spill_beside=self.out)
 
 
 def slim(opts: SlimOptions) -> SlimResult:
@@ -127,12 +128,12 @@ def slim(opts: SlimOptions) -> SlimResult:
         work = None
         if out is not None:
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
-            work = _work_folder(held, out)
+            work, job.out = _work_folder(held, out), out
         plan = make_plan(job, work)
         if out is None:
             out = default_out(opts.source, plan.keep)
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
-            work = _work_folder(held, out)
+            work, job.out = _work_folder(held, out), out
         assert work is not None
         plan, patches = _settle_correction(job, plan, work)
         total, shards, report = _write(job, plan, out, copied, shard_limit, patches)
