@@ -8,10 +8,7 @@ import contextlib
 import math
 import os
 import shlex
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -28,6 +25,7 @@ from moeslim.names import CARD_NAME, IMAGE_NAME, PLAN_NAME, VALIDATION_NAME
 from moeslim.plan import check_feasible
 from moeslim.publish.push import PushOptions, check_write_access, push_folder, upload_list
 from moeslim.source import open_checkpoint
+from moeslim.stopping import Stopped, stopping_signals_raise
 from moeslim.stream.options import CalibrationOptions
 from moeslim.validate.report import format_report, kl_gate, write_report
 from moeslim.validate.run import ValidateOptions, validate
@@ -36,7 +34,6 @@ if TYPE_CHECKING:
     from moeslim.pipeline import SlimResult
 
 INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
-STOPPING = (signal.SIGTERM, signal.SIGHUP)  # what `timeout`, schedulers and a closed terminal send
 OUTPUT_FILES = {"plan": PLAN_NAME, "validation": VALIDATION_NAME, "model card": CARD_NAME, "expert map": IMAGE_NAME}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -324,40 +321,6 @@ def version() -> None:
     typer.echo(__version__)
 
 
-class Stopped(BaseException):
-    """A stopping signal (SIGTERM, SIGHUP) raised in the main thread, so that the run unwinds as on Ctrl-C: every
-    ``finally`` and context manager on the way out runs (temp folders removed, locks released). Not an
-    ``Exception``, so that no ``except Exception`` swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _stop(signum: int, frame: object) -> None:
-    for other in STOPPING:  # a second signal (a closed terminal sends SIGHUP twice) must not cut the cleanup short
-        signal.signal(other, signal.SIG_IGN)
-    raise Stopped(signum)
-
-
-@contextlib.contextmanager
-def _stopping_signals_raise() -> Iterator[None]:
-    """Turn SIGTERM and SIGHUP into ``Stopped`` for the block; a signal already ignored (``nohup``) stays ignored.
-    Python lets only the main thread set handlers: elsewhere (moeslim run from a library's thread) nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {signum: signal.getsignal(signum) for signum in STOPPING}
-    for signum, previous in saved.items():
-        if previous is not signal.SIG_IGN:
-            signal.signal(signum, _stop)
-    try:
-        yield
-    finally:
-        for signum, previous in saved.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-
-
 def _say(line: str) -> None:
     """One line on stderr; nothing where stderr is gone (a closed terminal, the usual sender of SIGHUP)."""
     with contextlib.suppress(OSError):
@@ -373,7 +336,7 @@ def main() -> None:
     denied permission (exit 1) become one line; ``MOESLIM_DEBUG=1`` shows their traceback.
     """
     try:
-        with _stopping_signals_raise():
+        with stopping_signals_raise():
             app(prog_name="moeslim")
     except SystemExit as e:  # typer ends every run with one; success returns, as callers of main() expect
         if e.code == INTERRUPTED:
