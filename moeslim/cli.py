@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, overload
 
 import typer
 
@@ -85,6 +85,7 @@ def inspect(
     revision: Annotated[str | None, typer.Option(help="Hub source: branch, tag or commit.")] = None,
 ) -> None:
     """Describe a checkpoint: family, MoE/dense/MTP layers, experts, dtypes, quantisation, sizes."""
+    src = _name(src, "the source")
     root = resolve_source(src, revision, preflight=lambda config: _check_keep(routing_of(config), keep, top_k))
     ckpt = open_checkpoint(root)
     layout = resolve_layout(ckpt)
@@ -149,6 +150,8 @@ def slim_command(
     from moeslim.pipeline import SlimOptions, slim  # writing and publishing load only for a slim
 
     _check_max_kl(max_kl, validated=not no_validate)
+    src, calib = _name(src, "the source"), _name(calib, "--calib")
+    out, plan, stats = _path(out, "--out"), _path(plan, "--plan"), _path(stats, "--stats")
     calibration = CalibrationOptions(
         calib, samples, seq_len, seed or 0, device, dtype, batch_size, max_memory,
         calib_split=calib_split, calib_column=calib_column, trust_remote_code=trust_remote_code,
@@ -219,6 +222,8 @@ def validate_command(
     The report is printed and saved as validation.json in the pruned folder (shown by its model card).
     """
     _check_max_kl(max_kl, validated=True)
+    original, pruned = _name(original, "the original"), _name(pruned, "the pruned checkpoint")
+    calib, json_file = _name(calib, "--calib"), _path(json_file, "--json")
     opts = ValidateOptions(calib, samples, seq_len, seed, batch_size, device, dtype, generations, trust_remote_code)
     sources = ((original, revision), (pruned, None))
     roots = [resolve_source(src, rev, preflight=lambda config: None) for src, rev in sources]
@@ -231,6 +236,41 @@ def validate_command(
     if json_file is not None:
         typer.echo(f"wrote {write_report(report, json_file)}")
     _check_kl(report, max_kl)
+
+
+@overload
+def _name(text: str, what: str) -> str: ...
+@overload
+def _name(text: None, what: str) -> None: ...
+def _name(text: str | None, what: str) -> str | None:
+    """A source, path or other name given on the command line, refused in one line when it is not UTF-8 (bytes
+    the shell passed through, which Python decodes with surrogateescape): moeslim writes names into UTF-8 files
+    (statistics, plan, validation report, model card) and into its messages."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            shown = os.fsencode(text).decode("utf-8", "backslashreplace")  # the bytes as given: src\xff
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise UsageError(
+            f"{what} {shown} is not a UTF-8 name, and moeslim writes names into UTF-8 files (JSON, the model card);"
+            " rename it, or pass a link to it with a UTF-8 name"
+        ) from None
+    return text
+
+
+@overload
+def _path(path: Path, what: str) -> Path: ...
+@overload
+def _path(path: None, what: str) -> None: ...
+def _path(path: Path | None, what: str) -> Path | None:
+    """A path option: UTF-8 (``_name``), with a leading ``~`` expanded as the shell does, also when it was quoted,
+    so that the lock, the checks and the files written all mean the same folder (``$PWD/~`` names a folder ``~``;
+    ``./~`` does not, as typer's ``Path`` drops the ``./``)."""
+    return None if path is None else Path(_name(str(path), what)).expanduser()
 
 
 def _check_max_kl(max_kl: float | None, *, validated: bool) -> None:
@@ -275,6 +315,7 @@ def calibrate(
     from moeslim.calibrate.session import run_calibration  # torch and transformers: only when calibrating
     from moeslim.stream.context import RunContext
 
+    src, out, calib = _path(src, "the source"), _path(out, "--out"), _name(calib, "--calib")
     opts = CalibrationOptions(
         calib, samples, seq_len, seed, device, dtype, batch_size, max_memory, reconstruction_tokens,
         calib_split, calib_column, trust_remote_code,
@@ -299,6 +340,7 @@ def push(
     dry_run: Annotated[bool, typer.Option(help="List what would be uploaded; contact nothing.")] = False,
 ) -> None:
     """Upload a pruned folder to the Hub (token from HF_TOKEN or `hf auth login`) and print its URL."""
+    folder = _path(folder, "the folder")
     opts = PushOptions(repo_id, private, revision, create_pr, commit_message)
     if dry_run:
         _list_upload(folder, repo_id)

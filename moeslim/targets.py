@@ -231,7 +231,9 @@ def check_outside(source: Path, target: Path) -> None:
 
 
 def _absolute(path: Path) -> Path:
-    return Path(os.path.abspath(path.expanduser()))
+    """``path`` made absolute as the files written through it are: ``~`` is a folder name here (the CLI expands a
+    leading ``~`` before any path reaches this module)."""
+    return Path(os.path.abspath(path))
 
 
 def check_replaceable(target: Path, foreign: Callable[[Path], str | None], *, whole: bool = True) -> None:

@@ -227,14 +227,29 @@ def jsonl_value(line: str, n: int, name: str, column: str | None) -> str | list[
 
 
 def document_value(value: object, where: str) -> str | list[Any]:
-    """``value`` if it is text or a chat (a list of ``{role, content}`` objects)."""
+    """``value`` if it is text or a chat (a list of ``{role, content}`` objects), and all of it Unicode text."""
     if isinstance(value, str):
-        return value
+        return unicode_text(value, where)
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        for m in value:
+            unicode_text(json.dumps(m, ensure_ascii=False), where)
         return value
     raise CalibrationDataError(
         f"{where} holds {type(value).__name__}, neither text nor a list of {{role, content}} messages"
     )
+
+
+def unicode_text(text: str, where: str) -> str:
+    """``text``, refused when it holds a lone surrogate: JSON's ``\\ud83d`` escape alone is half of a character (an
+    emoji cut in two), which no tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CalibrationDataError(
+            f"{where} holds {text[e.start]!r}, half of a character (a surrogate without its pair, e.g. an emoji cut in"
+            " two); fix or remove that text"
+        ) from None
+    return text
 
 
 def require_chat_template(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
