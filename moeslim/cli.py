@@ -1,15 +1,16 @@
 """Thin typer commands. Usage errors get typer's short usage message and exit code 2; moeslim's own errors
 become one line on stderr and exit code 2 (``MOESLIM_DEBUG=1`` shows the traceback); a failed ``--max-kl``
-check exits with code 1, Ctrl-C with 130."""
+check exits with code 1, Ctrl-C with 130, SIGTERM and SIGHUP with 128 + the signal's number."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, overload
 
 import typer
 
@@ -24,6 +25,7 @@ from moeslim.names import CARD_NAME, IMAGE_NAME, PLAN_NAME, VALIDATION_NAME
 from moeslim.plan import check_feasible
 from moeslim.publish.push import PushOptions, check_write_access, push_folder, upload_list
 from moeslim.source import open_checkpoint
+from moeslim.stopping import Stopped, stopping_signals_raise
 from moeslim.stream.options import CalibrationOptions
 from moeslim.validate.report import format_report, kl_gate, write_report
 from moeslim.validate.run import ValidateOptions, validate
@@ -83,6 +85,7 @@ def inspect(
     revision: Annotated[str | None, typer.Option(help="Hub source: branch, tag or commit.")] = None,
 ) -> None:
     """Describe a checkpoint: family, MoE/dense/MTP layers, experts, dtypes, quantisation, sizes."""
+    src = _name(src, "the source")
     root = resolve_source(src, revision, preflight=lambda config: _check_keep(routing_of(config), keep, top_k))
     ckpt = open_checkpoint(root)
     layout = resolve_layout(ckpt)
@@ -147,6 +150,8 @@ def slim_command(
     from moeslim.pipeline import SlimOptions, slim  # writing and publishing load only for a slim
 
     _check_max_kl(max_kl, validated=not no_validate)
+    src, calib = _name(src, "the source"), _name(calib, "--calib")
+    out, plan, stats = _path(out, "--out"), _path(plan, "--plan"), _path(stats, "--stats")
     calibration = CalibrationOptions(
         calib, samples, seq_len, seed or 0, device, dtype, batch_size, max_memory,
         calib_split=calib_split, calib_column=calib_column, trust_remote_code=trust_remote_code,
@@ -217,6 +222,8 @@ def validate_command(
     The report is printed and saved as validation.json in the pruned folder (shown by its model card).
     """
     _check_max_kl(max_kl, validated=True)
+    original, pruned = _name(original, "the original"), _name(pruned, "the pruned checkpoint")
+    calib, json_file = _name(calib, "--calib"), _path(json_file, "--json")
     opts = ValidateOptions(calib, samples, seq_len, seed, batch_size, device, dtype, generations, trust_remote_code)
     sources = ((original, revision), (pruned, None))
     roots = [resolve_source(src, rev, preflight=lambda config: None) for src, rev in sources]
@@ -229,6 +236,41 @@ def validate_command(
     if json_file is not None:
         typer.echo(f"wrote {write_report(report, json_file)}")
     _check_kl(report, max_kl)
+
+
+@overload
+def _name(text: str, what: str) -> str: ...
+@overload
+def _name(text: None, what: str) -> None: ...
+def _name(text: str | None, what: str) -> str | None:
+    """A source, path or other name given on the command line, refused in one line when it is not UTF-8 (bytes
+    the shell passed through, which Python decodes with surrogateescape): moeslim writes names into UTF-8 files
+    (statistics, plan, validation report, model card) and into its messages."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            shown = os.fsencode(text).decode("utf-8", "backslashreplace")  # the bytes as given: src\xff
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        raise UsageError(
+            f"{what} {shown} is not a UTF-8 name, and moeslim writes names into UTF-8 files (JSON, the model card);"
+            " rename it, or pass a link to it with a UTF-8 name"
+        ) from None
+    return text
+
+
+@overload
+def _path(path: Path, what: str) -> Path: ...
+@overload
+def _path(path: None, what: str) -> None: ...
+def _path(path: Path | None, what: str) -> Path | None:
+    """A path option: UTF-8 (``_name``), with a leading ``~`` expanded as the shell does, also when it was quoted,
+    so that the lock, the checks and the files written all mean the same folder (``$PWD/~`` names a folder ``~``;
+    ``./~`` does not, as typer's ``Path`` drops the ``./``)."""
+    return None if path is None else Path(_name(str(path), what)).expanduser()
 
 
 def _check_max_kl(max_kl: float | None, *, validated: bool) -> None:
@@ -273,12 +315,14 @@ def calibrate(
     from moeslim.calibrate.session import run_calibration  # torch and transformers: only when calibrating
     from moeslim.stream.context import RunContext
 
+    src, out, calib = _path(src, "the source"), _path(out, "--out"), _name(calib, "--calib")
     opts = CalibrationOptions(
         calib, samples, seq_len, seed, device, dtype, batch_size, max_memory, reconstruction_tokens,
         calib_split, calib_column, trust_remote_code,
     )  # fmt: skip
     ckpt = open_checkpoint(src)
-    stats, meta = run_calibration(RunContext(ckpt, resolve_layout(ckpt), opts), out=out, overwrite=overwrite)
+    ctx = RunContext(ckpt, resolve_layout(ckpt), opts, spill_beside=out)
+    stats, meta = run_calibration(ctx, out=out, overwrite=overwrite)
     if not _leader(device):
         return
     cal = meta.calibration
@@ -296,6 +340,7 @@ def push(
     dry_run: Annotated[bool, typer.Option(help="List what would be uploaded; contact nothing.")] = False,
 ) -> None:
     """Upload a pruned folder to the Hub (token from HF_TOKEN or `hf auth login`) and print its URL."""
+    folder = _path(folder, "the folder")
     opts = PushOptions(repo_id, private, revision, create_pr, commit_message)
     if dry_run:
         _list_upload(folder, repo_id)
@@ -318,20 +363,31 @@ def version() -> None:
     typer.echo(__version__)
 
 
+def _say(line: str) -> None:
+    """One line on stderr; nothing where stderr is gone (a closed terminal, the usual sender of SIGHUP)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
+
+
 def main() -> None:
     """The ``moeslim`` command: a short message for every failure a user can act on, never a traceback for them.
 
     typer reports usage errors (bad option values, missing arguments, unknown commands) with the usage line and
-    exit code 2, and turns Ctrl-C into exit code 130. moeslim's errors (exit 2) and other OS errors such as a
-    full disk or a denied permission (exit 1) become one line; ``MOESLIM_DEBUG=1`` shows their traceback.
+    exit code 2, and turns Ctrl-C into exit code 130; SIGTERM and SIGHUP end the run the same way, with exit code
+    128 + the signal's number (143, 129). moeslim's errors (exit 2) and other OS errors such as a full disk or a
+    denied permission (exit 1) become one line; ``MOESLIM_DEBUG=1`` shows their traceback.
     """
     try:
-        app(prog_name="moeslim")
+        with stopping_signals_raise():
+            app(prog_name="moeslim")
     except SystemExit as e:  # typer ends every run with one; success returns, as callers of main() expect
         if e.code == INTERRUPTED:
-            print("moeslim: interrupted", file=sys.stderr)
+            _say("moeslim: interrupted")
         if e.code not in (0, None):
             raise
+    except Stopped as e:
+        _say(f"moeslim: stopped by {e}")
+        sys.exit(128 + e.signum)
     except (MoeslimError, OSError) as e:
         if os.environ.get("MOESLIM_DEBUG") == "1":
             raise

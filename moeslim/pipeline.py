@@ -99,6 +99,7 @@ class Job:
     layout: Layout
     opts: SlimOptions
     ranks: Ranks = SINGLE  # the processes of a torchrun (joined once)
+    out: Path | None = None  # the output, once claimed: hidden states past --max-memory spill beside it
 
     @functools.cached_property
     def context(self) -> RunContext:
@@ -109,7 +110,7 @@ class Job:
         calibration = self.opts.calibration
         if self.opts.criterion != RECONSTRUCTION:
             calibration = dataclasses.replace(calibration, reconstruction_tokens=0)
-        return RunContext(self.ckpt, self.layout, calibration)
+        return RunContext(self.ckpt, self.layout, calibration, spill_beside=self.out)
 
 
 def slim(opts: SlimOptions) -> SlimResult:
@@ -133,12 +134,12 @@ def slim(opts: SlimOptions) -> SlimResult:
         work = None
         if out is not None:
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
-            work = _work_folder(held, out)
+            work, job.out = _work_folder(held, out), out
         plan = make_plan(job, work)
         if out is None:
             out = default_out(opts.source, plan.keep)
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
-            work = _work_folder(held, out)
+            work, job.out = _work_folder(held, out), out
         assert work is not None
         plan, patches = _settle_correction(job, plan, work)
         total, shards, report = _write(job, plan, out, copied, shard_limit, patches)

@@ -148,6 +148,16 @@ def _remove(path: Path) -> Path:
     return path
 
 
+def temp_beside(target: Path) -> tempfile.TemporaryDirectory[str]:
+    """A private temporary folder beside ``target``, removed when closed, named as ``target``'s temp folders
+    (``.T.<random>.moeslim-tmp``): if the run is killed, the next run there removes it. The caller holds
+    ``locked(target)``, and closes the folder before releasing it."""
+    target = _absolute(target)
+    return tempfile.TemporaryDirectory(
+        prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent, ignore_cleanup_errors=True
+    )
+
+
 @contextlib.contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it replaces ``target``, on failure it is gone.
@@ -221,7 +231,9 @@ def check_outside(source: Path, target: Path) -> None:
 
 
 def _absolute(path: Path) -> Path:
-    return Path(os.path.abspath(path.expanduser()))
+    """``path`` made absolute as the files written through it are: ``~`` is a folder name here (the CLI expands a
+    leading ``~`` before any path reaches this module)."""
+    return Path(os.path.abspath(path))
 
 
 def check_replaceable(target: Path, foreign: Callable[[Path], str | None], *, whole: bool = True) -> None:

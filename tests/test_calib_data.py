@@ -148,7 +148,7 @@ def test_folder_order_does_not_depend_on_the_filesystem(tok, tmp_path, monkeypat
             dirs.reverse()  # in place, so pruning still works
             yield folder, dirs, files[::-1]
 
-    monkeypatch.setattr(data.os, "walk", reversed_walk)
+    monkeypatch.setattr(os, "walk", reversed_walk)
     flipped = load_calibration(str(root), tok, samples=4, seq_len=8, seed=3)
     assert flipped.digest == plain.digest
     assert set(plain.tokens.flatten().tolist()) == set(ids_of(tok, "a b c d e f g h </s>"))

@@ -20,8 +20,9 @@ from moeslim.calibrate.capture import FIELDS, LayerStats, collect
 from moeslim.calibrate.collect import HALVES, Statistics, calibrate_layers
 from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
+from moeslim.stream.activations import Activations
 from moeslim.stream.modules import moe_parts
-from moeslim.stream.runner import Activations, LayerRunner
+from moeslim.stream.runner import LayerRunner
 
 pytestmark = pytest.mark.slow
 

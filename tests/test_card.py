@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import unicodedata
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from markdown_it import MarkdownIt
 from safetensors import safe_open
 
 from moeslim.plan import Plan
@@ -84,7 +88,7 @@ def test_card_sections() -> None:
     assert "Not validated yet" in card
     assert "![Expert scores per layer, kept experts marked](expert_map.png)" in card
     assert "| 0 | 0-2, 5 |" in card and "| 1 | 3-4, 6-7 |" in card
-    assert "the base model's license applies: `tiny-license` (LICENSE)" in card
+    assert "the base model's license applies: `tiny-license` ([LICENSE](LICENSE))" in card
     assert "MXFP4" not in card
 
 
@@ -229,3 +233,130 @@ def test_slim_writes_a_complete_card(matplotlib: str, built: Callable[[str], Pat
         assert "](expert_map.png)" in card and image.read_bytes()[:4] == b"\x89PNG"
     else:
         assert not image.exists() and "pip install 'moeslim[plot]'" in card and "](expert_map.png)" not in card
+
+
+# The base card is someone else's: hostile license names and links, built from the pieces that break Markdown,
+# HTML, YAML and terminals, and from arbitrary text.
+HOSTILE = [
+    "`",
+    "``",
+    "```",
+    "*",
+    "_",
+    "[",
+    "]",
+    "(",
+    ")",
+    "<",
+    ">",
+    "!",
+    "#",
+    "|",
+    "\\",
+    "&amp;",
+    "\n",
+    "\r\n",
+    "\u2028",
+    "\x1b[31m",
+    "\u202e",
+    "\x00",
+    " ",
+    "---",
+    "<script>alert(1)</script>",
+    "<img src=x onerror=1>",
+    "javascript:alert(1)",
+    "data:text/html,x",
+    "//evil.example",
+    "../",
+    "https://",
+    "apache-2.0",
+    "é",
+    "LICENSE",
+]
+hostile_text = st.one_of(st.lists(st.sampled_from(HOSTILE), max_size=8).map("".join), st.text(max_size=30))
+links = st.one_of(
+    hostile_text,
+    st.sampled_from(
+        [
+            "https://example.com/LICENSE",
+            "http://example.com:8080/a(b)?c=d#e",
+            "LICENSE",
+            "docs/LICENSE.md",
+            "JavaScript:alert(1)",
+            " javascript:alert(1)",
+            "https://x.com/[a](javascript:alert(1))",
+            "https://x.com/a b",
+            "https://x.com/\n# Owned",
+            "file:///etc/passwd",
+            "/LICENSE",
+            "a/../../x",
+        ]
+    ),
+    st.builds(lambda head, tail: head + tail, st.sampled_from(["https://example.com/", "LICENSE"]), hostile_text),
+)
+values = st.one_of(hostile_text, st.none(), st.integers(), st.lists(hostile_text, max_size=3), st.dictionaries(
+    st.text(max_size=3), st.text(max_size=3), max_size=2))  # fmt: skip
+
+
+def _markdown() -> MarkdownIt:
+    """CommonMark as the Hub would read it, but with every link kept, so that a dangerous one shows."""
+    md = MarkdownIt("commonmark")
+    md.validateLink = lambda url: True
+    return md
+
+
+def _safe_link(href: str) -> bool:
+    """An http(s) URL with a host, or a path inside the repo: what a card may link to."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(href)
+    if parts.scheme:
+        return parts.scheme in ("http", "https") and bool(parts.netloc)
+    return not parts.netloc and not href.startswith("/") and ".." not in href.split("/")
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(name=values, link=st.one_of(links, values), license=values, language=values)
+def test_hostile_license_metadata_cannot_inject_into_the_card(name, link, license, language) -> None:
+    base = {"license_name": name, "license_link": link, "license": license, "language": language}
+    card = render_card(replace(FACTS, base_card=base))
+    meta = _meta(card)  # the front matter still parses
+    for key in ("license", "license_name"):
+        if key in meta:
+            assert isinstance(meta[key], str) and meta[key] == " ".join(meta[key].split()), meta[key]
+            assert not any(unicodedata.category(c).startswith("C") for c in meta[key])  # no escapes, no bidi
+    if "license_link" in meta:
+        assert _safe_link(meta["license_link"]) and meta["license_link"] == link.strip()
+    body = card.split("\n---\n", 1)[1]
+    tokens = _markdown().parse(body)
+    benign = _markdown().parse(render_card(replace(FACTS, base_card={})).split("\n---\n", 1)[1])
+    inline = [c for t in tokens if t.type == "inline" for c in t.children or []]
+
+    def html(parsed: list) -> list[str]:
+        """The HTML the Markdown holds, as blocks and inline: the card's own <details>, nothing else."""
+        inline = [c for t in parsed if t.type == "inline" for c in t.children or []]
+        return [t.content for t in [*parsed, *inline] if t.type in ("html_block", "html_inline")]
+
+    assert html(tokens) == html(benign)
+    assert [t.tag for t in tokens if t.type == "heading_open"] == [t.tag for t in benign if t.type == "heading_open"]
+    assert all(_safe_link(str(c.attrs["href"])) for c in inline if c.type == "link_open")
+    section = body[body.index("## License") :]
+    assert section.count("\n") == 3  # heading, blank line, one line of text
+    shown = meta.get("license_name") or meta.get("license")
+    if shown:
+        codes = [c.content for t in _markdown().parse(section) if t.type == "inline" for c in t.children or []
+                 if c.type == "code_inline"]  # fmt: skip
+        assert codes == [shown]  # the name, whole and literal, in one code span
+
+
+@pytest.mark.parametrize(
+    ("link", "kept"),
+    [("https://example.com/LICENSE", True), ("LICENSE", True), ("docs/LICENSE.md", True),
+     ("javascript:alert(1)", False), ("JavaScript:alert(1)", False), ("data:text/html,x", False),
+     ("//evil.example/x", False), ("/etc/passwd", False), ("../LICENSE", False), ("file:///etc/passwd", False),
+     ("https://x.com/a b", False), ("https://x.com/\n# Owned", False), ("mailto:a@b.c", False)],
+)  # fmt: skip
+def test_license_links_kept_and_dropped(link: str, kept: bool) -> None:
+    card = render_card(replace(FACTS, base_card={"license_name": "x", "license_link": link}))
+    assert ("license_link" in _meta(card)) is kept
+    assert (link in card) is kept

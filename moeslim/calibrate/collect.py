@@ -22,8 +22,9 @@ from moeslim.stream.modules import takes_routing
 from moeslim.stream.ranks import SINGLE, Ranks
 
 if TYPE_CHECKING:
+    from moeslim.stream.activations import Activations
     from moeslim.stream.resume import Boundary
-    from moeslim.stream.runner import Activations, LayerRunner
+    from moeslim.stream.runner import LayerRunner
 
 __all__ = ["HALVES", "Statistics", "Collector", "calibrate_layers"]
 
@@ -119,14 +120,15 @@ class Collector(Observer):
 
 def calibrate_layers(
     runner: LayerRunner, tokens: torch.Tensor, batch_size: int, sink: Collector | Statistics, *observers: Observer,
-    ranks: Ranks = SINGLE, max_bytes: int | None = None, start: Boundary | None = None,
+    ranks: Ranks = SINGLE, store: Activations | None = None, start: Boundary | None = None,
 ) -> Statistics:  # fmt: skip
     """Calibrate in one walk over the layers: ``sink`` (a ``Collector``, or the statistics to fill with its
-    defaults) and other ``observers`` (plan trials, the correction fit) in the same pass."""
+    defaults) and other ``observers`` (plan trials, the correction fit) in the same pass; the hidden states go
+    into ``store`` (empty; default: one in memory) or start from ``start``'s."""
     collector = sink if isinstance(sink, Collector) else Collector(sink)
     stats = collector.stats
     if not {layer.index for layer in runner.layout.layers if not layer.mtp} - set(stats.halves):
         return stats  # nothing to calibrate: nothing is read
-    walk(runner, tokens, batch_size, [collector, *observers], ranks=ranks, max_bytes=max_bytes, start=start,
+    walk(runner, tokens, batch_size, [collector, *observers], ranks=ranks, store=store, start=start,
          desc="calibrating")  # fmt: skip
     return stats

@@ -27,7 +27,7 @@ from moeslim.stream.ranks import Ranks
 from moeslim.stream.resume import Boundary, drop_boundary, load_boundary, note, save_boundary
 
 if TYPE_CHECKING:
-    from moeslim.stream.runner import Activations
+    from moeslim.stream.activations import Activations
 
 
 def run_calibration(
@@ -80,7 +80,7 @@ def _calibrate(
     runner = ctx.runner()
     try:
         calibrate_layers(runner, data.tokens, ctx.batch_size, collector, *observers, ranks=ranks,
-                         max_bytes=ctx.max_bytes, start=start)  # fmt: skip
+                         store=ctx.activations(), start=start)  # fmt: skip
     finally:
         runner.close()
     if out is not None:
@@ -102,10 +102,12 @@ def _start(
     if out is None or not stats.layers or not pending:
         return None
     shapes = [(ids.shape[0], ids.shape[1]) for ids in batches]
-    start = load_boundary(out, meta, pending, shapes, ctx.dtype, ctx.max_bytes, ranks.tag)
+    start = load_boundary(out, meta, pending, shapes, ctx.dtype, ctx.activations(), ranks.tag)
     layers = set(ranks.gather(None if start is None else start.next_layer))
     say = note if ranks.leader else (lambda text: None)
     if start is None or len(layers) > 1:
+        if start is not None:
+            start.store.close()
         say(f"resuming calibration of {out}: {len(trunk) - len(pending)} of {len(trunk)} MoE layers done, the layers"
             f" before layer {pending[0]} run again to rebuild their hidden states")  # fmt: skip
         return None

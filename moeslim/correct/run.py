@@ -92,7 +92,7 @@ def run_correction(ctx: RunContext, plan: Plan, folder: Path | None) -> tuple[Co
     writer = PatchWriter(ctx.ckpt, ctx.layout, folder if ctx.ranks.leader else None)
     fitter = Fitter(ctx.layout.family.name, plan.kept.__getitem__, writer)
     try:
-        walk(runner, data.tokens, ctx.batch_size, [fitter], ranks=ctx.ranks, max_bytes=ctx.max_bytes,
+        walk(runner, data.tokens, ctx.batch_size, [fitter], ranks=ctx.ranks, store=ctx.activations(),
              desc="correcting")  # fmt: skip
     finally:
         runner.close()

@@ -3,11 +3,18 @@
 Pure: every number comes in through ``CardFacts`` (measured by ``publish.facts``), so the card is tested
 on hand-made values. The card states what changed, how to reproduce it, how it was validated, which experts
 each layer kept, and that the base model's license applies.
+
+The base card's metadata is someone else's content: what is carried from it is text on one line (no newlines or
+control characters), set in a code span with a fence no backtick in it can close, and a license link only when it
+is an http(s) URL or a path inside the repo (``LICENSE``), so a ``javascript:`` link or injected markup never
+reaches the new card.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
+import unicodedata
 from dataclasses import dataclass, field
 
 import yaml
@@ -20,6 +27,10 @@ from moeslim.validate.report import LABELS, NOT_MEASURED
 
 TAGS = ["moe", "pruned", "expert-pruning", "moeslim"]
 CARRIED_KEYS = ("license", "license_name", "license_link", "language")  # from the base card's metadata
+URL = re.compile(
+    r"https?://[A-Za-z0-9.-]+(?::\d+)?(?:/[A-Za-z0-9\-._~!$&'()*+,;=:@%/?#]*)?", re.ASCII
+)  # no <, >, spaces
+REPO_PATH = re.compile(r"(?!/)(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9._/-]+", re.ASCII)  # e.g. LICENSE: no scheme, no ..
 PLOT_HINT = "pip install 'moeslim[plot]'"
 CALIBRATION_LABELS = {  # keys of the plan's calibration provenance; others are shown under their own name
     "data": "data",
@@ -70,11 +81,46 @@ def render_card(f: CardFacts) -> str:
 def card_metadata(f: CardFacts) -> dict:
     """The card's YAML metadata: base model, license carried from the base card, tags, library, task."""
     meta: dict = {"base_model": f.base_model} if f.base_model else {}
-    meta.update({k: f.base_card[k] for k in CARRIED_KEYS if f.base_card.get(k)})
+    meta.update(carried(f.base_card))
     meta["tags"] = [*TAGS, f.model_type]
     meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = f.base_card.get("pipeline_tag") or "text-generation"
+    meta["pipeline_tag"] = one_line(f.base_card.get("pipeline_tag")) or "text-generation"
     return meta
+
+
+def carried(base_card: dict) -> dict:
+    """What the new card carries from the base card's metadata (``CARRIED_KEYS``), made safe: text on one line
+    (``language`` may be a list of such), the link only where ``license_link`` allows it; the rest left out."""
+    meta = {}
+    for key in CARRIED_KEYS:
+        value = base_card.get(key)
+        if key == "license_link":
+            clean: object = license_link(value)
+        elif key == "language" and isinstance(value, list):  # the one key the Hub takes as a list
+            clean = [text for text in map(one_line, value) if text]
+        else:
+            clean = one_line(value)
+        if clean:
+            meta[key] = clean
+    return meta
+
+
+def one_line(value: object) -> str | None:
+    """``value`` if it is text, on one line: control and format characters (ANSI escapes, bidi overrides)
+    dropped, runs of whitespace (newlines too) made one space; None for anything else or nothing left."""
+    if not isinstance(value, str):
+        return None
+    kept = "".join(c if not unicodedata.category(c).startswith("C") else " " for c in value)
+    return " ".join(kept.split()) or None
+
+
+def license_link(value: object) -> str | None:
+    """``value`` if it is an http(s) URL or a path inside the repo (``LICENSE``, resolved by the Hub against this
+    repo, where the base model's files are copied); None for any other link (``javascript:``, ``data:``, ``//host``)."""
+    if not isinstance(value, str):
+        return None
+    link = value.strip()
+    return link if URL.fullmatch(link) or REPO_PATH.fullmatch(link) else None
 
 
 def front_matter(text: str) -> dict:
@@ -205,13 +251,22 @@ def _expert_map(f: CardFacts) -> str:
 
 
 def _license(f: CardFacts) -> str:
-    meta = f.base_card
+    meta = carried(f.base_card)
     name = meta.get("license_name") or meta.get("license")
     text = f"## License\n\nThis is a derivative of {_base_link(f)}, and the base model's license applies"
-    if not name:
+    if not isinstance(name, str):
         return text + ". The base card declares no license: check the base model's terms before you share this model."
-    link = f" ({meta['license_link']})" if meta.get("license_link") else ""
-    return text + f": `{name}`{link}. Read the base model's card for its terms and any use restrictions."
+    link = meta.get("license_link")
+    shown = "" if link is None else f" (<{link}>)" if URL.fullmatch(link) else f" ([{link}]({link}))"
+    return text + f": {_code(name)}{shown}. Read the base model's card for its terms and any use restrictions."
+
+
+def _code(text: str) -> str:
+    """``text`` as a Markdown code span, whose content is never read as markup: fenced by one backtick more than its
+    longest run of them, and padded where it starts or ends with one (CommonMark strips one space each side)."""
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _table(header: list[str], rows: list[tuple]) -> str:

@@ -4,12 +4,14 @@ first needed, then kept).
 
 ``slim`` builds one ``RunContext`` for the source and hands it to calibration, ``auto``'s trials, the correction
 and validation, so the tokenizer is loaded and the calibration text tokenised once, and the device and dtype are
-checked once.
+checked once. Hidden states past ``--max-memory`` spill beside ``spill_beside``, the target whose lock the command
+holds (``activations.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,6 +20,7 @@ from moeslim.errors import DeviceError, MissingFileError, PlanError
 from moeslim.families.table import text_config
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
+from moeslim.stream.activations import Activations
 from moeslim.stream.memory import check_fits
 from moeslim.stream.options import CalibrationOptions
 from moeslim.stream.ranks import Ranks, current, rank_device
@@ -38,6 +41,9 @@ class RunContext:
     ckpt: Checkpoint
     layout: Layout
     opts: CalibrationOptions
+    spill_beside: Path | None = (
+        None  # the output the run holds the lock of: hidden states spill beside it (else TMPDIR)
+    )
     ranks: Ranks = field(init=False)
     dtype: torch.dtype = field(init=False)
     max_bytes: int | None = field(init=False)  # hidden states kept in memory before spilling to disk
@@ -68,6 +74,12 @@ class RunContext:
                 split=opts.calib_split, column=opts.calib_column,
             )  # fmt: skip
         return self._data
+
+    def activations(self) -> Activations:
+        """A new, empty store of hidden states, kept in memory up to ``--max-memory``, then spilled into a temporary
+        folder beside ``spill_beside`` (named as its temp folders, so the next run there removes a killed run's)
+        or, without it, in TMPDIR."""
+        return Activations(self.max_bytes, self.spill_beside)
 
     def runner(self) -> LayerRunner:
         """A fresh layer runner of the checkpoint (close it when done), once its largest layer is known to fit."""

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from moeslim.stream.activations import Activations
 from moeslim.stream.masking import mask_router
 from moeslim.stream.memory import is_out_of_memory, out_of_memory
 from moeslim.stream.ranks import SINGLE, Ranks
@@ -53,7 +54,7 @@ from moeslim.stream.ranks import SINGLE, Ranks
 if TYPE_CHECKING:
     from moeslim.stream.modules import MoeParts
     from moeslim.stream.resume import Boundary
-    from moeslim.stream.runner import Activations, LayerRunner
+    from moeslim.stream.runner import LayerRunner
 
 
 @dataclass
@@ -117,22 +118,32 @@ class Observer:
 
 def walk(
     runner: LayerRunner, tokens: torch.Tensor, batch_size: int, observers: Sequence[Observer], *,
-    ranks: Ranks = SINGLE, max_bytes: int | None = None, start: Boundary | None = None, desc: str = "running",
+    ranks: Ranks = SINGLE, store: Activations | None = None, start: Boundary | None = None, desc: str = "running",
 ) -> Walk:  # fmt: skip
     """Run ``tokens`` ``(samples, seq)`` in batches of ``batch_size`` through the model's decoder layers, this
-    rank's share of the batches, from the embedding (or the saved hidden states of ``start``) up to the last layer
-    an observer needs; see the module docstring."""
+    rank's share of the batches, from the embedding (into the empty ``store``, default: one in memory) or from the
+    saved hidden states of ``start``, up to the last layer an observer needs; see the module docstring. The hidden
+    states are dropped at the end (a spill folder removed), also when the walk fails."""
     count = math.ceil(tokens.shape[0] / batch_size)
     mine = ranks.share(count)
-    if start is None:
-        store, first = runner.embed(tokens, batch_size, max_bytes, only=mine), 0
-    else:
-        runner.capture(tokens, batch_size)  # the layers' call arguments (masks, rotary) for each batch shape
+    if start is not None:
         store, first = start.store, start.next_layer
+    else:
+        store, first = Activations() if store is None else store, 0
+    with contextlib.closing(store):
+        if start is None:
+            runner.embed(tokens, batch_size, store, only=mine)
+        else:
+            runner.capture(tokens, batch_size)  # the layers' call arguments (masks, rotary) for each batch shape
+        return _walk(Walk(runner, tokens, batch_size, store, mine, count, ranks, first), observers, desc)
+
+
+def _walk(state: Walk, observers: Sequence[Observer], desc: str) -> Walk:
+    """``walk`` once the stream holds the hidden states entering layer ``state.first``."""
+    runner, ranks, first = state.runner, state.ranks, state.first
     runner.unload_embedding()  # a vocab × hidden matrix not needed again
-    if len(store) != len(mine):
-        raise ValueError(f"the saved hidden states hold {len(store)} batches, not {len(mine)}")
-    state = Walk(runner, tokens, batch_size, store, mine, count, ranks, first)
+    if len(state.store) != len(state.mine):
+        raise ValueError(f"the saved hidden states hold {len(state.store)} batches, not {len(state.mine)}")
     for observer in observers:
         observer.begin(state)
     state.stop = max((s for o in observers if (s := o.stop(state)) is not None), default=first)

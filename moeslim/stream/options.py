@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moeslim.errors import UsageError
+
 
 @dataclass(frozen=True)
 class CalibrationOptions:
@@ -21,3 +23,17 @@ class CalibrationOptions:
     calib_split: str = "train"
     calib_column: str | None = None
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse, before any work, values calibration cannot use."""
+        at_least("--samples", self.samples, 2, "calibration needs 2 sequences or more (its statistics have two halves)")
+        at_least("--seq-len", self.seq_len, 2, "a sequence needs 2 tokens or more")
+        at_least("--batch-size", self.batch_size, 1, "a batch holds 1 sequence or more")
+        at_least("--seed", self.seed, 0, "seeds are 0 or more")
+        at_least("--reconstruction-tokens", self.reconstruction_tokens, 0, "0 skips the reconstruction criterion")
+
+
+def at_least(option: str, value: int, low: int, why: str) -> None:
+    """Refuse ``option value`` below ``low``, in one line that says why and what to pass."""
+    if value < low:
+        raise UsageError(f"{option} {value} is too small: {why}; pass {option} {low} or more")

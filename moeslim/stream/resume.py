@@ -24,11 +24,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moeslim import jsonio
+from moeslim.errors import MoeslimError
 from moeslim.safefs import remove_path
 
 if TYPE_CHECKING:
     from moeslim.calibrate.statistics import CalibrationMeta
-    from moeslim.stream.runner import Activations
+    from moeslim.stream.activations import Activations
 
 RESUME, PARTIAL = "resume", "resume.tmp"
 BOUNDARY_FORMAT = "moeslim.resume"
@@ -62,25 +63,26 @@ def save_boundary(out: Path, boundary: Boundary, layers_done: list[int], meta: C
 
 def load_boundary(
     out: Path, meta: CalibrationMeta, pending: list[int], batches: list[tuple[int, int]], dtype: torch.dtype,
-    max_bytes: int | None, tag: str = "",
+    store: Activations, tag: str = "",
 ) -> Boundary | None:  # fmt: skip
     """The boundary saved in ``out`` for the calibration ``meta``, or None (absent, or unusable: noted on stderr).
 
     ``pending``: the MoE layers whose statistics are still missing (none may lie before the boundary);
-    ``batches``: ``(rows, seq)`` of each batch, whose hidden states must be ``dtype``; they are kept in memory up
-    to ``max_bytes``, then spilled to disk, as calibration keeps them.
+    ``batches``: ``(rows, seq)`` of each batch, whose hidden states must be ``dtype``; they are read into the empty
+    ``store`` (kept in memory up to its bound, then spilled to disk, as calibration keeps them), which is closed
+    when None is returned.
     """
-    from moeslim.stream.runner import Activations  # transformers' model code: imported when used
-
     folder = out / f"{RESUME}{tag}"
     if not folder.exists():
         return None
     try:
         next_layer = _check(jsonio.loads((folder / "boundary.json").read_text(encoding="utf-8")), meta, pending)
-        store = Activations(max_bytes)
         for b, shape in enumerate(batches):
             store.append(_hidden(folder / f"{b}.safetensors", shape, dtype))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        store.close()
+        if isinstance(e, MoeslimError):  # no room to spill them: not a fault of the boundary
+            raise
         note(f"note: the saved hidden states in {folder} are unusable ({e}); computing the finished layers again")
         return None
     return Boundary(next_layer, store)

@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import gc
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +36,7 @@ from moeslim.families.table import calibration_refused
 from moeslim.layout import Layout
 from moeslim.shards import TensorInfo
 from moeslim.source import Checkpoint
+from moeslim.stream.activations import Activations
 from moeslim.stream.dequant import TORCH_DTYPES, Deferred, Packed, Reader, dense_items
 from moeslim.stream.finite import check_finite
 from moeslim.stream.fuse import Fusion, fill, fused_shape, plan_fusions
@@ -54,43 +54,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError as e:
         raise DeviceError(f"--device {name!r} is not a device torch knows (use cpu, cuda or cuda:N)") from e
-
-
-class Activations:
-    """Hidden states ``(batch, seq, hidden)`` per calibration batch, on CPU; spilled to disk past ``max_bytes``."""
-
-    def __init__(self, max_bytes: int | None = None) -> None:
-        self._items: list[torch.Tensor | Path] = []
-        self._max = max_bytes
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        item = self._items[i]
-        return torch.load(item, weights_only=True) if isinstance(item, Path) else item
-
-    def __setitem__(self, i: int, value: torch.Tensor) -> None:
-        self._items[i] = self._place(value.detach().to("cpu"), i)
-
-    def append(self, value: torch.Tensor) -> None:
-        self._items.append(value)
-        self[len(self._items) - 1] = value
-
-    def resident_bytes(self) -> int:
-        return sum(t.nbytes for t in self._items if isinstance(t, torch.Tensor))
-
-    def _place(self, value: torch.Tensor, i: int) -> torch.Tensor | Path:
-        current = self._items[i]
-        in_memory = self.resident_bytes() - (current.nbytes if isinstance(current, torch.Tensor) else 0)
-        if self._max is None or in_memory + value.nbytes <= self._max:
-            return value
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="moeslim-activations-")
-        path = Path(self._dir.name) / f"{i}.pt"
-        torch.save(value, path)
-        return path
 
 
 class LayerRunner:
@@ -128,13 +91,13 @@ class LayerRunner:
         return len(self.decoder_layers)
 
     def embed(
-        self, tokens: torch.Tensor, batch_size: int, max_bytes: int | None = None, only: list[int] | None = None
+        self, tokens: torch.Tensor, batch_size: int, store: Activations | None = None, only: list[int] | None = None
     ) -> Activations:
         """The first decoder layer's input for ``tokens`` ``(samples, seq)``, in batches (those numbered ``only``, if
-        given), from the model's own forward (embedding scale, hyper-connection streams and all); also captures
-        each layer's call arguments."""
+        given), from the model's own forward (embedding scale, hyper-connection streams and all), appended to
+        ``store`` (default: a new one, in memory); also captures each layer's call arguments."""
         self._load_embedding()
-        store = Activations(max_bytes)
+        store = Activations() if store is None else store
         batches = tokens.split(batch_size)
         for ids in batches if only is None else [batches[b] for b in only]:
             first, kwargs = self._capture_layer_kwargs(ids.to(self.device))

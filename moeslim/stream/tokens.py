@@ -4,32 +4,42 @@ A source is a text file, a folder of text files, a ``.jsonl`` file (``text`` or 
 running Python's standard library (``stdlib``, the offline default) or a Hub dataset (needs ``datasets``). Its
 documents are visited in a seeded shuffled order and tokenized one at a time, each followed by EOS, until
 ``samples × seq_len`` tokens are read; the stream is then cut into rows, with no padding.
+
+Files are read as they are tokenized and no further than the tokens needed (``textfiles.py``); a binary one is
+skipped in a folder and refused alone, and only regular files are read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import re
 import sys
-import sysconfig
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Callable, Generator, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
 
 from moeslim.errors import CalibrationDataError
+from moeslim.stream.textfiles import (
+    NotText,
+    file_pieces,
+    folder_files,
+    not_regular,
+    pieces,
+    read_text,
+    stdlib_files,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
 STDLIB = "stdlib"
-STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 CHUNK_CHARS = 1 << 20  # longer documents are tokenized in newline-aligned pieces, so a huge file is read only as needed
 
@@ -80,6 +90,9 @@ def token_digest(tokens: torch.Tensor) -> str:
     return hashlib.sha256(ids.tobytes() + int(tokens.shape[1]).to_bytes(8, "little")).hexdigest()
 
 
+Document: TypeAlias = "str | Generator[str, None, None]"  # a text, or a file's pieces read as consumed
+
+
 @dataclass(frozen=True)
 class Corpus:
     """``count`` documents, loaded one at a time by index: ``load(i)`` is the text, or None to skip (binary)."""
@@ -87,7 +100,7 @@ class Corpus:
     name: str  # e.g. "data.jsonl (messages, chat template)"
     unit: str  # what a document is: "files", "lines", "rows"
     count: int
-    load: Callable[[int], str | None]
+    load: Callable[[int], Document | None]
 
 
 def load_calibration(
@@ -149,53 +162,28 @@ def local_corpus(spec: str, path: Path, tokenizer: PreTrainedTokenizerBase, colu
         return files_corpus(stdlib_files(), f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib")
     if path.is_dir():
         return files_corpus(folder_files(path), f"folder {path.resolve().name}/")  # "." → its real name
+    if (kind := not_regular(path)) is not None:
+        raise CalibrationDataError(
+            f"calibration data {spec!r} is {kind}, not a regular file; save the text to a file and pass that"
+        )
     return text_file_corpus(path)
-
-
-def walk_files(root: Path, skip_dir: Callable[[str], bool], keep: Callable[[str], bool]) -> list[Path]:
-    """Files under ``root`` whose name passes ``keep``, not descending into skipped folders; sorted by relative path."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not skip_dir(d)]  # prune in place: os.walk does not descend into them
-        found += [Path(folder, f) for f in files if keep(f)]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def folder_files(root: Path) -> list[Path]:
-    """Every file under ``root``, hidden files and folders (``.git``) left out; binary ones are skipped on read."""
-    return walk_files(root, skip_dir=lambda d: d.startswith("."), keep=lambda f: not f.startswith("."))
-
-
-def stdlib_files() -> list[Path]:
-    """The ``.py`` files of the running Python's standard library, without site-packages, tests and idlelib."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return walk_files(root, skip_dir=lambda d: d in STDLIB_SKIP or d.startswith("."), keep=lambda f: f.endswith(".py"))
-
-
-def read_text(path: Path) -> str | None:
-    """The file's UTF-8 text, or None when it is binary (holds a NUL byte) or not UTF-8."""
-    data = path.read_bytes()
-    if b"\0" in data:
-        return None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return None
 
 
 def files_corpus(files: list[Path], name: str) -> Corpus:
     """One document per file; binary and undecodable files are skipped when their turn comes."""
-    return Corpus(name, "files", len(files), lambda i: read_text(files[i]))
+    return Corpus(name, "files", len(files), lambda i: file_pieces(files[i], CHUNK_CHARS))
 
 
 def text_file_corpus(path: Path) -> Corpus:
     """A single text file as one document."""
 
-    def load(_: int) -> str:
-        text = read_text(path)
-        if text is None:
-            raise CalibrationDataError(f"{path.name} is not UTF-8 text; pass a text file, a folder or a .jsonl file")
-        return text
+    def load(_: int) -> Generator[str, None, None]:
+        try:
+            yield from file_pieces(path, CHUNK_CHARS)
+        except NotText as e:
+            raise CalibrationDataError(
+                f"{path.name} is not UTF-8 text; pass a text file, a folder or a .jsonl file"
+            ) from e
 
     return Corpus(path.name, "files", 1, load)
 
@@ -239,14 +227,29 @@ def jsonl_value(line: str, n: int, name: str, column: str | None) -> str | list[
 
 
 def document_value(value: object, where: str) -> str | list[Any]:
-    """``value`` if it is text or a chat (a list of ``{role, content}`` objects)."""
+    """``value`` if it is text or a chat (a list of ``{role, content}`` objects), and all of it Unicode text."""
     if isinstance(value, str):
-        return value
+        return unicode_text(value, where)
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        for m in value:
+            unicode_text(json.dumps(m, ensure_ascii=False), where)
         return value
     raise CalibrationDataError(
         f"{where} holds {type(value).__name__}, neither text nor a list of {{role, content}} messages"
     )
+
+
+def unicode_text(text: str, where: str) -> str:
+    """``text``, refused when it holds a lone surrogate: JSON's ``\\ud83d`` escape alone is half of a character (an
+    emoji cut in two), which no tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise CalibrationDataError(
+            f"{where} holds {text[e.start]!r}, half of a character (a surrogate without its pair, e.g. an emoji cut in"
+            " two); fix or remove that text"
+        ) from None
+    return text
 
 
 def require_chat_template(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
@@ -324,7 +327,10 @@ def read_tokens(
         for i in order:
             text = corpus.load(i)
             budget = need - len(ids) if cap is None else min(cap, need - len(ids))
-            doc = encode_document(tokenizer, text, budget) if text else []
+            try:
+                doc = encode_document(tokenizer, text, budget) if text else []
+            except NotText:  # binary after all: skipped, as a file found binary at once
+                doc = []
             if doc:
                 ids += (doc if cap is None else doc[:budget]) + eos
                 docs.append(i)
@@ -333,25 +339,18 @@ def read_tokens(
     return ids[:need], docs
 
 
-def encode_document(tokenizer: PreTrainedTokenizerBase, text: str, budget: int) -> list[int]:
-    """Token ids of ``text``, no special tokens, stopping after the piece that reaches ``budget`` ids."""
+def encode_document(tokenizer: PreTrainedTokenizerBase, text: Document, budget: int) -> list[int]:
+    """Token ids of ``text``, no special tokens, stopping after the piece that reaches ``budget`` ids (a file is read
+    no further)."""
     ids: list[int] = []
-    for piece in pieces(text, CHUNK_CHARS):
-        ids += encode(tokenizer, piece)
-        if len(ids) >= budget:
-            break
+    with contextlib.closing(pieces(text, CHUNK_CHARS) if isinstance(text, str) else text) as parts:
+        for piece in parts:
+            ids += encode(tokenizer, piece)
+            if len(ids) >= budget:
+                break
     return ids
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens (and without the too-long-for-the-model warning)."""
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-
-
-def pieces(text: str, size: int) -> Iterator[str]:
-    """``text`` in consecutive pieces of at most ``size`` characters, each ending at a newline where one exists."""
-    start = 0
-    while start < len(text):
-        end = len(text) if len(text) - start <= size else (text.rfind("\n", start, start + size) + 1 or start + size)
-        yield text[start:end]
-        start = end

@@ -14,6 +14,7 @@ from moeslim.layout import Layout, resolve_layout
 from moeslim.names import PLAN_NAME
 from moeslim.quant import READABLE, unreadable
 from moeslim.source import Checkpoint, open_checkpoint
+from moeslim.stream.options import at_least
 from moeslim.validate.report import kl_gate
 from moeslim.validate.structure import Structure, check_structure
 
@@ -35,6 +36,14 @@ class ValidateOptions:
     generations: int = 3  # greedy generations side by side (0: none)
     trust_remote_code: bool = False
     require_data: bool = True  # False (slim): too little held-out text skips the numbers instead of failing
+
+    def __post_init__(self) -> None:
+        """Refuse, before any work, values validation cannot use."""
+        at_least("--samples", self.samples, 1, "validation needs a held-out sequence")
+        at_least("--seq-len", self.seq_len, 2, "a sequence needs 2 tokens or more")
+        at_least("--batch-size", self.batch_size, 1, "a batch holds 1 sequence or more")
+        at_least("--seed", self.seed, 0, "seeds are 0 or more")
+        at_least("--generations", self.generations, 0, "0 shows none")
 
 
 def validate(original: Path, pruned: Path, opts: ValidateOptions, opened: Checkpoint | None = None) -> dict:

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from moeslim.errors import CheckpointError, DeviceError
+from moeslim.stream.activations import Activations
 from moeslim.stream.loop import Observer, Walk, walk
 from moeslim.stream.ranks import SINGLE, Ranks
-from moeslim.stream.runner import Activations, LayerRunner
+from moeslim.stream.runner import LayerRunner
 from moeslim.validate.metrics import RelativeError, TokenMetrics, position_chunks
 
 
