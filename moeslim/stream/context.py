@@ -41,9 +41,7 @@ class RunContext:
     ckpt: Checkpoint
     layout: Layout
     opts: CalibrationOptions
-    spill_beside: Path | None = (
-        None  # the output the run holds the lock of: hidden states spill beside it (else TMPDIR)
-    )
+    spill_beside: Path | None = None  # the target whose lock the run holds: hidden states spill beside it
     ranks: Ranks = field(init=False)
     dtype: torch.dtype = field(init=False)
     max_bytes: int | None = field(init=False)  # hidden states kept in memory before spilling to disk
