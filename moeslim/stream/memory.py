@@ -94,11 +94,13 @@ def check_fits(ckpt: Checkpoint, layout: Layout, element_size: int, hidden_bytes
     needed = int(size * LOAD_FACTOR) + hidden_bytes + BASE_BYTES
     if room is None or needed <= room + BASE_BYTES:  # the imports are already in memory: room excludes them
         return
-    halve = " pass --dtype bfloat16 (half the memory)," if element_size > 2 else ""
+    fixes = [" pass --dtype bfloat16 (half the memory)"] if element_size > 2 else []
+    if hidden_bytes > 0.1 * needed:
+        fixes.append(" lower --max-memory (hidden states past it go to disk) or --samples")
     raise DeviceError(
         f"decoder layer {index} needs about {needed / GB:.2f} GB in {dtype} ({size / GB:.2f} GB of weights, loaded"
         f" one layer at a time, plus {hidden_bytes / GB:.2f} GB of hidden states), and this process may use"
-        f" {room / GB:.2f} GB;{halve} lower --max-memory, or run on a machine with more memory"
+        f" {room / GB:.2f} GB;{','.join(fixes)}{', or' if fixes else ''} run on a machine with more memory"
     )
 
 
