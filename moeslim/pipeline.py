@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import shlex
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from moeslim.surgery.config import dump_config, rewrite_config
 from moeslim.surgery.files import check_space, copy_files, extra_files, foreign_file
 from moeslim.surgery.mapping import plan_outputs
 from moeslim.surgery.writer import plan_shards, write_checkpoint
-from moeslim.targets import TMP_SUFFIX, atomic_folder, check_outside, check_target, locked
+from moeslim.targets import atomic_folder, check_outside, check_target, locked, temp_beside
 from moeslim.units import parse_size
 from moeslim.validate.report import write_report
 from moeslim.validate.run import ValidateOptions, kl_exceeds, validate
@@ -171,10 +170,7 @@ def claim_output(source: Path, out: Path, overwrite: bool, copied: list[Path]) -
 def _work_folder(held: contextlib.ExitStack, out: Path) -> Path:
     """A temporary folder beside ``out`` for the correction's patch files, gone at the end; named as the target's
     temp folders, so a killed run's is cleared by the next run there."""
-    target = out.absolute()
-    return Path(held.enter_context(
-        tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
-    ))  # fmt: skip
+    return Path(held.enter_context(temp_beside(out)))
 
 
 def _settle_correction(job: Job, plan: Plan, work: Path | None) -> tuple[Plan, dict[str, TensorInfo]]:
