@@ -43,10 +43,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _calibrate(src: Path, ranks: Ranks, seen: list[int]) -> Statistics:
+def _calibrate(src: Path, ranks: Ranks, seen: list[int], widest: list[int] | None = None) -> Statistics:
+    """Statistics of ``src`` on this rank; ``widest`` collects how many experts' weights the experts module holds
+    whenever it computes (its parameters' first dimension: one slice per expert)."""
     ckpt = open_checkpoint(src)
     layout = resolve_layout(ckpt)
-    runner = LayerRunner(ckpt, layout)
+    runner = LayerRunner(ckpt, layout, ranks=ranks)
+    if widest is not None:
+        cls = type(next(iter(runner.parts.values())).experts)
+        forward = cls.forward
+
+        def recording(module: torch.nn.Module, hidden: object, index: object, weight: object, *args: object) -> object:
+            # three named arguments, as the experts module's own (moeslim tells routed experts by them)
+            widest.append(max((p.shape[0] for p in module.parameters() if not p.is_meta), default=0))
+            return forward(module, hidden, index, weight, *args)
+
+        cls.forward = recording  # type: ignore[method-assign]  # a spawned process of its own: not undone
     try:
         collector = Collector(
             Statistics(layout.num_experts), reconstruction_tokens=16,
@@ -57,32 +69,38 @@ def _calibrate(src: Path, ranks: Ranks, seen: list[int]) -> Statistics:
         runner.close()
 
 
-def _rank(rank: int, world: int, port: int, src: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank(rank: int, world: int, port: int, src: str, out: str, mode: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOESLIM_PARALLEL=mode)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         seen: list[int] = []
-        stats = _calibrate(Path(src), Ranks(rank, world), seen)
+        widest: list[int] = []
+        stats = _calibrate(Path(src), Ranks(rank, world), seen, widest)
         arrays = {f"{i}.{h}.{f}": stats.halves[i][h][f] for i in stats.layers for h in HALVES for f in FIELDS}
         arrays |= {f"{i}.{h}.tokens": np.array([stats.halves[i][h].tokens]) for i in stats.layers for h in HALVES}
         arrays |= {f"{i}.reconstruction": v for i, v in stats.reconstruction.items()}
-        np.savez(Path(out) / f"rank{rank}.npz", seen=np.array(seen), **arrays)
+        np.savez(Path(out) / f"rank{rank}.npz", seen=np.array(seen), widest=np.array(widest), **arrays)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("mode", ["experts", "batches"])
 def test_two_ranks_share_the_batches_and_sum_to_one_process(
-    name: str, built: Callable[[str], Path], tmp_path: Path
+    name: str, mode: str, built: Callable[[str], Path], tmp_path: Path
 ) -> None:
+    """Each rank runs its share of the batches; with ``experts`` (the default) each also holds and runs only half
+    of every layer's experts, with ``batches`` every expert."""
     src = built(name)
-    mp.spawn(_rank, args=(2, _free_port(), str(src), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, _free_port(), str(src), str(tmp_path), mode), nprocs=2, join=True)
     seen: list[int] = []
     single = _calibrate(src, Ranks(), seen)
     assert seen == [5] * len(single.layers)  # one process holds all 5 batches
+    experts = resolve_layout(open_checkpoint(src)).num_experts
     for rank, share in ((0, 3), (1, 2)):  # batches 0, 2, 4 and 1, 3
         got = np.load(tmp_path / f"rank{rank}.npz")
         assert got["seen"].tolist() == [share] * len(single.layers)  # each rank held only its share
+        assert got["widest"].max() == (experts // 2 if mode == "experts" else experts)
         for i in single.layers:
             for h in HALVES:
                 part = single.halves[i][h]
@@ -139,12 +157,15 @@ def test_torchrun_calibrate_validate_and_slim_equal_one_process(built: Callable[
     for a_layer, b_layer in zip(plans[0]["layers"], plans[1]["layers"], strict=True):
         np.testing.assert_allclose(b_layer["scores"], a_layer["scores"], rtol=1e-5)
     kl = [p["calibration"]["auto"]["kl"] for p in plans]
-    assert kl[1] == pytest.approx(kl[0], rel=1e-5)
+    # the ranks divide the experts: each token's expert outputs are summed in another order. These plans' KLs are
+    # about 1e-6 per token, where float32 logits' rounding alone moves a KL by about 1e-8
+    for name in kl[0]:
+        assert kl[1][name] == pytest.approx(kl[0][name], rel=1e-5, abs=5e-8), name
     reports = [json.loads((w / "report.json").read_text()) for w in (one, two)]
     for key in ("kl_mean", "kl_p95", "top1_agreement", "perplexity_original", "perplexity_pruned"):
-        assert reports[1][key] == pytest.approx(reports[0][key], rel=1e-6, abs=1e-9), key
+        assert reports[1][key] == pytest.approx(reports[0][key], rel=1e-5, abs=5e-8), key  # rounding, as above
     assert reports[0]["scored_tokens"] == reports[1]["scored_tokens"] == 6 * 15
-    np.testing.assert_allclose(reports[1]["per_sequence"]["kl"], reports[0]["per_sequence"]["kl"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(reports[1]["per_sequence"]["kl"], reports[0]["per_sequence"]["kl"], rtol=1e-5, atol=5e-8)
 
 
 def _resume_rank(rank: int, world: int, port: int, model: str, out: str, result: str) -> None:

@@ -264,9 +264,15 @@ def _scores(scores: dict[int, np.ndarray]) -> list[list[float]]:
 
 
 def _assert_streaming_statistics_equal_full_forward(model: Any, src: Path, layout: Any) -> None:
-    """Calibration one layer at a time gives the statistics of the whole model's own forward."""
+    """Calibration one layer at a time gives the statistics of the whole model's own forward, whole layers loaded
+    and routed experts streamed from disk one expert at a time (``stream/chunks.py``) alike."""
+    for chunk in (None, 1):
+        _assert_statistics_equal_full_forward(model, src, layout, chunk)
+
+
+def _assert_statistics_equal_full_forward(model: Any, src: Path, layout: Any, chunk: int | None) -> None:
     tokens = torch.randint(3, 200, (4, 10), generator=torch.Generator().manual_seed(2))
-    runner = LayerRunner(open_checkpoint(src), layout)
+    runner = LayerRunner(open_checkpoint(src), layout, expert_chunk=chunk)
     try:
         stats = calibrate_layers(runner, tokens, 2, Statistics(layout.num_experts))
     finally:

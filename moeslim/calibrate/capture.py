@@ -17,6 +17,7 @@ import torch
 
 # The numpy data they fill live in statistics.py (no torch); importable from here too, their first home.
 from moeslim.calibrate.statistics import FIELDS, HALVES, LayerStats, Statistics  # noqa: F401
+from moeslim.stream.chunks import one_expert_each, pair_norms
 from moeslim.stream.masking import router_logits
 from moeslim.stream.modules import MoeParts, takes_routing
 
@@ -29,7 +30,9 @@ def collect(parts: MoeParts, stats: LayerStats, scoring: str) -> Iterator[None]:
     def on_experts(module: torch.nn.Module, args: tuple) -> None:
         hidden, index, weight = args[:3]
         hidden = hidden.reshape(-1, hidden.shape[-1])  # DBRX's experts get (batch, seq, hidden) and flatten them
-        _add_routed(stats, index, weight, lambda: _routed_outputs(module, hidden, index))
+        swept = pair_norms(module)  # experts streamed in chunks: their outputs' norms come from the sweep
+        norms = (lambda: swept) if swept is not None else (lambda: _routed_outputs(module, hidden, index))
+        _add_routed(stats, index, weight, norms)
 
     def on_logits(out: torch.Tensor) -> torch.Tensor:
         logits = out.reshape(-1, out.shape[-1]).float()  # (tokens, rows): the router's own logits
@@ -85,21 +88,9 @@ def _routed_outputs(experts: torch.nn.Module, hidden: torch.Tensor, index: torch
     for start in range(0, pairs.shape[0], PAIRS_PER_CALL):
         chosen = pairs[start : start + PAIRS_PER_CALL]
         rows = hidden[torch.arange(start, start + chosen.shape[0], device=hidden.device) // k]
-        output = _one_expert_each(experts, rows, chosen)
+        output = one_expert_each(experts, rows, chosen)
         out.append(torch.linalg.vector_norm(output.reshape(-1, output.shape[-1]).double(), dim=-1))
     return torch.cat(out)
-
-
-def _one_expert_each(experts: torch.nn.Module, rows: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """The experts module's output for each row through its one ``chosen`` expert, weight 1. An experts module
-    that cannot take a single choice per token (LongCat-Flash's squeezes it away) gets the expert twice, with
-    weights 1 and 0: the same output."""
-    ones = torch.ones(chosen.shape[0], 1, dtype=rows.dtype, device=rows.device)
-    try:
-        return experts.forward(rows, chosen, ones)
-    except ValueError:
-        twice = torch.cat([chosen, chosen], dim=1)
-        return experts.forward(rows, twice, torch.cat([ones, torch.zeros_like(ones)], dim=1))
 
 
 @torch.no_grad()

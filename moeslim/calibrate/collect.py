@@ -97,7 +97,7 @@ class Collector(Observer):
         self._parts = {h: LayerStats(self.stats.num_experts) for h in HALVES}
         # reconstruction needs the experts module to take the router's choice (Llama-4's routes every token densely)
         sampler = (
-            ReconstructionSampler(block, self.reconstruction_tokens)
+            ReconstructionSampler(block, self.reconstruction_tokens, walk.runner.experts_of(index))
             if self.reconstruction_tokens and takes_routing(block.experts)
             else None
         )
@@ -115,7 +115,7 @@ class Collector(Observer):
             order = [walk.mine[p] for h in HALVES for p in range(len(walk.mine)) if self._half[p] == h]
             sampler.share(order, ranks)  # the batches in the order run
             layout = walk.runner.layout
-            self.stats.reconstruction[index] = ranks.from_leader(sampler.scores(layout) if ranks.leader else None)
+            self.stats.reconstruction[index] = ranks.from_leader(sampler.scores(layout, ranks))
 
 
 def calibrate_layers(

@@ -15,16 +15,17 @@ import numpy as np
 import torch
 
 from moeslim.layout import Routing
+from moeslim.stream.chunks import ExpertChunks, Resident
 from moeslim.stream.masking import mask_router
 from moeslim.stream.modules import MoeParts, choice_of
-from moeslim.stream.ranks import Ranks
+from moeslim.stream.ranks import SINGLE, Ranks
 
 
 class ReconstructionSampler:
     """Keeps up to ``max_tokens`` of an MoE block's input and scores experts by greedy reconstruction."""
 
-    def __init__(self, parts: MoeParts, max_tokens: int) -> None:
-        self.parts, self.max_tokens = parts, max_tokens
+    def __init__(self, parts: MoeParts, max_tokens: int, experts: Resident | ExpertChunks) -> None:
+        self.parts, self.max_tokens, self.access = parts, max_tokens, experts
         self.router, self.experts = parts.router, parts.experts
         self._inputs: list[torch.Tensor] = []
         self._router_args: tuple = ()
@@ -56,11 +57,24 @@ class ReconstructionSampler:
             self._inputs.append(x[: max(room, 0)])
 
     @torch.no_grad()
-    def scores(self, routing: Routing) -> np.ndarray:
-        """``(experts,)``: the later an expert is removed by greedy elimination, the higher its score."""
+    def scores(self, routing: Routing, ranks: Ranks = SINGLE) -> np.ndarray | None:
+        """``(experts,)``: the later an expert is removed by greedy elimination, the higher its score; computed by
+        rank 0 (None elsewhere), from every expert's outputs (under expert parallel, each rank's own, gathered)."""
+        if not (ranks.leader or self.access.parallel):
+            return None
         x = torch.cat(self._inputs)  # (tokens, hidden)
         e = routing.num_experts
-        outputs = torch.stack([self._expert_output(x, j) for j in range(e)])  # (experts, tokens, hidden)
+        outputs = torch.empty(e, *x.shape, device=x.device)  # (experts, tokens, hidden)
+        own = {}
+        for chunk in self.access.chunks(range(e)):  # experts streamed from disk are read a chunk at a time
+            for j in chunk.experts:
+                outputs[j] = own[j] = self._expert_output(x, chunk.local(j))
+        if self.access.parallel:
+            for part in ranks.gather(own if not ranks.leader else {}):
+                for j, output in part.items():
+                    outputs[j] = output
+            if not ranks.leader:
+                return None
         full = self._output(x, outputs, tuple(range(e)), e)
         kept, score = list(range(e)), np.zeros(e)
         for step in range(e - routing.top_k):
@@ -77,7 +91,7 @@ class ReconstructionSampler:
     def _expert_output(self, x: torch.Tensor, j: int) -> torch.Tensor:
         index = torch.full((x.shape[0], 1), j, dtype=torch.long, device=x.device)
         ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        return self.experts.forward(x, index, ones).float()
+        return type(self.experts).forward(self.experts, x, index, ones).float()
 
     def _output(self, x: torch.Tensor, outputs: torch.Tensor, kept: tuple[int, ...], experts: int) -> torch.Tensor:
         """Routed MoE output ``(tokens, hidden)`` when only ``kept`` of the ``experts`` can be chosen."""

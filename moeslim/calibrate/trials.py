@@ -14,8 +14,8 @@ time, as in a plain calibration.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -87,18 +87,17 @@ class PlanTrials(Observer):
         runner = walk.runner
         block = runner.parts.get(index)
         if block is None or index not in self.stats.halves:
-            self._streams = [self._forward(runner, index, layer, stream) for stream in self._streams]
+            self._streams = self._forward(runner, index, layer, [(stream, None) for stream in self._streams])
             return
         groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
         for name in self.candidates:
             kept = select_one(self.layout, self.scores(name, index, self.stats), self.keep, layer=index)
             self.kept[name][index] = kept
             groups.setdefault((self._of[name], kept), []).append(name)
-        streams: list[list[torch.Tensor]] = []
-        for (old, kept), names in groups.items():
-            self._of.update(dict.fromkeys(names, len(streams)))
-            streams.append(self._forward(runner, index, layer, self._streams[old], block, kept))
-        self._streams = streams
+        for s, names in enumerate(groups.values()):
+            self._of.update(dict.fromkeys(names, s))
+        plans = [(self._streams[old], kept) for old, kept in groups]
+        self._streams = self._forward(runner, index, layer, plans, block)
 
     def finish(self, walk: Walk) -> None:
         """Compare every stream's logits with the original's (the walk's stream after the last layer), over the
@@ -137,16 +136,22 @@ class PlanTrials(Observer):
         self.winner = min(better, key=lambda name: (self.kl[name], self.candidates.index(name)), default=incumbent)
 
     def _forward(
-        self, runner: LayerRunner, index: int, layer: torch.nn.Module, stream: list[torch.Tensor],
-        block: MoeParts | None = None, kept: tuple[int, ...] | None = None,
-    ) -> list[torch.Tensor]:  # fmt: skip
-        """``stream`` after the layer (a new list: ``stream`` itself may feed other plans too)."""
-        routing = mask_router(block, kept, self.layout.num_experts) if block is not None and kept else nullcontext()
+        self, runner: LayerRunner, index: int, layer: torch.nn.Module,
+        plans: Sequence[tuple[list[torch.Tensor], tuple[int, ...] | None]], block: MoeParts | None = None,
+    ) -> list[list[torch.Tensor]]:  # fmt: skip
+        """Each ``(stream, kept)`` of ``plans`` after the layer, routing only to ``kept`` (None: every expert), as
+        new lists (a stream may feed several plans). Experts streamed from disk are read once for all of them."""
+
+        def routing(kept: tuple[int, ...] | None) -> AbstractContextManager[object]:
+            return mask_router(block, kept, self.layout.num_experts) if block is not None and kept else nullcontext()
+
+        inputs = [(lambda h=h: h) for stream, _ in plans for h in stream]
+        masks = [kept for stream, kept in plans for _ in stream]
         out = []
-        with routing, torch.no_grad():
-            for hidden in stream:
-                result = layer(hidden.to(runner.device), **runner.layer_kwargs(hidden.shape[0], index))
-                out.append((result[0] if isinstance(result, tuple) else result).detach().to("cpu"))
+        with runner.replaying(index, layer, inputs, lambda k: routing(masks[k])), torch.no_grad():
+            for stream, kept in plans:
+                with routing(kept):
+                    out.append([runner.run(index, layer, hidden).detach().to("cpu") for hidden in stream])
         return out
 
 

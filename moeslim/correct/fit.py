@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from moeslim.stream.chunks import ExpertChunks, Resident
 from moeslim.stream.loop import Observer, Walk
 from moeslim.stream.masking import mask_router
 from moeslim.stream.modules import MoeParts, choice_of, takes_routing
-from moeslim.stream.ranks import Ranks
+from moeslim.stream.ranks import SINGLE, Ranks
 from moeslim.surgery.patch import PatchError
 
 RIDGE = 1e-2  # λ, relative to the mean diagonal of G_k (1e-3 to 1e-1: held-out KL ± 0.002)
@@ -116,10 +117,11 @@ class LayerFit:
     """Collects one MoE layer's inputs and routed outputs while the original layer runs, then fits the kept
     experts of the pruned layer on them."""
 
-    def __init__(self, parts: MoeParts, num_experts: int) -> None:
+    def __init__(self, parts: MoeParts, num_experts: int, experts: Resident | ExpertChunks | None = None) -> None:
         if not takes_routing(parts.experts):
             raise Unsupported("its experts module is not called with the router's choice")
         self.parts, self.num_experts = parts, num_experts
+        self.access = Resident(parts.experts, num_experts) if experts is None else experts
         self._inputs: list[torch.Tensor] = []
         self._outputs: list[torch.Tensor] = []
         self._router_args: tuple = ()
@@ -181,24 +183,35 @@ class LayerFit:
         # not the rounding of recomputing its output)
         changed = ((chosen != index) | (original != weight)).any(-1)
         share[~changed] = 0
-        for rows in changed.nonzero()[:, 0].split(CHUNK) if changed.any() else ():
-            pruned = self.parts.experts(x[rows], index[rows], weight[rows]).float()
-            total = weight[rows].float().sum(-1, keepdim=True).clamp_min(1e-12)
-            share[rows] = ((share[rows].float() - pruned) / total).to(share.dtype)
-        if self.down is None:
-            self._probe(kept[0])
-        out, inner = self._shape()
+        rows = changed.nonzero()[:, 0]
+        pruned = self.access.outputs(x[rows], index[rows], weight[rows]).float()  # under expert parallel: collective
+        total = weight[rows].float().sum(-1, keepdim=True).clamp_min(1e-12)
+        share[rows] = ((share[rows].float() - pruned) / total).to(share.dtype)
+        parallel = self.access.parallel
+        if parallel:  # each rank fits its own experts, on every rank's tokens
+            x, share, weight, index = (torch.cat(ranks.gather_rows(t)) for t in (x, share, weight, index))
+            ranks, everyone = SINGLE, ranks
         deltas = {}
-        for k in kept:
-            chosen = index == k
-            rows = chosen.any(-1).nonzero()[:, 0]
-            w = (weight * chosen).sum(-1).float()
-            if ranks.world == 1 and 0 < rows.numel() < min(inner, CHUNK):
-                delta = self._few_tokens(x, share, w, rows, k, ridge)  # the same solution, cheaper
-            else:
-                delta = self._from_sums(*self._sums(x, share, w, rows, k, inner, out), ranks, ridge)
-            if delta is not None:
-                deltas[k] = delta
+        for chunk in self.access.chunks(kept):  # experts streamed from disk: a chunk at a time
+            if self.down is None:
+                self._probe(chunk.local(chunk.experts[0]))
+            out, inner = self._shape()
+            for k in chunk.experts:
+                chosen = index == k
+                rows = chosen.any(-1).nonzero()[:, 0]
+                w = (weight * chosen).sum(-1).float()
+                local = chunk.local(k)  # where the experts module holds it
+                if ranks.world == 1 and 0 < rows.numel() < min(inner, CHUNK):
+                    delta = self._few_tokens(x, share, w, rows, local, ridge)  # the same solution, cheaper
+                else:
+                    delta = self._from_sums(*self._sums(x, share, w, rows, local, inner, out), ranks, ridge)
+                if delta is not None:
+                    deltas[k] = delta
+        if parallel:
+            parts = everyone.gather((deltas, self.down))
+            deltas = {k: d for part, _ in parts for k, d in part.items()}
+            deltas = {k: deltas[k] for k in sorted(deltas)}
+            self.down = next((down for _, down in parts if down is not None), None)
         return deltas
 
     @staticmethod
@@ -281,7 +294,7 @@ class Fitter(Observer):
         if block is None or self.error is not None:
             return None
         try:
-            self._fit = LayerFit(block, walk.runner.layout.num_experts)
+            self._fit = LayerFit(block, walk.runner.layout.num_experts, walk.runner.experts_of(index))
         except Unsupported as e:
             self._give_up(e)
             return None

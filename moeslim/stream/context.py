@@ -83,10 +83,11 @@ class RunContext:
         """A fresh layer runner of the checkpoint (close it when done), once its largest layer is known to fit."""
         from moeslim.stream.runner import LayerRunner  # transformers' model code: imported when used
 
-        self.check_fits()
-        return LayerRunner(self.ckpt, self.layout, self.device, self.dtype, self.opts.trust_remote_code)
+        chunk = self.check_fits()
+        opts = self.opts
+        return LayerRunner(self.ckpt, self.layout, self.device, self.dtype, opts.trust_remote_code, chunk, self.ranks)
 
-    def check_fits(self, streams: int = 1) -> None:
+    def check_fits(self, streams: int = 1) -> int | None:
         """Refuse in one line, before any weight is read, a pass whose largest layer and ``streams`` copies of
         the hidden states cannot fit in memory (``memory.py``)."""
         opts, size = self.opts, self.dtype.itemsize
@@ -94,7 +95,7 @@ class RunContext:
         states = opts.samples * opts.seq_len * hidden * size
         if self.max_bytes is not None:
             states = min(states, self.max_bytes)
-        check_fits(self.ckpt, self.layout, size, states * streams, opts.dtype)
+        return check_fits(self.ckpt, self.layout, size, states * streams, opts.dtype)
 
 
 def load_tokenizer(ckpt: Checkpoint) -> Any:

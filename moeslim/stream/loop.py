@@ -37,6 +37,7 @@ Adding an observer: subclass ``Observer`` and override what it needs, e.g. a per
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -180,11 +181,16 @@ def _step(state: Walk, observers: Sequence[Observer], index: int, layer: torch.n
     batches = sorted(set().union(*wanted)) if wanted else list(range(len(state.store)))
     block = state.block(index)
     route = None if block is None else next((r for o in observers if (r := o.route(state, index)) is not None), None)
+    store = state.store
     with contextlib.ExitStack() as stack:
-        watched = [c for o in observers if (c := o.layer(state, index, layer)) is not None]
-        for context in watched:
-            stack.enter_context(context)
+        # a layer streaming its experts runs over the batches first, its experts swept once, before any observer
+        # watches: the observers see the run that follows (``chunks.py``)
+        watched = [c for o in observers if (c := o.layer(state, index, layer)) is not None]  # not yet entered
         if watched or route is None:
+            inputs = [functools.partial(store.__getitem__, b) for b in batches]
+            stack.enter_context(runner.replaying(index, layer, inputs))
+            for context in watched:
+                stack.enter_context(context)
             _forward(state, observers, index, layer, batches, update=route is None)
     if route is not None and block is not None:
         with mask_router(block, route(), runner.layout.num_experts):

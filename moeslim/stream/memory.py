@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from moeslim.errors import DeviceError
@@ -21,6 +22,9 @@ from moeslim.source import Checkpoint
 LOAD_FACTOR = 1.3
 BASE_BYTES = 400 * 2**20  # Python, torch and transformers imported: ~365 MiB measured
 GB = 1e9
+#: routed experts streamed from disk are read about this many bytes at a time: a chunk's overhead is one experts
+#: call per recorded call, so small chunks cost little time and keep memory near the layer's resident part
+CHUNK_BYTES = 2**30
 
 
 def layer_bytes(ckpt: Checkpoint, layout: Layout, element_size: int) -> tuple[int, int]:
@@ -86,22 +90,82 @@ def _address_space_room() -> int | None:
     return max(0, soft - size)
 
 
-def check_fits(ckpt: Checkpoint, layout: Layout, element_size: int, hidden_bytes: int, dtype: str) -> None:
-    """Refuse, before any work, a pass whose largest decoder layer (× ``LOAD_FACTOR``) and ``hidden_bytes`` of
-    hidden states cannot fit in what this process may allocate."""
+@dataclass(frozen=True)
+class LayerSplit:
+    """A decoder layer's bytes once loaded: ``resident`` (all but the routed experts) and ``per_expert`` (one routed
+    expert's share of them), each the largest over the checkpoint's layers; ``experts`` routed experts a layer."""
+
+    index: int
+    whole: int
+    resident: int
+    per_expert: int
+    experts: int
+
+
+def layer_split(ckpt: Checkpoint, layout: Layout, element_size: int) -> LayerSplit:
+    """The largest decoder layer and how it divides into what stays resident and its routed experts (the largest
+    expert: a fused tensor counts 1/E of its bytes to each)."""
+    index, whole = layer_bytes(ckpt, layout, element_size)
+
+    def dense(name: str) -> int:
+        info = ckpt.tensors[name]
+        return _dense_elements(name, info.shape, info.dtype) * element_size
+
+    e = max(1, layout.num_experts)
+    experts: set[str] = set()
+    per_expert = 0
+    for layer in layout.layers:
+        if layer.mtp:
+            continue
+        fused = sum(dense(n) for n in layer.fused) // e
+        largest = max((sum(dense(n) for n in names) for names in layer.per_expert), default=0)
+        per_expert = max(per_expert, fused + largest)
+        experts |= set(layer.fused) | {n for names in layer.per_expert for n in names}
+    resident: dict[int, int] = {}
+    for name in ckpt.tensors:
+        i = decoder_layer_of(name, layout.family.layers_name)
+        if i is not None and name not in experts:
+            resident[i] = resident.get(i, 0) + dense(name)
+    return LayerSplit(index, whole, max(resident.values(), default=0), per_expert, e)
+
+
+def check_fits(
+    ckpt: Checkpoint, layout: Layout, element_size: int, hidden_bytes: int, dtype: str, chunk: int | None = None
+) -> int | None:
+    """How many routed experts a pass reads at a time: None for whole layers, where the largest decoder layer
+    (× ``LOAD_FACTOR``) and ``hidden_bytes`` of hidden states fit in what this process may allocate, else the most
+    that fit beside the layer's resident part (its experts' inputs and outputs held too: three times the hidden
+    states). ``chunk`` (``MOESLIM_EXPERT_CHUNK``) forces a size. A layer that cannot fit one expert at a time is
+    refused in one line, before any work, with the memory it needs."""
+    if chunk is None and (forced := os.environ.get("MOESLIM_EXPERT_CHUNK", "").strip()):
+        chunk = _positive(forced)
+    split = layer_split(ckpt, layout, element_size)
     room = available_bytes()
-    index, size = layer_bytes(ckpt, layout, element_size)
-    needed = int(size * LOAD_FACTOR) + hidden_bytes + BASE_BYTES
-    if room is None or needed <= room + BASE_BYTES:  # the imports are already in memory: room excludes them
-        return
+    whole = int(split.whole * LOAD_FACTOR) + hidden_bytes + BASE_BYTES
+    if chunk is not None or room is None or whole <= room + BASE_BYTES:  # room excludes the imports, already here
+        return chunk
+    fixed = int(split.resident * LOAD_FACTOR) + 3 * hidden_bytes
+    per = max(1, int(split.per_expert * LOAD_FACTOR))
+    fits = (room - fixed) // per if split.per_expert else 0
+    if fits >= 1:
+        return int(min(fits, split.experts, max(1, CHUNK_BYTES // per)))
+    needed = fixed + per + BASE_BYTES
     fixes = [" pass --dtype bfloat16 (half the memory)"] if element_size > 2 else []
-    if hidden_bytes > 0.1 * needed:
+    if 3 * hidden_bytes > 0.1 * needed:
         fixes.append(" lower --max-memory (hidden states past it go to disk) or --samples")
+    weights = (split.resident + split.per_expert) / GB
     raise DeviceError(
-        f"decoder layer {index} needs about {needed / GB:.2f} GB in {dtype} ({size / GB:.2f} GB of weights, loaded"
-        f" one layer at a time, plus {hidden_bytes / GB:.2f} GB of hidden states), and this process may use"
-        f" {room / GB:.2f} GB;{','.join(fixes)}{', or' if fixes else ''} run on a machine with more memory"
+        f"decoder layer {split.index} needs about {needed / GB:.2f} GB in {dtype} ({weights:.2f} GB of weights with"
+        f" its routed experts read one at a time, plus {3 * hidden_bytes / GB:.2f} GB of hidden states), and this"
+        f" process may use {room / GB:.2f} GB;{','.join(fixes)}{', or' if fixes else ''} run on a machine with more"
+        " memory"
     )
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise DeviceError(f"MOESLIM_EXPERT_CHUNK={text!r} is not a whole number of experts of 1 or more; unset it")
+    return int(text)
 
 
 def out_of_memory(where: str) -> DeviceError:

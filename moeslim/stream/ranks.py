@@ -59,6 +59,32 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_rows(self, tensor: Any) -> list[Any]:
+        """Every rank's ``tensor`` (a torch tensor; the ranks' may differ in their first dimension), in rank order."""
+        if self.world == 1:
+            return [tensor]
+        import torch
+        import torch.distributed as dist
+
+        sizes = self.gather(int(tensor.shape[0]))
+        wire = tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor  # gloo's types
+        padded = wire.new_zeros((max(sizes), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = wire
+        out = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(out, padded.contiguous())
+        return [o[:n].to(tensor.dtype) for o, n in zip(out, sizes, strict=True)]
+
+    def sum_tensor(self, tensor: Any) -> Any:
+        """Element-wise sum of a torch tensor over the ranks (a new tensor, in ``tensor``'s dtype)."""
+        if self.world == 1:
+            return tensor
+        import torch
+        import torch.distributed as dist
+
+        wire = tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor.clone()
+        dist.all_reduce(wire)
+        return wire.to(tensor.dtype)
+
     def from_leader(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         return self.gather(obj)[0]
@@ -84,6 +110,18 @@ def current(device: str = "cpu") -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def divides_experts(ranks: Ranks) -> bool:
+    """Whether several ranks divide each MoE layer's experts among them (the default; each rank reads and runs
+    1/N of them), or, with ``MOESLIM_PARALLEL=batches``, each loads every layer whole (faster where a layer's
+    experts are small against the tokens run through them)."""
+    mode = os.environ.get("MOESLIM_PARALLEL", "experts").strip() or "experts"
+    if mode not in ("experts", "batches"):
+        from moeslim.errors import UsageError
+
+        raise UsageError(f"MOESLIM_PARALLEL={mode!r} is not experts or batches; unset it or pick one")
+    return ranks.world > 1 and mode == "experts"
 
 
 def rank_device(device: str) -> str:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -33,14 +34,15 @@ from transformers.utils import logging as hf_logging
 
 from moeslim.errors import CheckpointError, DeviceError
 from moeslim.families.table import calibration_refused
-from moeslim.layout import Layout
-from moeslim.shards import TensorInfo
+from moeslim.layout import Layout, MoeLayer
 from moeslim.source import Checkpoint
 from moeslim.stream.activations import Activations
-from moeslim.stream.dequant import TORCH_DTYPES, Deferred, Packed, Reader, dense_items
+from moeslim.stream.chunks import ExpertChunks, ExpertTensors, Resident, expert_names, expert_tensors
+from moeslim.stream.dequant import TORCH_DTYPES, Deferred, Item, Reader, dense_items
 from moeslim.stream.finite import check_finite
 from moeslim.stream.fuse import Fusion, fill, fused_shape, plan_fusions
-from moeslim.stream.modules import loaded_names, moe_parts
+from moeslim.stream.modules import MoeParts, loaded_names, moe_parts, takes_routing
+from moeslim.stream.ranks import SINGLE, Ranks, divides_experts
 from moeslim.stream.stub import LayerProtocolError, layer_inputs, layer_list_name
 from moeslim.stream.stub import decoder_of as find_decoder
 
@@ -61,9 +63,11 @@ class LayerRunner:
 
     def __init__(
         self, ckpt: Checkpoint, layout: Layout, device: str = "cpu", dtype: torch.dtype = torch.float32,
-        trust_remote_code: bool = False,
+        trust_remote_code: bool = False, expert_chunk: int | None = None, ranks: Ranks = SINGLE,
     ) -> None:  # fmt: skip
         self.ckpt, self.layout, self.device, self.dtype = ckpt, layout, resolve_device(device), dtype
+        self.expert_chunk = expert_chunk  # routed experts read this many at a time (None: whole layers)
+        self.ranks = ranks if divides_experts(ranks) else SINGLE  # the ranks dividing each layer's experts
         self.model = meta_model(ckpt.root, dtype, trust_remote_code)
         self._load_config = LoadStateDictConfig(
             device_map={"": self.device},
@@ -81,6 +85,8 @@ class LayerRunner:
         self.parts = moe_parts(self.model, layout)  # MoE modules, found from the checkpoint's tensor names
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeslim-prefetch")
         self._full_gc = ckpt.total_bytes >= FULL_COLLECTION_BYTES * max(1, layout.num_hidden_layers)
+        self._experts: dict[int, Resident | ExpertChunks] = {}  # the loaded MoE layer's routed experts
+        self._replaying = False
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
@@ -134,8 +140,7 @@ class LayerRunner:
             try:
                 yield i, layer
             finally:
-                layer.to("meta")
-                _release_memory(self._full_gc)
+                self._unload_layer(i, layer)
             unloaded(i)
 
     @torch.no_grad()
@@ -144,11 +149,49 @@ class LayerRunner:
         batches: Iterable[int] | None = None,
     ) -> None:  # fmt: skip
         """Run ``layer`` over the cached batches (all by default); with ``update`` outputs replace inputs."""
-        for b in range(len(store)) if batches is None else batches:
-            hidden = store[b].to(self.device)
-            out = layer(hidden, **self.layer_kwargs(hidden.shape[0], index))
-            if update:
-                store[b] = out[0] if isinstance(out, tuple) else out
+        batches = list(range(len(store)) if batches is None else batches)
+        with self.replaying(index, layer, [functools.partial(store.__getitem__, b) for b in batches]):
+            for b in batches:
+                out = self.run(index, layer, store[b])
+                if update:
+                    store[b] = out
+
+    @torch.no_grad()
+    def run(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``index`` (loaded) on ``hidden`` ``(batch, seq, hidden)``: its output hidden states."""
+        hidden = hidden.to(self.device)
+        out = layer(hidden, **self.layer_kwargs(hidden.shape[0], index))
+        return cast(torch.Tensor, out[0] if isinstance(out, tuple) else out)
+
+    def experts_of(self, index: int) -> Resident | ExpertChunks:
+        """The routed experts of loaded MoE layer ``index``: resident, or streamed from disk a chunk at a time."""
+        return self._experts[index]
+
+    @contextlib.contextmanager
+    def replaying(
+        self, index: int, layer: torch.nn.Module, inputs: Sequence[Callable[[], torch.Tensor]],
+        around: Callable[[int], contextlib.AbstractContextManager[object]] | None = None,
+    ) -> Iterator[None]:  # fmt: skip
+        """Where layer ``index`` streams its experts, run it over ``inputs`` (each under ``around(k)``, if given)
+        and sweep the experts' chunks once over all of them, so that runs of the layer within the context, over
+        the same inputs in the same order, get its experts' outputs without reading them again (``chunks.py``).
+        Elsewhere, and inside another such context, nothing is done."""
+        experts = self._experts.get(index)
+        if experts is None or not experts.streamed or self._replaying:
+            yield
+            return
+
+        def record() -> None:
+            for k, hidden in enumerate(inputs):
+                with around(k) if around is not None else contextlib.nullcontext():
+                    self.run(index, layer, hidden())
+
+        self._replaying = True
+        try:
+            with experts.replaying(record):
+                yield
+        finally:
+            self._replaying = False
 
     def layer_kwargs(self, batch: int, index: int) -> dict[str, Any]:
         """The call arguments (masks, rotary) of decoder layer ``index`` for a batch of ``batch`` sequences."""
@@ -161,8 +204,7 @@ class LayerRunner:
         try:
             yield layer
         finally:
-            layer.to("meta")
-            _release_memory(self._full_gc)
+            self._unload_layer(index, layer)
 
     def unload_embedding(self) -> None:
         """Drop the input embedding back to meta once ``embed`` has run (it is a vocab × hidden matrix)."""
@@ -208,14 +250,48 @@ class LayerRunner:
         self._pool.shutdown(wait=True)
 
     def _load_layer(self, index: int) -> torch.nn.Module:
-        """Decoder layer ``index`` with its weights loaded and checked finite."""
+        """Decoder layer ``index`` with its weights loaded and checked finite; a MoE layer's routed experts are
+        loaded too, or, with ``expert_chunk``, left on disk to be read a chunk at a time (``chunks.py``)."""
         names = self._layer_names(index)
+        moe, parts = self._moe.get(index), self.parts.get(index)
+        streamed = self._streamed(moe, parts) if moe is not None and parts is not None else None
+        if streamed is not None:
+            skip = expert_names(cast(MoeLayer, moe))
+            names = [n for n in names if n not in skip]
         self._load(names)
         _release_memory(self._full_gc)  # the conversion's temporaries: cycles to collect, heap to hand back
         layer = self.decoder_layers[index]
         prefix = f"{self._decoder_name}{self._layers_attr}.{index}."
-        check_finite(layer, self.ckpt, names, prefix=prefix, index=index, moe=self._moe.get(index))
+        check_finite(layer, self.ckpt, names, prefix=prefix, index=index, moe=moe)
+        if parts is not None:
+            e = self.layout.num_experts
+            self._experts[index] = (
+                Resident(parts.experts, e)
+                if streamed is None
+                else ExpertChunks(
+                    parts.experts,
+                    e,
+                    self.expert_chunk or e,
+                    streamed.chunk,
+                    self._load_items,
+                    f"layer {index}",
+                    self.ranks,
+                )
+            )
         return layer
+
+    def _streamed(self, moe: MoeLayer, parts: MoeParts) -> ExpertTensors | None:
+        """The layer's expert tensors where they are to be read a chunk at a time, else None."""
+        if not (self.expert_chunk or self.ranks.world > 1) or moe.mtp or not takes_routing(parts.experts):
+            return None
+        return expert_tensors(moe, self.layout.num_experts, lambda names: dense_items(self.ckpt, names))
+
+    def _unload_layer(self, index: int, layer: torch.nn.Module) -> None:
+        experts = self._experts.pop(index, None)
+        if isinstance(experts, ExpertChunks):
+            experts.release()
+        layer.to("meta")
+        _release_memory(self._full_gc)
 
     def _warm(self, index: int) -> Future[None]:
         """Read layer ``index``'s bytes into the page cache in the background."""
@@ -240,7 +316,11 @@ class LayerRunner:
         (``dequant.py``). Per-expert tensors that transformers would stack into fused parameters are read into
         them one expert at a time (``fuse.py``); the rest go through transformers' conversion, unquantised ones
         as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
-        fusions, rest = plan_fusions(self._load_config.weight_mapping or [], dense_items(self.ckpt, names))
+        self._load_items(dense_items(self.ckpt, names))
+
+    def _load_items(self, items: list[Item]) -> None:
+        """Load dense ``items`` (on-disk tensors, quantised groups) into the model; see ``_load``."""
+        fusions, rest = plan_fusions(self._load_config.weight_mapping or [], items)
         for fusion in fusions:
             if not self._fuse(fusion):
                 rest += [item for part in fusion.parts for item in part]
@@ -249,14 +329,10 @@ class LayerRunner:
         with contextlib.ExitStack() as stack:
             stack.enter_context(no_progress_bars())  # stderr stays for our one-line messages
             reader = stack.enter_context(Reader())
-            files = {
-                f: stack.enter_context(safe_open(f, framework="pt"))
-                for f in {item.file for item in rest if isinstance(item, TensorInfo)}
-            }
-            state: dict[str, Any] = {
-                item.name: Deferred(item, reader) if isinstance(item, Packed) else files[item.file].get_slice(item.name)
-                for item in rest
-            }
+            whole = [item for item in rest if self.ckpt.tensors.get(item.name) == item]  # as the file names it
+            files = {f: stack.enter_context(safe_open(f, framework="pt")) for f in {item.file for item in whole}}
+            state: dict[str, Any] = {item.name: Deferred(item, reader) for item in rest}
+            state |= {item.name: files[item.file].get_slice(item.name) for item in whole}
             info = convert_and_load_state_dict_in_model(self.model, state, self._load_config)[0]
         errors = getattr(info, "conversion_errors", None) or info.mismatched_keys or info.unexpected_keys
         if errors:

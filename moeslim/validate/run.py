@@ -133,10 +133,10 @@ def numeric(
                         seq_len=opts.seq_len, seed=opts.seed)  # fmt: skip
     hidden = int(text_config(ckpt_o.config).get("hidden_size") or 0)
     states = 2 * opts.samples * opts.seq_len * hidden * dtype.itemsize  # both models' hidden states
-    check_fits(ckpt_o, layout_o, dtype.itemsize, states, opts.dtype)  # one layer resident at a time
+    chunk = check_fits(ckpt_o, layout_o, dtype.itemsize, states, opts.dtype)  # one layer resident at a time
     ranks = current(opts.device)  # under torchrun each process validates a share of the batches
     device = rank_device(opts.device)
-    runners = [LayerRunner(c, lay, device, dtype, opts.trust_remote_code)
+    runners = [LayerRunner(c, lay, device, dtype, opts.trust_remote_code, chunk, ranks)
                for c, lay in ((ckpt_o, layout_o), (ckpt_p, structure.layout))]  # fmt: skip
     try:
         result = compare(runners[0], runners[1], held.tokens, opts.batch_size, ranks)

@@ -1,0 +1,236 @@
+"""Real widths on this machine: synthetic MoE checkpoints of a few layers written tensor by tensor (never a model in
+memory), then moeslim's commands on them, each measured for wall time, CPU time, bytes read and peak RSS.
+
+Shapes (one dense layer, then MoE layers, as the real models start):
+
+- ``deepseek-v3``: hidden 7168, 256 routed experts of width 2048, top-8 in 8 groups, MLA, FP8 with 128 × 128 block
+  scales (DeepSeek-V3's release format).
+- ``kimi-k2``: DeepSeek-V3's layout with 384 routed experts (Kimi-K2), FP8 as above.
+- ``qwen3-235b``: Qwen3-235B-A22B: hidden 4096, 128 experts of width 1536, top-8, bf16.
+
+Weights are random (a pool of distinct expert matrices reused across experts, so writing is fast; routers and
+everything else are drawn per tensor), so routing is spread over the experts as in a trained model.
+
+    python benchmarks/bench_scale.py --work /tmp/scale --model deepseek-v3 [--layers 2] [--keep-files]
+
+prints one Markdown row per command: calibrate, default slim (calibration, ``auto``'s trials, correction,
+validation, write) and surgery from a data-free criterion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_FROM = ROOT / "fixtures" / "trained" / "tiny-deepseek-16e"
+
+SHAPES = {
+    "deepseek-v3": dict(family="deepseek_v3", hidden=7168, experts=256, width=2048, top_k=8, groups=8, fp8=True),
+    "kimi-k2": dict(family="deepseek_v3", hidden=7168, experts=384, width=2048, top_k=8, groups=1, fp8=True),
+    "qwen3-235b": dict(family="qwen3_moe", hidden=4096, experts=128, width=1536, top_k=8, groups=1, fp8=False),
+}
+POOL = 8  # distinct expert matrices per kind
+BLOCK = 128
+
+
+def config(shape: dict, layers: int) -> dict:
+    base = json.loads((TOKENIZER_FROM / "config.json").read_text())
+    vocab = base["vocab_size"]
+    if shape["family"] == "deepseek_v3":
+        cfg = dict(base)
+        cfg.update(
+            hidden_size=shape["hidden"], intermediate_size=18432, moe_intermediate_size=shape["width"],
+            n_routed_experts=shape["experts"], n_shared_experts=1, n_group=shape["groups"],
+            topk_group=max(1, shape["groups"] // 2), num_experts_per_tok=shape["top_k"], num_hidden_layers=layers,
+            first_k_dense_replace=1, num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536,
+            kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, qk_head_dim=192, v_head_dim=128,
+            head_dim=64, dtype="bfloat16", tie_word_embeddings=False,
+        )  # fmt: skip
+    else:
+        cfg = {
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": vocab,
+            "hidden_size": shape["hidden"], "intermediate_size": 12288, "moe_intermediate_size": shape["width"],
+            "num_experts": shape["experts"], "num_experts_per_tok": shape["top_k"], "num_hidden_layers": layers,
+            "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128, "mlp_only_layers": [0],
+            "decoder_sparse_step": 1, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+            "max_position_embeddings": 4096, "hidden_act": "silu", "dtype": "bfloat16",
+            "tie_word_embeddings": False, "bos_token_id": base.get("bos_token_id"),
+            "eos_token_id": base.get("eos_token_id"),
+        }  # fmt: skip
+    if shape["fp8"]:
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [BLOCK, BLOCK]}  # fmt: skip
+    return cfg
+
+
+def write(out: Path, shape: dict, layers: int) -> int:
+    """The checkpoint in ``out``, one shard per decoder layer, tensor by tensor; returns bytes written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for name in os.listdir(TOKENIZER_FROM):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json",):
+            shutil.copy(TOKENIZER_FROM / name, out / name)
+    (out / "config.json").write_text(json.dumps(config(shape, layers), indent=2))
+    cfg = AutoConfig.from_pretrained(out)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if ".mlp.experts." not in n}
+    shapes |= {n: tuple(b.shape) for n, b in model.named_buffers() if "e_score_correction_bias" in n}
+    e, width, hidden = shape["experts"], shape["width"], shape["hidden"]
+    gen = torch.Generator().manual_seed(0)
+    pool = {
+        kind: [(torch.randn(rows, cols, generator=gen) * 0.02) for _ in range(POOL)]
+        for kind, (rows, cols) in (("gate_proj", (width, hidden)), ("up_proj", (width, hidden)),
+                                   ("down_proj", (hidden, width)))
+    }  # fmt: skip
+    shards: dict[str, list[str]] = {}
+    for name in shapes:
+        layer = name.split(".")[2] if name.startswith("model.layers.") else "rest"
+        shards.setdefault(layer, []).append(name)
+    for i in range(1, layers):
+        shards.setdefault(str(i), []).extend(
+            f"model.layers.{i}.mlp.experts.{j}.{kind}.weight" for j in range(e) for kind in pool
+        )
+    weight_map, total = {}, 0
+    for k, (_, names) in enumerate(sorted(shards.items())):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+
+        def tensor(name: str) -> torch.Tensor:
+            if ".mlp.experts." in name:
+                j, kind = int(name.split(".")[5]), name.split(".")[6]
+                return pool[kind][(j * 7 + int(name.split(".")[2])) % POOL]
+            dims = shapes[name]
+            if "norm" in name or "e_score_correction_bias" in name:
+                return torch.ones(dims) if "norm" in name else torch.zeros(dims)
+            fan_in = dims[-1] if len(dims) > 1 else 1
+            return torch.randn(dims, generator=gen) / math.sqrt(fan_in)
+
+        def dims_of(name: str) -> tuple[int, ...]:
+            if ".mlp.experts." in name:
+                return tuple(pool[name.split(".")[6]][0].shape)
+            return shapes[name]
+
+        total += _write_shard(out / file, names, tensor, dims_of, shape["fp8"])
+        weight_map.update({n: file for n in names} | {f"{n}_scale_inv": file for n in names if _fp8(n, shape)})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return total
+
+
+def _fp8(name: str, shape: dict) -> bool:
+    """DeepSeek-V3's release stores the linear layers of its decoder layers in FP8 (not norms, router, embeddings)."""
+    return (
+        bool(shape["fp8"]) and name.startswith("model.layers.") and name.endswith("proj.weight") and "norm" not in name
+    )
+
+
+def _write_shard(path: Path, names: list[str], tensor, dims_of, fp8: bool) -> int:  # noqa: ANN001
+    """Header first (shapes known), then each tensor's bytes in order: one tensor in memory at a time."""
+    entries, offset, plan = {}, 0, []
+    for name in names:
+        dims = dims_of(name)
+        is_fp8 = _fp8(name, {"fp8": fp8})
+        plan.append((name, dims, is_fp8))
+        n = math.prod(dims)
+        size = n if is_fp8 else 2 * n
+        entries[name] = {"dtype": "F8_E4M3" if is_fp8 else "BF16", "shape": list(dims),
+                         "data_offsets": [offset, offset + size]}  # fmt: skip
+        offset += size
+        if is_fp8:
+            scales = [math.ceil(dims[0] / BLOCK), math.ceil(dims[1] / BLOCK)]
+            size = 4 * math.prod(scales)
+            entries[name + "_scale_inv"] = {"dtype": "F32", "shape": scales, "data_offsets": [offset, offset + size]}
+            offset += size
+    text = json.dumps(entries | {"__metadata__": {"format": "pt"}}).encode()
+    text += b" " * (-len(text) % 8)
+    encoded: dict[int, bytes] = {}  # the expert pool's matrices, converted once
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, dims, is_fp8 in plan:
+            t = tensor(name)
+            if id(t) not in encoded:
+                data = t.to(torch.float8_e4m3fn).view(torch.uint8) if is_fp8 else t.to(torch.bfloat16).view(torch.int16)
+                if ".mlp.experts." not in name:
+                    f.write(data.numpy().tobytes())
+                    data = None
+                else:
+                    encoded[id(t)] = data.numpy().tobytes()
+            if id(t) in encoded:
+                f.write(encoded[id(t)])
+            if is_fp8:
+                f.write(torch.ones(math.ceil(dims[0] / BLOCK), math.ceil(dims[1] / BLOCK)).numpy().tobytes())
+    return offset
+
+
+def measure(args: list[str]) -> dict:
+    """Run a moeslim command; wall and CPU seconds, peak RSS (its own) and bytes read (from /proc while it runs)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "moeslim", *args], stderr=subprocess.PIPE, text=True)
+    read = 0
+    while True:
+        try:
+            io = Path(f"/proc/{proc.pid}/io").read_text()
+            read = max(read, int(next(line.split()[1] for line in io.splitlines() if line.startswith("rchar"))))
+        except (OSError, StopIteration, ValueError):
+            pass
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.2)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read() if proc.stderr else ""
+    code = os.waitstatus_to_exitcode(status)
+    return {"code": code, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024,
+            "read_gb": read / 1e9, "err": err.strip().splitlines()[-1:] if code else []}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--model", choices=sorted(SHAPES), default="deepseek-v3")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--commands", default="calibrate,slim,surgery")
+    parser.add_argument("--keep-files", action="store_true")
+    args = parser.parse_args()
+    src = args.work / args.model
+    if not (src / "model.safetensors.index.json").exists():
+        t = time.perf_counter()
+        size = write(src, SHAPES[args.model], args.layers)
+        print(f"wrote {src}: {size / 1e9:.1f} GB in {time.perf_counter() - t:.0f} s", flush=True)
+    data = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    keep = str(SHAPES[args.model]["experts"] // 2)
+    runs = {
+        "calibrate": ["calibrate", str(src), "--out", str(args.work / "stats"), *data],
+        "slim": ["slim", str(src), "--keep", keep, "--out", str(args.work / "slim"), *data],
+        "surgery": ["slim", str(src), "--keep", keep, "--criterion", "router-norm", "--out",
+                    str(args.work / "surgery"), "--no-validate"],
+    }  # fmt: skip
+    print("| model | command | exit | wall s | CPU s | peak RSS MB | read GB |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.commands.split(","):
+        for out in ("stats", "slim", "surgery"):
+            shutil.rmtree(args.work / out, ignore_errors=True)
+        r = measure(runs[name])
+        print(f"| {args.model} | {name} | {r['code']} | {r['wall']:.0f} | {r['cpu']:.0f} | {r['rss_mb']:.0f} |"
+              f" {r['read_gb']:.1f} | {' '.join(r['err'])}", flush=True)  # fmt: skip
+    if not args.keep_files:
+        shutil.rmtree(args.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
