@@ -45,6 +45,21 @@ class MoeLayer:
         """``(rows per expert, extra rows after the experts)`` of ``name`` (a router or fused tensor)."""
         return next(((k, z) for n, k, z in self.blocks if n == name), (1, 0))
 
+    def expert_tensors(self, j: int) -> tuple[tuple[str, tuple[int, int] | None], ...]:
+        """Routed expert ``j``'s on-disk tensors, read the same way whichever form the layer is stored in:
+        ``(name, None)`` for a per-expert tensor (all of it is expert ``j``'s) and ``(name, (start, stop))`` for a
+        fused one (its rows ``start:stop`` along dim 0; ``T[j]`` where each expert has one row). Raises
+        ``ValueError`` for a fused tensor whose experts are not on dim 0 (a slice of it is not contiguous)."""
+        if self.per_expert:
+            return tuple((name, None) for name in self.per_expert[j])
+        out: list[tuple[str, tuple[int, int] | None]] = []
+        for name in self.fused:
+            if self.dim_of(name) != 0:
+                raise ValueError(f"{name} keeps its experts on dim {self.dim_of(name)}, not 0")
+            per, _ = self.block_of(name)
+            out.append((name, (j * per, (j + 1) * per)))
+        return tuple(out)
+
     def rows_of(self, name: str, kept: tuple[int, ...], size: int) -> tuple[int, ...]:
         """The rows of ``name``'s expert dim (``size`` long) that keep experts ``kept``: each expert's block of
         rows, then every extra row after the experts (zero-computation experts stay)."""
@@ -127,18 +142,57 @@ def _groups(family: Family, cfg: dict, num_experts: int) -> tuple[int, int]:
 
 
 def resolve_layout(ckpt: Checkpoint) -> Layout:
-    """Find the MoE layers of ``ckpt`` and check tensor names and shapes against its config."""
+    """Find the MoE layers of ``ckpt`` and check tensor names and shapes against its config.
+
+    A family's checkpoints come in two namings that transformers loads: the release naming ``save_pretrained``
+    writes (``mlp.experts.N.gate_proj.weight``: transformers fuses the experts when it loads them) and the module's
+    own parameter names (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``, loaded as they are), where they differ
+    (``Family.module``). Which one a layer is in is read from its tensor names, never from the family; the layout's
+    ``family`` is the naming of its layers, and each layer keeps its experts as it found them."""
     routing = routing_of(ckpt.config)
-    family, n_layers = routing.family, routing.num_hidden_layers
-    blocks = _moe_blocks(ckpt, family, n_layers)
+    n_layers = routing.num_hidden_layers
+    found = _moe_blocks(ckpt, routing.family, n_layers)
+    blocks = {index: block for index, (block, _) in found.items()}
+    layers, named = [], []
+    for index, (block, candidates) in sorted(found.items()):
+        form = _naming_of(ckpt, candidates, block)
+        named.append(form)
+        layers.append(_moe_layer(ckpt, form, index, block, routing.num_experts, mtp=index >= n_layers))
+    family = _one_naming(named, [layer.index for layer in layers])
     _check_layer_count(ckpt, family, n_layers)
     cfg = {**text_config(ckpt.config), "num_hidden_layers": n_layers}
-    _check_layers_against_config(family, cfg, blocks, n_layers, ckpt.tensors)
-    layers = tuple(
-        _moe_layer(ckpt, family, index, block, routing.num_experts, mtp=index >= n_layers)
-        for index, block in sorted(blocks.items())
-    )
-    return Layout(**vars(routing), layers=layers)
+    _check_layers_against_config(routing.family, cfg, blocks, n_layers, ckpt.tensors)
+    return Layout(**{**vars(routing), "family": family}, layers=tuple(layers))
+
+
+def namings(family: Family) -> tuple[Family, ...]:
+    """The namings a checkpoint of ``family`` may be in: the release naming, then the module's own, if it differs."""
+    return (family,) if family.module is None else (family, family.module)
+
+
+def _naming_of(ckpt: Checkpoint, candidates: list[Family], block: str) -> Family:
+    """The naming of the MoE block ``block`` among those whose router it has: the first under which the block holds
+    expert tensors (per-expert or fused), else the first (whose checks then say what is missing)."""
+    for form in candidates:
+        _, fused, per_expert = _collect(ckpt, form, block)
+        if fused or per_expert:
+            return form
+    return candidates[0]
+
+
+def _one_naming(named: list[Family], indices: list[int]) -> Family:
+    """The naming of the checkpoint's MoE layers, which may differ in how they store experts (per-expert or fused)
+    but not in where the router and the layers are; that of the first layer."""
+    first = named[0]
+    where = (first.layers_name, first.block_path, first.router_weight)
+    for form, index in zip(named, indices, strict=True):
+        if (form.layers_name, form.block_path, form.router_weight) != where:
+            raise CheckpointError(
+                f"layer {index} has its router at {form.layers_name}.N.{form.block_path}{form.router_weight}, layer"
+                f" {indices[0]} at {first.layers_name}.N.{first.block_path}{first.router_weight}: the checkpoint mixes"
+                " two namings of its MoE layers; re-download or re-export it in one"
+            )
+    return first
 
 
 def _config_int(cfg: dict, keys: tuple[str, ...], what: str, per_layer: tuple[str, ...] = ()) -> int:
@@ -168,20 +222,29 @@ def _short(values: list) -> str:
     return "[" + ", ".join(shown) + "]"
 
 
-def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, str]:
-    """Layer index → MoE block key prefix, found from where the router weights are. Layers under an ``mtp.``
-    prefix (Qwen3-Next releases: ``mtp.layers.0.…``) are MTP layers, numbered after the trunk."""
-    stack = re.escape(family.layers_name)
-    pattern = re.compile(rf"^(.*?){stack}\.(\d+)\.{re.escape(family.block_path)}{re.escape(family.router_weight)}$")
-    found: dict[int, str] = {}
+def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, tuple[str, list[Family]]]:
+    """Layer index → (MoE block key prefix, the namings whose router weight is there), found from where the router
+    weights are, in any of the family's namings. Layers under an ``mtp.`` prefix (Qwen3-Next releases:
+    ``mtp.layers.0.…``) are MTP layers, numbered after the trunk."""
+    found: dict[int, tuple[str, list[Family]]] = {}
     prefixes = set()
-    for name in ckpt.tensors:
-        if m := pattern.match(name):
-            mtp = m.group(1).endswith("mtp.")
-            if not mtp:
-                prefixes.add(m.group(1))
-            index = int(m.group(2)) + (n_layers if mtp else 0)
-            found[index] = f"{m.group(1)}{family.layers_name}.{m.group(2)}.{family.block_path}"
+    for form in namings(family):
+        stack, block = re.escape(form.layers_name), re.escape(form.block_path)
+        pattern = re.compile(rf"^(.*?){stack}\.(\d+)\.{block}{re.escape(form.router_weight)}$")
+        for name in ckpt.tensors:
+            if m := pattern.match(name):
+                mtp = m.group(1).endswith("mtp.")
+                if not mtp:
+                    prefixes.add(m.group(1))
+                index = int(m.group(2)) + (n_layers if mtp else 0)
+                where = f"{m.group(1)}{form.layers_name}.{m.group(2)}.{form.block_path}"
+                seen, forms = found.setdefault(index, (where, []))
+                if seen != where:
+                    raise CheckpointError(
+                        f"layer {index} has a router under {seen} and another under {where}: the checkpoint mixes"
+                        " two namings of its MoE layers; re-download or re-export it in one"
+                    )
+                forms.append(form)
     if not found:
         raise CheckpointError(
             f"no MoE router tensors found (expected names like model.{family.layers_name}.N.{family.block_path}"
@@ -288,9 +351,11 @@ def _layer_settings(family: Family, cfg: dict) -> tuple[set[int] | None, int]:
     return expected, mtp or 0
 
 
-def _moe_layer(ckpt: Checkpoint, family: Family, index: int, block: str, num_experts: int, mtp: bool) -> MoeLayer:
+def _collect(ckpt: Checkpoint, family: Family, block: str) -> tuple[list[str], list[str], dict[int, dict[str, str]]]:
+    """The router tensors, fused expert tensors and per-expert tensors (expert id → {suffix: full name}) of the MoE
+    block ``block`` under ``family``'s naming."""
     router, fused = [], []
-    per_expert: dict[int, dict[str, str]] = defaultdict(dict)  # expert id → {suffix: full name}
+    per_expert: dict[int, dict[str, str]] = defaultdict(dict)
     for name in ckpt.tensors:
         if not name.startswith(block):
             continue
@@ -301,6 +366,11 @@ def _moe_layer(ckpt: Checkpoint, family: Family, index: int, block: str, num_exp
             fused.append(name)
         elif not family.fused and (found := _expert_part(rel, family.experts)):
             per_expert[found[0]][found[1]] = name
+    return router, fused, per_expert
+
+
+def _moe_layer(ckpt: Checkpoint, family: Family, index: int, block: str, num_experts: int, mtp: bool) -> MoeLayer:
+    router, fused, per_expert = _collect(ckpt, family, block)
     rel_dims = dict(family.dims)
     dims = tuple((n, rel_dims[n[len(block) :]]) for n in router + fused if n[len(block) :] in rel_dims)
     blocks = tuple(_blocks(ckpt, family, block, n, num_experts, index, dict(dims).get(n, 0)) for n in router + fused)
