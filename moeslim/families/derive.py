@@ -467,18 +467,31 @@ def derive_all(model_types: list[str] | None = None) -> dict[str, Any]:
 
 def markdown_table(table: dict[str, Any]) -> str:
     """The README's coverage table: every family, its layout and whether it calibrates, or why it is refused."""
-    rows = ["| model type | MoE block | router | experts | calibration |", "|---|---|---|---|---|"]
+    rows = ["| model type | MoE block | router | experts | module naming (also read) | calibration |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in sorted(table["families"].items()):
         if "refused" in r:
-            rows.append(f"| `{name}` | refused: {r['refused']} | | | |")
+            rows.append(f"| `{name}` | refused: {r['refused']} | | | | |")
             continue
-        experts = ", ".join(r["experts"]) if r["fused"] else f"{r['experts'][0]}N.*"
-        kind = "flattened" if r.get("flattened") else "stacked" if r["fused"] else "per-expert"
-        router = ", ".join(r["router"]) + (" (+ extra rows kept)" if r.get("extra_rows") else "")
-        block = f"`{r['block']}`" if r["block"] else "(the decoder layer)"
+        module = r.get("module")
+        also = "the same" if module is None else f"{_block(module)}: `{_router(module)}`; {_experts(module)}"
         calibration = f"no: {r['calibration']}" if r.get("calibration") else "yes"
-        rows.append(f"| `{name}` | {block} | `{router}` | {kind} `{experts}` | {calibration} |")
+        rows.append(f"| `{name}` | {_block(r)} | `{_router(r)}` | {_experts(r)} | {also} | {calibration} |")
     return "\n".join(rows) + "\n"
+
+
+def _block(r: dict[str, Any]) -> str:
+    return f"`{r['block']}`" if r["block"] else "(the decoder layer)"
+
+
+def _router(r: dict[str, Any]) -> str:
+    return ", ".join(r["router"]) + (" (+ extra rows kept)" if r.get("extra_rows") else "")
+
+
+def _experts(r: dict[str, Any]) -> str:
+    experts = ", ".join(r["experts"]) if r["fused"] else f"{r['experts'][0]}N.*"
+    kind = "flattened" if r.get("flattened") else "stacked" if r["fused"] else "per-expert"
+    return f"{kind} `{experts}`"
 
 
 def main() -> None:
