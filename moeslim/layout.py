@@ -10,6 +10,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 
 from moeslim.errors import CheckpointError, UnsupportedModelError
 from moeslim.families.table import Family, config_value, family_of, text_config
@@ -152,14 +153,15 @@ def resolve_layout(ckpt: Checkpoint) -> Layout:
     routing = routing_of(ckpt.config)
     n_layers = routing.num_hidden_layers
     found = _moe_blocks(ckpt, routing.family, n_layers)
+    _check_layer_count(ckpt, namings(routing.family), n_layers)
     blocks = {index: block for index, (block, _) in found.items()}
+    inside = _names_by_block(ckpt, routing.family, set(blocks.values()))
     layers, named = [], []
     for index, (block, candidates) in sorted(found.items()):
-        form = _naming_of(ckpt, candidates, block)
+        form, collected = _naming_of(inside[block], candidates, block)
         named.append(form)
-        layers.append(_moe_layer(ckpt, form, index, block, routing.num_experts, mtp=index >= n_layers))
+        layers.append(_moe_layer(ckpt, form, index, block, routing.num_experts, index >= n_layers, collected))
     family = _one_naming(named, [layer.index for layer in layers])
-    _check_layer_count(ckpt, family, n_layers)
     cfg = {**text_config(ckpt.config), "num_hidden_layers": n_layers}
     _check_layers_against_config(routing.family, cfg, blocks, n_layers, ckpt.tensors)
     return Layout(**{**vars(routing), "family": family}, layers=tuple(layers))
@@ -170,14 +172,38 @@ def namings(family: Family) -> tuple[Family, ...]:
     return (family,) if family.module is None else (family, family.module)
 
 
-def _naming_of(ckpt: Checkpoint, candidates: list[Family], block: str) -> Family:
-    """The naming of the MoE block ``block`` among those whose router it has: the first under which the block holds
-    expert tensors (per-expert or fused), else the first (whose checks then say what is missing)."""
+Collected = tuple[list[str], list[str], dict[int, dict[str, str]]]  # router, fused, per-expert {id: {suffix: name}}
+
+
+def _names_by_block(ckpt: Checkpoint, family: Family, blocks: set[str]) -> dict[str, list[str]]:
+    """MoE block key prefix → the tensor names under it, in one pass over the checkpoint's names (a DeepSeek-V3
+    release has 90 thousand)."""
+    stacks = "|".join(sorted({re.escape(f.layers_name) for f in namings(family)}))
+    paths = sorted({f.block_path for f in namings(family)})
+    layer = re.compile(rf"^(.*?(?:{stacks})\.\d+\.)")
+    inside: dict[str, list[str]] = {block: [] for block in blocks}
+    for name in ckpt.tensors:
+        if m := layer.match(name):
+            for path in paths:
+                block = m.group(1) + path
+                if block in inside and name.startswith(block):
+                    inside[block].append(name)
+                    break
+    return inside
+
+
+def _naming_of(names: list[str], candidates: list[Family], block: str) -> tuple[Family, Collected]:
+    """The naming of the MoE block ``block`` among those whose router it has, and its tensors under it: the first
+    under which the block holds expert tensors (per-expert or fused), else the first (whose checks then say what is
+    missing)."""
+    first = None
     for form in candidates:
-        _, fused, per_expert = _collect(ckpt, form, block)
-        if fused or per_expert:
-            return form
-    return candidates[0]
+        collected = _collect(names, form, block)
+        if collected[1] or collected[2] or len(candidates) == 1:
+            return form, collected
+        first = first or (form, collected)
+    assert first is not None
+    return first
 
 
 def _one_naming(named: list[Family], indices: list[int]) -> Family:
@@ -257,8 +283,13 @@ def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, tu
 
 def decoder_layer_of(name: str, layers_name: str = "layers") -> int | None:
     """The decoder layer a tensor name lies in (``model.layers.3.mlp…`` → 3), or None outside the layers."""
-    m = re.search(rf"(?:^|\.){re.escape(layers_name)}\.(\d+)\.", name)
+    m = _layer_index(layers_name).search(name)
     return int(m.group(1)) if m else None
+
+
+@cache
+def _layer_index(layers_name: str) -> re.Pattern[str]:
+    return re.compile(rf"(?:^|\.){re.escape(layers_name)}\.(\d+)\.")
 
 
 def expert_pattern(family: Family) -> re.Pattern[str]:
@@ -285,10 +316,11 @@ def incomplete_expert(experts: dict[int, set[str]], num_experts: int) -> tuple[i
     return None
 
 
-def _check_layer_count(ckpt: Checkpoint, family: Family, n_layers: int) -> None:
-    """``num_hidden_layers`` cannot exceed the decoder layers that have weights (checked before any per-layer
-    work, so an absurd count fails at once)."""
-    found = {i for name in ckpt.tensors if (i := decoder_layer_of(name, family.layers_name)) is not None}
+def _check_layer_count(ckpt: Checkpoint, forms: tuple[Family, ...], n_layers: int) -> None:
+    """``num_hidden_layers`` cannot exceed the decoder layers that have weights, in any of the family's namings
+    (checked before any per-layer work, so an absurd count fails at once)."""
+    stacks = {f.layers_name for f in forms}
+    found = {i for name in ckpt.tensors for stack in stacks if (i := decoder_layer_of(name, stack)) is not None}
     if n_layers > max(found, default=-1) + 1:
         raise CheckpointError(
             f"config.json says num_hidden_layers={n_layers}, but the weights hold layers up to"
@@ -351,14 +383,12 @@ def _layer_settings(family: Family, cfg: dict) -> tuple[set[int] | None, int]:
     return expected, mtp or 0
 
 
-def _collect(ckpt: Checkpoint, family: Family, block: str) -> tuple[list[str], list[str], dict[int, dict[str, str]]]:
-    """The router tensors, fused expert tensors and per-expert tensors (expert id → {suffix: full name}) of the MoE
-    block ``block`` under ``family``'s naming."""
+def _collect(names: list[str], family: Family, block: str) -> Collected:
+    """The router tensors, fused expert tensors and per-expert tensors (expert id → {suffix: full name}) among
+    ``names`` (those under the MoE block ``block``) under ``family``'s naming."""
     router, fused = [], []
     per_expert: dict[int, dict[str, str]] = defaultdict(dict)
-    for name in ckpt.tensors:
-        if not name.startswith(block):
-            continue
+    for name in names:
         rel = name[len(block) :]
         if _matches(rel, family.router):
             router.append(name)
@@ -369,8 +399,10 @@ def _collect(ckpt: Checkpoint, family: Family, block: str) -> tuple[list[str], l
     return router, fused, per_expert
 
 
-def _moe_layer(ckpt: Checkpoint, family: Family, index: int, block: str, num_experts: int, mtp: bool) -> MoeLayer:
-    router, fused, per_expert = _collect(ckpt, family, block)
+def _moe_layer(
+    ckpt: Checkpoint, family: Family, index: int, block: str, num_experts: int, mtp: bool, collected: Collected
+) -> MoeLayer:
+    router, fused, per_expert = collected
     rel_dims = dict(family.dims)
     dims = tuple((n, rel_dims[n[len(block) :]]) for n in router + fused if n[len(block) :] in rel_dims)
     blocks = tuple(_blocks(ckpt, family, block, n, num_experts, index, dict(dims).get(n, 0)) for n in router + fused)
@@ -390,10 +422,13 @@ def _matches(rel: str, names: tuple[str, ...]) -> bool:
     return any(rel.startswith(n) if n.endswith(".") else rel == n for n in names)
 
 
+_EXPERT_ID = re.compile(r"(\d+)\.(.+)$")
+
+
 def _expert_part(rel: str, prefixes: tuple[str, ...]) -> tuple[int, str] | None:
     """``experts.5.w1.weight`` → ``(5, "w1.weight")``."""
     for prefix in prefixes:
-        if rel.startswith(prefix) and (m := re.match(r"(\d+)\.(.+)$", rel[len(prefix) :])):
+        if rel.startswith(prefix) and (m := _EXPERT_ID.match(rel, len(prefix))):
             return int(m.group(1)), m.group(2)
     return None
 

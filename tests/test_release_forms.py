@@ -206,6 +206,39 @@ def test_an_mtp_layer_in_either_form_is_pruned_with_the_trunk_as_found(
     assert all(k.startswith("mtp.") for k in info["unexpected_keys"])  # Qwen3.5's class ignores them itself
 
 
+def test_an_mtp_layer_after_the_trunk_keeps_its_naming_beside_a_fused_trunk(tmp_path: Path) -> None:
+    """DeepSeek-V3 releases put their MTP layer after the trunk (``model.layers.N.…``, N = num_hidden_layers): here
+    per-expert as released, beside a trunk in the module naming. Each layer is pruned in its own form."""
+    model = _distinct(tiny_model("deepseek_v3", 8))
+    src, release, out = tmp_path / "src", tmp_path / "release", tmp_path / "out"
+    save_module_form(model, src)
+    model.save_pretrained(release)
+    n = model.config.num_hidden_layers
+    last = f"model.layers.{n - 1}."
+    saved = load_file(release / "model.safetensors")
+    mtp = {f"model.layers.{n}." + k.removeprefix(last): t for k, t in saved.items() if k.startswith(last)}
+    mtp[f"model.layers.{n}.eh_proj.weight"] = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    save_file({**load_file(src / "model.safetensors"), **mtp}, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+
+    layout = resolve_layout(open_checkpoint(src))
+    assert [(layer.index, bool(layer.fused), layer.mtp) for layer in layout.layers][-2:] == [
+        (n - 1, True, False), (n, False, True)
+    ]  # fmt: skip
+    slim(SlimOptions(src, keep=4, out=out, criterion="router-norm", validation=None))
+    kept = _kept(out)[n]
+    after = load_file(out / "model.safetensors")
+    for new, old in enumerate(kept):
+        name = f"model.layers.{n}.mlp.experts.{{}}.down_proj.weight"
+        assert torch.equal(after[name.format(new)], mtp[name.format(old)])
+    assert torch.equal(after[f"{last}mlp.experts.gate_up_proj"], load_file(src / "model.safetensors")[
+        f"{last}mlp.experts.gate_up_proj"][list(_kept(out)[n - 1])])  # fmt: skip
+    _, info = type(model).from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["mismatched_keys"] == set()
+    assert info["unexpected_keys"] and all(k.startswith(f"model.layers.{n}.") for k in info["unexpected_keys"])
+
+
 def test_layers_in_two_namings_of_their_router_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
     """Mixtral's layer 0 under the release naming (``block_sparse_moe.gate``), the others under the module's
     (``mlp.gate``): a checkpoint no export writes; refused, naming both, before anything is written."""
