@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from moeslim.errors import OutputError
+from moeslim.errors import OutputError, naming
 from moeslim.safefs import NOFOLLOW, folder_fd, open_own
 
 LOCK_SUFFIX = ".moeslim-lock"
@@ -57,9 +57,13 @@ class TargetLock:
                 if _same_file(fd, dfd, self.path.name):  # not unlinked by a releasing holder since our open
                     break
                 os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:  # a full disk: held by no one, and gone
+            self.release()
+            raise
         return True
 
     def release(self) -> None:
@@ -171,10 +175,14 @@ def atomic_folder(target: Path) -> Iterator[Path]:
         tmp.chmod(0o777 & ~_umask())  # the result should look like any new folder
         _replace(tmp, target)
     except OSError as e:
+        if isinstance(e, OutputError):
+            raise
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
                 f"no space left on device while writing {target}; free space or choose another --out"
             ) from e
+        if e.filename is None:  # a failed write names no file
+            raise naming(e, target) from e
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
@@ -216,6 +224,11 @@ def check_target(source: Path, target: Path, overwrite: bool, foreign: Callable[
     Never replaced: the working directory or a folder above it, a non-folder, a folder holding other files.
     """
     check_outside(source, target)
+    if os.path.ismount(target):  # renaming onto it fails (EBUSY), with or without --overwrite
+        raise OutputError(
+            f"{target} is a mount point, and moeslim builds an output beside its target and renames it into place;"
+            f" pass a folder inside it, such as --out {target / source.name}-pruned"
+        )
     if not target.exists() and not target.is_symlink():  # a dangling link is there too
         return
     if not overwrite:

@@ -1,0 +1,115 @@
+"""Every write moeslim makes, failed in turn: after each failure the previous outputs are intact, nothing outside
+moeslim's own files changed, nothing is left behind, the run said one line, and the next run succeeds (a
+calibration resumes, and its statistics equal an undisturbed run's bit for bit).
+
+The writes are not hand-listed: a clean run of each command records every write it makes (``tests/hostile.py``),
+and each write site (the line of moeslim's code and its caller, and the operation: open, mkdir, rename, write,
+fsync, ...) is then failed in a run of its own, at its first write, with the next fault of the list in turn:
+ENOSPC, EROFS, EACCES, EBUSY, EXDEV, ENAMETOOLONG, and a stop by SIGTERM or SIGHUP at that moment. The calibration's
+hidden states spill past a 1 KB ``--max-memory``, so the spill beside the target is among its writes; slim's
+correction writes its patches, its validation its report. After a failed ``slim`` or ``validate`` the folder is byte-identical to before, so the next run
+is the recorded clean run, which succeeded; a calibration leaves its statistics so far and is run again to resume.
+The table of classes, cases and outcomes is printed in pytest's summary.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import run_cli
+from tests.hostile import FAULTS, Injector, fault_name, injecting, leftovers, one_line, sites, snapshot
+
+SRC = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-qwen3-moe"
+WORDS = " ".join(f"w{i % 90}" for i in range(4000))  # words the fixture tokenizer knows
+SMALL = ["--samples", "4", "--seq-len", "16"]
+OUTCOMES: dict[tuple[str, str], Counter[str]] = {}  # (fault, command) → outcome → cases
+
+
+class Table:
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not OUTCOMES:
+            return
+        terminalreporter.write_sep("-", "every write failed in turn (fault × command: cases and outcomes)")
+        for (fault, command), seen in sorted(OUTCOMES.items()):
+            said = ", ".join(f"{n} {what}" for what, n in sorted(seen.items()))
+            terminalreporter.write_line(f"{fault:<13}{command:<10}{sum(seen.values()):>4} cases: {said}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def table(request: pytest.FixtureRequest) -> None:
+    if not request.config.pluginmanager.has_plugin("moeslim-write-faults"):
+        request.config.pluginmanager.register(Table(), "moeslim-write-faults")
+
+
+def world(root: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A folder as a user leaves it: calibration and held-out text, a previous pruned output and its report."""
+    root.mkdir()
+    (root / "calib.txt").write_text(WORDS)
+    (root / "heldout.txt").write_text(WORDS[::-1])
+    code, _, err = run_cli(["slim", str(SRC), "--keep", "4", "--out", str(root / "out"), "--criterion",
+                            "router-norm", "--no-validate"], capsys)  # fmt: skip
+    assert code == 0, err
+    (root / "report.json").write_text('{"previous": true}\n')
+    return root
+
+
+COMMANDS = {
+    "slim": lambda w: ["slim", str(SRC), "--keep", "4", "--out", str(w / "out"), "--overwrite", "--criterion", "ean",
+                       "--calib", str(w / "calib.txt"), *SMALL],
+    "calibrate": lambda w: ["calibrate", str(SRC), "--out", str(w / "stats"), "--calib", str(w / "calib.txt"), *SMALL,
+                            "--max-memory", "1KB"],
+    "validate": lambda w: ["validate", str(SRC), str(w / "out"), "--calib", str(w / "heldout.txt"), *SMALL,
+                           "--generations", "0", "--json", str(w / "report.json")],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_write_failed_in_turn(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    w = world(tmp_path / "w", capsys)
+    injector = Injector(w)
+    with injecting(injector):
+        code, _, err = run_cli(COMMANDS[command](w), capsys)
+    assert code == 0, err
+    recorded, cases = injector.ops, sites(injector)
+    done = snapshot(w)  # what the undisturbed run leaves
+    shutil.rmtree(w)
+    world(w, capsys)  # the same folder again, so that every path written is the same
+    failures = []
+    for case, n in enumerate(cases):
+        fault = FAULTS[case % len(FAULTS)]
+        before = snapshot(w)
+        injector.arm(n, fault)
+        with injecting(injector):
+            code, _, err = run_cli(COMMANDS[command](w), capsys)
+        assert injector.fired == recorded[n], (n, injector.fired, recorded[n])  # the same run, to the same write
+        try:
+            outcome = _check(command, w, code, err, fault, before, done, capsys)
+        except AssertionError as e:
+            failures.append(f"write {n} {recorded[n]} failed with {fault_name(fault)}: {e}")
+            outcome = "FAILED"
+        OUTCOMES.setdefault((fault_name(fault), command), Counter())[outcome] += 1
+    assert not failures, "\n".join(failures)
+
+
+def _check(command: str, w: Path, code: int, err: str, fault: Any, before: tuple, done: tuple,
+           capsys: pytest.CaptureFixture[str]) -> str:  # fmt: skip
+    if code == 0:  # the failed write had a fallback (copy_file_range → read and write): the run completed
+        assert snapshot(w) == done
+        return "completed"
+    one_line(code, err, fault)
+    said = "stopped" if code != 2 else "refused in one line"
+    if command != "calibrate":
+        assert snapshot(w) == before  # the previous output and report intact, no lock, temp or part file left
+        return said
+    assert leftovers(w) == []  # statistics so far stay, to resume from: nothing half-written among them
+    assert {p.name for p in w.iterdir()} <= {*before[1], "stats"}  # nothing else was made
+    again, _, err = run_cli(COMMANDS[command](w), capsys)  # the same command, once space is back: it resumes
+    assert again == 0, err
+    assert snapshot(w) == done  # statistics equal to an undisturbed run's, bit for bit; no resume files left
+    shutil.rmtree(w / "stats")
+    return f"{said}, then resumed"
