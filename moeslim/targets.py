@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from moeslim.errors import OutputError, naming
+from moeslim.errors import OutputError, naming, os_error_line
 from moeslim.safefs import NOFOLLOW, folder_fd, open_own
 
 LOCK_SUFFIX = ".moeslim-lock"
@@ -102,7 +102,8 @@ def locked(target: Path) -> Iterator[None]:
         target.parent.mkdir(parents=True, exist_ok=True)
         acquired = lock.acquire()
     except OSError as e:
-        raise OutputError(f"cannot write {target} ({e.strerror}); choose another --out") from e
+        said = os_error_line(OSError(e.errno, e.strerror)) or f"{e.strerror}; choose another --out"
+        raise OutputError(f"cannot write {target}: {said}") from e
     if not acquired:
         raise OutputError(
             f"{target} is being written by another moeslim run (pid {lock.holder()});"

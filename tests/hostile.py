@@ -18,8 +18,12 @@ import os
 import re
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from moeslim.stopping import Stopped
 from tests.conftest import tree_digest
@@ -55,6 +59,7 @@ class Injector:
         self.at: int | None = None
         self.fault: int | signal.Signals = errno.ENOSPC
         self.fired: tuple[str, str] | None = None
+        self.on_write: Callable[[], object] = lambda: None  # called before each write seen
 
     def arm(self, at: int | None, fault: int | signal.Signals = errno.ENOSPC) -> None:
         self.ops, self.stacks, self.at, self.fault, self.fired = [], [], at, fault, None
@@ -62,6 +67,7 @@ class Injector:
     def see(self, op: str, path: str | None) -> None:
         if path is None:
             return
+        self.on_write()
         key = (op, RANDOM.sub("R", path.removeprefix(self.root)))
         self.ops.append(key)
         self.stacks.append(_moeslim_stack())
@@ -190,3 +196,29 @@ def leftovers(folder: Path) -> list[str]:
 def snapshot(folder: Path) -> tuple[dict[str, str], list[str]]:
     """Every file's bytes and mode under ``folder``, and every name there (folders and links included)."""
     return tree_digest(folder), sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# The closing table: (fault class, command) → outcome → cases, printed in pytest's summary by every test module of
+# the hostile world that ran.
+OUTCOMES: dict[tuple[str, str], Counter[str]] = {}
+
+
+def record(fault: str, command: str, outcome: str) -> None:
+    OUTCOMES.setdefault((fault, command), Counter())[outcome] += 1
+
+
+class _Table:
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not OUTCOMES:
+            return
+        terminalreporter.write_sep("-", "a hostile world: fault class × command, cases tried and outcomes")
+        for (fault, command), seen in sorted(OUTCOMES.items()):
+            said = ", ".join(f"{n} {what}" for what, n in sorted(seen.items()))
+            terminalreporter.write_line(f"{fault:<24}{command:<10}{sum(seen.values()):>4}  {said}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def outcome_table(request: pytest.FixtureRequest) -> None:
+    """Print the table of outcomes at the end of the run (imported by each ``test_fault_*`` module)."""
+    if not request.config.pluginmanager.has_plugin("moeslim-hostile-table"):
+        request.config.pluginmanager.register(_Table(), "moeslim-hostile-table")

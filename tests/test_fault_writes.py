@@ -15,35 +15,28 @@ The table of classes, cases and outcomes is printed in pytest's summary.
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import run_cli
-from tests.hostile import FAULTS, Injector, fault_name, injecting, leftovers, one_line, sites, snapshot
+from tests.hostile import (  # noqa: F401  (outcome_table: a fixture)
+    FAULTS,
+    Injector,
+    fault_name,
+    injecting,
+    leftovers,
+    one_line,
+    outcome_table,
+    record,
+    sites,
+    snapshot,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-qwen3-moe"
 WORDS = " ".join(f"w{i % 90}" for i in range(4000))  # words the fixture tokenizer knows
 SMALL = ["--samples", "4", "--seq-len", "16"]
-OUTCOMES: dict[tuple[str, str], Counter[str]] = {}  # (fault, command) → outcome → cases
-
-
-class Table:
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not OUTCOMES:
-            return
-        terminalreporter.write_sep("-", "every write failed in turn (fault × command: cases and outcomes)")
-        for (fault, command), seen in sorted(OUTCOMES.items()):
-            said = ", ".join(f"{n} {what}" for what, n in sorted(seen.items()))
-            terminalreporter.write_line(f"{fault:<13}{command:<10}{sum(seen.values()):>4} cases: {said}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def table(request: pytest.FixtureRequest) -> None:
-    if not request.config.pluginmanager.has_plugin("moeslim-write-faults"):
-        request.config.pluginmanager.register(Table(), "moeslim-write-faults")
 
 
 def world(root: Path, capsys: pytest.CaptureFixture[str]) -> Path:
@@ -92,7 +85,7 @@ def test_every_write_failed_in_turn(command: str, tmp_path: Path, capsys: pytest
         except AssertionError as e:
             failures.append(f"write {n} {recorded[n]} failed with {fault_name(fault)}: {e}")
             outcome = "FAILED"
-        OUTCOMES.setdefault((fault_name(fault), command), Counter())[outcome] += 1
+        record(fault_name(fault), command, outcome)
     assert not failures, "\n".join(failures)
 
 
