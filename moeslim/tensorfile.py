@@ -18,11 +18,17 @@ from moeslim.safefs import write_all, write_atomic
 from moeslim.stream.dequant import TORCH_DTYPES
 
 _NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+# safetensors' own order of its dtypes: its writer puts the tensors of a later dtype first, then by name; kept so
+# that a file written here is byte for byte the one ``safetensors.torch.save_file`` writes (the plan records the
+# sha256 of the correction's patches)
+_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+          "F64", "I64", "U64")  # fmt: skip
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (any device, dtype in ``TORCH_DTYPES``) to ``path`` as one safetensors file, in one step."""
-    flat = {name: t.detach().to("cpu").contiguous().reshape(-1) for name, t in tensors.items()}
+    names = sorted(tensors, key=lambda n: (-_ORDER.index(_NAMES[tensors[n].dtype]), n))
+    flat = {name: tensors[name].detach().to("cpu").contiguous().reshape(-1) for name in names}
     header = _header({name: (_NAMES[t.dtype], list(tensors[name].shape), t.nbytes) for name, t in flat.items()},
                      metadata)  # fmt: skip
 
