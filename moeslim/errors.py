@@ -103,8 +103,8 @@ def os_error_line(e: OSError) -> str | None:
     what, advice = _OS_ADVICE[e.errno]
     if e.errno == errno.ELOOP and e.strerror:  # moeslim's own refusal of a planted name says more
         what = e.strerror
-    where = f": {os.fsdecode(e.filename)}" if e.filename is not None else ""
-    return f"{what}{where}; {advice}"
+    where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
+    return f"{where}{what}; {advice}"
 
 
 def naming(e: OSError, path: object) -> OSError:
