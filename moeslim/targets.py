@@ -26,6 +26,7 @@ from pathlib import Path
 
 from moeslim.errors import OutputError, naming, os_error_line
 from moeslim.safefs import NOFOLLOW, folder_fd, open_own
+from moeslim.stopping import deferred
 
 LOCK_SUFFIX = ".moeslim-lock"
 TMP_SUFFIX = ".moeslim-tmp"
@@ -158,9 +159,15 @@ def temp_beside(target: Path) -> tempfile.TemporaryDirectory[str]:
     (``.T.<random>.moeslim-tmp``): if the run is killed, the next run there removes it. The caller holds
     ``locked(target)``, and closes the folder before releasing it."""
     target = _absolute(target)
-    return tempfile.TemporaryDirectory(
-        prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent, ignore_cleanup_errors=True
-    )
+    return _TempFolder(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent, ignore_cleanup_errors=True)
+
+
+class _TempFolder(tempfile.TemporaryDirectory[str]):
+    """A temporary folder whose removal a stopping signal does not cut short (it is raised once it is gone)."""
+
+    def cleanup(self) -> None:
+        with deferred():
+            super().cleanup()
 
 
 @contextlib.contextmanager
@@ -186,7 +193,8 @@ def atomic_folder(target: Path) -> Iterator[Path]:
             raise naming(e, target) from e
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
+        with deferred():  # a stopping signal waits until it is gone
+            shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
 
 
 def _replace(tmp: Path, target: Path) -> None:

@@ -222,3 +222,15 @@ def outcome_table(request: pytest.FixtureRequest) -> None:
     """Print the table of outcomes at the end of the run (imported by each ``test_fault_*`` module)."""
     if not request.config.pluginmanager.has_plugin("moeslim-hostile-table"):
         request.config.pluginmanager.register(_Table(), "moeslim-hostile-table")
+
+
+def old_or_new(folder: Path, before: tuple, done: tuple) -> str:
+    """Each thing in ``folder`` is as it was (``before``) or as an undisturbed run leaves it (``done``), whole:
+    an output folder (swapped in one step) or a report (replaced in one step), never a mix or a part; and nothing
+    else is there. Says which ("as before" when all of it is)."""
+    now = snapshot(folder)
+    for top in {p.split("/")[0] for p in [*now[1], *before[1], *done[1]]}:
+        part = [{k: v for k, v in shot[0].items() if k.split("/")[0] == top} for shot in (now, before, done)]
+        assert part[0] in (part[1], part[2]), f"{top} is neither as before nor as an undisturbed run leaves it"
+    assert set(now[1]) <= set(before[1]) | set(done[1]) and leftovers(folder) == [], now[1]
+    return "folder as before" if now == before else "new files in place, whole"
