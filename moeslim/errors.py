@@ -101,7 +101,7 @@ def os_error_line(e: OSError) -> str | None:
     if e.errno not in _OS_ADVICE:
         return None
     what, advice = _OS_ADVICE[e.errno]
-    if e.errno == errno.ELOOP and e.strerror:  # moeslim's own refusal of a planted name says more
+    if e.errno == errno.ELOOP and e.strerror not in (None, os.strerror(errno.ELOOP)):  # safefs's refusal says more
         what = e.strerror
     where = f"{os.fsdecode(e.filename)}: " if e.filename is not None else ""
     return f"{where}{what}; {advice}"

@@ -14,6 +14,9 @@ The table of classes, cases and outcomes is printed in pytest's summary.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -106,3 +109,35 @@ def _check(command: str, w: Path, code: int, err: str, fault: Any, before: tuple
     assert snapshot(w) == done  # statistics equal to an undisturbed run's, bit for bit; no resume files left
     shutil.rmtree(w / "stats")
     return f"{said}, then resumed"
+
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+CLASSES = ["ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EBUSY", "ETXTBSY", "EXDEV", "ENAMETOOLONG",
+           "ELOOP", "EMFILE", "ENFILE", "EIO"]  # the README's list of errors said in one line with exit code 2  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [*CLASSES, "ESTALE", "ENOTDIR"])
+def test_the_exit_code_table_is_true_for_each_error_class(name: str, tmp_path: Path, capsys) -> None:
+    """A failed write of the output's shard, with each error number: one line naming the file (a full disk: the
+    output it was writing); exit code 2 and
+    what to do for the classes the README lists, exit code 1 and the system's text for others."""
+    args = ["slim", str(SRC), "--keep", "4", "--out", str(tmp_path / "out"), "--criterion", "router-norm",
+            "--no-validate"]  # fmt: skip
+    injector = Injector(tmp_path)
+    with injecting(injector):
+        assert run_cli(args, capsys)[0] == 0
+    shard = injector.ops.index(("open", "/.out.R.moeslim-tmp/model.safetensors"))
+    shutil.rmtree(tmp_path / "out")
+    number = getattr(errno, name)
+    injector.arm(shard, number)
+    with injecting(injector):
+        code, _, err = run_cli(args, capsys)
+    assert injector.fired is not None and err.count("\n") == 1 and err.startswith("moeslim: error: "), err
+    assert re.search(rf"model\.safetensors|writing {tmp_path / 'out'};", err) and "Traceback" not in err, err
+    listed = re.search(rf"\b{name}\b", README.split("| exit code |")[0].split("### Errors")[1]) is not None
+    assert listed == (name in CLASSES)
+    assert code == (2 if listed else 1), err
+    if listed:
+        assert ";" in err and os.strerror(number) not in err, err  # said in moeslim's words, with what to do
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, lock or temp folder
+    record(name, "slim", f"exit {code}, one line")
