@@ -119,8 +119,8 @@ CLASSES = ["ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EBUSY", "ET
 @pytest.mark.parametrize("name", [*CLASSES, "ESTALE", "ENOTDIR"])
 def test_the_exit_code_table_is_true_for_each_error_class(name: str, tmp_path: Path, capsys) -> None:
     """A failed write of the output's shard, with each error number: one line naming the file (a full disk: the
-    output it was writing); exit code 2 and
-    what to do for the classes the README lists, exit code 1 and the system's text for others."""
+    output it was writing); exit code 2 and what to do for the classes the README lists, exit code 1 and the
+    system's text for others."""
     args = ["slim", str(SRC), "--keep", "4", "--out", str(tmp_path / "out"), "--criterion", "router-norm",
             "--no-validate"]  # fmt: skip
     injector = Injector(tmp_path)
