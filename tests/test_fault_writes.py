@@ -14,12 +14,16 @@ The table of classes, cases and outcomes is printed in pytest's summary.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -116,20 +120,35 @@ CLASSES = ["ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "EBUSY", "ET
            "ELOOP", "EMFILE", "ENFILE", "EIO"]  # the README's list of errors said in one line with exit code 2  # fmt: skip
 
 
+def _data_free(folder: Path) -> list[str]:
+    return ["slim", str(SRC), "--keep", "4", "--out", str(folder / "out"), "--criterion", "router-norm",
+            "--no-validate"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shard_write(tmp_path_factory: pytest.TempPathFactory) -> int:
+    """The number of the write that opens the output's shard, in a data-free slim."""
+    from moeslim.cli import main
+
+    folder = tmp_path_factory.mktemp("record")
+    injector = Injector(folder)
+    quiet = io.StringIO()
+    argv = mock.patch.object(sys, "argv", ["moeslim", *_data_free(folder)])
+    with injecting(injector), argv, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        main()  # returns on success
+    return injector.ops.index(("open", "/.out.R.moeslim-tmp/model.safetensors"))
+
+
 @pytest.mark.parametrize("name", [*CLASSES, "ESTALE", "ENOTDIR"])
-def test_the_exit_code_table_is_true_for_each_error_class(name: str, tmp_path: Path, capsys) -> None:
+def test_the_exit_code_table_is_true_for_each_error_class(name: str, shard_write: int, tmp_path: Path,
+                                                          capsys) -> None:  # fmt: skip
     """A failed write of the output's shard, with each error number: one line naming the file (a full disk: the
     output it was writing); exit code 2 and what to do for the classes the README lists, exit code 1 and the
     system's text for others."""
-    args = ["slim", str(SRC), "--keep", "4", "--out", str(tmp_path / "out"), "--criterion", "router-norm",
-            "--no-validate"]  # fmt: skip
+    args = _data_free(tmp_path)
     injector = Injector(tmp_path)
-    with injecting(injector):
-        assert run_cli(args, capsys)[0] == 0
-    shard = injector.ops.index(("open", "/.out.R.moeslim-tmp/model.safetensors"))
-    shutil.rmtree(tmp_path / "out")
     number = getattr(errno, name)
-    injector.arm(shard, number)
+    injector.arm(shard_write, number)
     with injecting(injector):
         code, _, err = run_cli(args, capsys)
     assert injector.fired is not None and err.count("\n") == 1 and err.startswith("moeslim: error: "), err
