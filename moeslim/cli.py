@@ -16,10 +16,10 @@ import typer
 
 from moeslim import __version__, jsonio
 from moeslim.criteria import CRITERIA, DEFAULT_CRITERION
-from moeslim.errors import MoeslimError, UsageError
+from moeslim.errors import MoeslimError, UsageError, os_error_line
 from moeslim.hub import is_hub_source, redact, resolve_source
 from moeslim.inspection import format_report as format_inspect
-from moeslim.inspection import human_bytes, inspect_report
+from moeslim.inspection import inspect_report
 from moeslim.layout import Routing, resolve_layout, routing_of
 from moeslim.names import CARD_NAME, IMAGE_NAME, PLAN_NAME, VALIDATION_NAME
 from moeslim.plan import check_feasible
@@ -27,6 +27,7 @@ from moeslim.publish.push import PushOptions, check_write_access, push_folder, u
 from moeslim.source import open_checkpoint
 from moeslim.stopping import Stopped, stopping_signals_raise
 from moeslim.stream.options import CalibrationOptions
+from moeslim.units import human_bytes
 from moeslim.validate.report import format_report, kl_gate, write_report
 from moeslim.validate.run import ValidateOptions, validate
 
@@ -374,8 +375,9 @@ def main() -> None:
 
     typer reports usage errors (bad option values, missing arguments, unknown commands) with the usage line and
     exit code 2, and turns Ctrl-C into exit code 130; SIGTERM and SIGHUP end the run the same way, with exit code
-    128 + the signal's number (143, 129). moeslim's errors (exit 2) and other OS errors such as a full disk or a
-    denied permission (exit 1) become one line; ``MOESLIM_DEBUG=1`` shows their traceback.
+    128 + the signal's number (143, 129). moeslim's errors and the OS errors it has advice for (a full disk, a
+    denied permission, a read-only filesystem: ``errors.os_error_line``) are one line and exit code 2; another OS
+    error is one line with the system's text and exit code 1. ``MOESLIM_DEBUG=1`` shows their traceback.
     """
     try:
         with stopping_signals_raise():
@@ -391,5 +393,6 @@ def main() -> None:
     except (MoeslimError, OSError) as e:
         if os.environ.get("MOESLIM_DEBUG") == "1":
             raise
-        print(f"moeslim: error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, MoeslimError) else 1)
+        line = None if isinstance(e, MoeslimError) else os_error_line(e)
+        _say(f"moeslim: error: {line or e}")
+        sys.exit(2 if isinstance(e, MoeslimError) or line else 1)
