@@ -49,3 +49,7 @@ class CalibrationDataError(MoeslimError, ValueError):
 
 class StructureError(CheckpointError):
     """A pruned checkpoint's tensors do not match what its config makes transformers expect."""
+
+
+class SourceChangedError(HubError):
+    """A Hub source read in place changed on the Hub during the run (commit gone, file size or ETag different)."""

@@ -29,14 +29,14 @@ from moeslim.criteria import (
 )
 from moeslim.errors import MoeslimError, PlanError
 from moeslim.families.table import check_calibratable, text_config
-from moeslim.hub import resolve_source
 from moeslim.layout import Layout, resolve_layout, routing_of
 from moeslim.names import PLAN_NAME
 from moeslim.plan import Correction, Plan, check_feasible, check_plan, jaccard, load_plan, select, select_one
 from moeslim.publish.facts import write_model_card
 from moeslim.publish.push import PushOptions, check_write_access, push_folder
+from moeslim.remote.repo import DEFAULT_WINDOW, announce, open_source
 from moeslim.shards import TensorInfo
-from moeslim.source import Checkpoint, open_checkpoint
+from moeslim.source import Checkpoint
 from moeslim.stream.options import CalibrationOptions
 from moeslim.stream.ranks import SINGLE, Ranks, current
 from moeslim.surgery.config import dump_config, rewrite_config
@@ -67,6 +67,7 @@ class SlimOptions:
     calibration: CalibrationOptions = CalibrationOptions()  # used when a calibrated criterion has no --stats
     progressive: bool = False
     revision: str | None = None  # of a Hub source
+    cache_window: str = DEFAULT_WINDOW  # a Hub source's bytes on disk at once (remote/repo.py); "full": all, cached
     push_to: str | None = None  # Hub repo id to publish the output to
     private: bool = False  # create push_to private (an existing repo keeps its visibility)
     push_revision: str | None = None  # branch of push_to (default: its default branch)
@@ -122,9 +123,17 @@ def slim(opts: SlimOptions) -> SlimResult:
     push = _push_options(opts)
     if push is not None:
         check_write_access(push)  # before any work: a long prune must not end in a refused token
-    root = resolve_source(str(opts.source), opts.revision, preflight=lambda config: preflight(config, opts))
-    ckpt = open_checkpoint(root)
-    job = Job(root, ckpt, resolve_layout(ckpt), opts, current(opts.calibration.device))
+    beside = opts.out.expanduser().absolute().parent if opts.out else Path.cwd()  # a Hub source's work folder
+    check = functools.partial(preflight, opts=opts)
+    with open_source(str(opts.source), opts.revision, check, opts.cache_window, beside) as ckpt:
+        job = Job(ckpt.root, ckpt, resolve_layout(ckpt), opts, current(opts.calibration.device))
+        if ckpt.fetcher is not None:
+            announce(ckpt, job.layout, load_plan(opts.plan).keep if opts.plan else opts.keep or 0, beside)
+        return _slim(job, shard_limit, push)
+
+
+def _slim(job: Job, shard_limit: int, push: PushOptions | None) -> SlimResult:
+    opts, ckpt, root = job.opts, job.ckpt, job.root
     copied, skipped = extra_files(ckpt.root, ckpt.shards)
     if not job.ranks.leader:
         return _follow(job, skipped)
@@ -221,11 +230,11 @@ def _write(
     outputs = plan_outputs(ckpt, layout, plan.kept, patches)
     shards = plan_shards(outputs, shard_limit)
     total = sum(t.nbytes for t in outputs)
-    check_space(out, total + sum((ckpt.root / f).stat().st_size for f in copied))
+    check_space(out, total + sum((ckpt.root / f).stat().st_size for f in copied))  # a Hub source's window: announce
     config = rewrite_config(ckpt.config, layout.family, plan.keep, plan.top_k)
     with atomic_folder(out) as tmp:
         with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None) as bar:
-            write_checkpoint(tmp, shards, {**ckpt.metadata, "format": "pt"}, bar.update)
+            write_checkpoint(tmp, shards, {**ckpt.metadata, "format": "pt"}, bar.update, ckpt.fetch_spans)
         (tmp / "config.json").write_text(dump_config(config), encoding="utf-8")
         copy_files(ckpt.root, copied, tmp)
         (tmp / PLAN_NAME).write_text(plan.to_json(), encoding="utf-8")

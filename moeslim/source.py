@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from moeslim import jsonio
 from moeslim.errors import CheckpointError, MissingFileError
 from moeslim.names import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 from moeslim.shards import TensorInfo, read_header
+
+Spans = Iterable[tuple[Path, int, int]]  # (file, start, end) byte ranges
+
+
+class Fetcher(Protocol):
+    """Brings byte ranges of a checkpoint's files onto the disk before they are read (``remote/store.py``)."""
+
+    def fetch(self, spans: Spans) -> None: ...
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` of source may be held on disk at once."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -16,7 +30,8 @@ class Checkpoint:
     """A checkpoint folder as moeslim sees it.
 
     ``tensors`` maps every weight name to its location, in shard-then-offset order, so iterating it reads
-    each file front to back. ``shards`` are the weight files relative to ``root``.
+    each file front to back. ``shards`` are the weight files relative to ``root``. A Hub source read in place
+    has a ``fetcher``: its shards are sparse until ``fetch`` brings the ranges about to be read.
     """
 
     root: Path
@@ -24,13 +39,24 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     shards: tuple[str, ...]
     metadata: dict[str, str]
+    fetcher: Fetcher | None = None
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def fetch(self, names: Iterable[str]) -> None:
+        """Make the bytes of tensors ``names`` readable; call it before reading them (a no-op for a folder)."""
+        if self.fetcher is not None:
+            self.fetcher.fetch([(t.file, t.start, t.end) for t in (self.tensors[n] for n in names)])
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+    def fetch_spans(self, spans: Spans) -> None:
+        """``fetch`` for byte ranges of the shard files, such as surgery's copies."""
+        if self.fetcher is not None:
+            self.fetcher.fetch(spans)
+
+
+def open_checkpoint(path: str | Path, fetcher: Fetcher | None = None) -> Checkpoint:
     """Read ``config.json``, the shard index (or the single ``model.safetensors``) and every shard header."""
     root = Path(path)
     if not root.is_dir():
@@ -44,7 +70,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         metadata = metadata or meta
         _check_index_matches(weight_map, shard, in_file)
         tensors.update((name, info) for name, info in in_file.items() if weight_map[name] == shard)
-    return Checkpoint(root, config, tensors, tuple(dict.fromkeys(weight_map.values())), metadata)
+    return Checkpoint(root, config, tensors, tuple(dict.fromkeys(weight_map.values())), metadata, fetcher)
 
 
 def read_json(path: Path, *, what: str) -> dict:

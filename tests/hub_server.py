@@ -5,6 +5,10 @@ Repos live in memory as commits of ``{path: bytes}``. Tokens map to accounts (re
 gated repos they were granted). Errors carry the ``X-Error-Code`` / ``X-Error-Message`` headers the Hub
 sends, so the client raises its real typed errors. Every request is logged for tests to assert on.
 
+Downloads answer ``Range: bytes=a-b`` requests as the Hub does (206 with ``Content-Range``), and every byte of
+a file's content sent is counted (``HubState.served``). ``HubState.faults`` lets a test make the server answer a
+range request with an error status, cut the connection part way through, or change the repo first.
+
 Not implemented: LFS and Xet uploads (preupload always answers ``regular``, so file contents travel inline
 in the commit), redirects to a CDN, pagination, deletions of folders, spaces and datasets.
 """
@@ -15,7 +19,9 @@ import base64
 import hashlib
 import json
 import re
+import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -51,6 +57,29 @@ class Request:
     user: str | None  # account name; None without a token
 
 
+@dataclass(frozen=True)
+class Sent:
+    """File content sent in one GET: ``[start, start + count)`` of ``path`` in ``repo_id``."""
+
+    repo_id: str
+    path: str
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What a fault hook makes the server do with one range request: answer ``status`` (with ``Retry-After: 0``)
+    instead, or send only ``cut_after`` bytes of the range and drop the connection."""
+
+    status: int | None = None
+    cut_after: int | None = None
+
+
+# (repo id, path, start, end inclusive) of a range request → what to do; called under the state's lock
+FaultHook = Callable[[str, str, int, int], Fault | None]
+
+
 class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, **extra: str) -> None:
         super().__init__(message)
@@ -62,6 +91,8 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.tokens: dict[str, Account] = {}
         self.log: list[Request] = []
+        self.sent: list[Sent] = []
+        self.faults: list[FaultHook] = []
         self.lock = threading.Lock()
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False, gated: bool = False) -> None:
@@ -79,6 +110,20 @@ class HubState:
             hits = [r.path.split(marker, 1)[1] for r in self.log[since:] if r.method == "GET" and marker in r.path
                     and r.status == 200]  # fmt: skip
         return [hit.split("/", 1)[1] for hit in hits]
+
+    def served(self, repo_id: str, since: int = 0) -> int:
+        """Bytes of file content of ``repo_id`` sent from entry ``since`` of ``sent`` on."""
+        with self.lock:
+            return sum(s.count for s in self.sent[since:] if s.repo_id == repo_id)
+
+    def force_push(self, repo_id: str, files: dict[str, bytes], ref: str = "main") -> str:
+        """Replace ``ref`` by a new commit of ``files`` and forget the old one, as a force push and garbage
+        collection do; call under the lock (from a fault hook) or before requests."""
+        repo = self.repos[repo_id]
+        old = repo.refs[ref]
+        sha = _commit(repo, ref, {".gitattributes": GITATTRIBUTES, **files}, parent=old)
+        del repo.commits[old]
+        return sha
 
 
 def folder_files(folder: Path) -> dict[str, bytes]:
@@ -145,14 +190,25 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _reply(self, method: str, status: int, payload: bytes, headers: dict[str, str]) -> None:
+        sent, cut = headers.pop("X-Test-Sent", None), headers.pop("X-Test-Cut", None)
         self.send_response(status)
         headers.setdefault("Content-Type", "application/json")
         for key, value in headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", headers.get("Content-Length", str(len(payload))))
         self.end_headers()
-        if method != "HEAD":
-            self.wfile.write(payload)
+        if method == "HEAD":
+            return
+        body = payload if cut is None else payload[: int(cut)]
+        self.wfile.write(body)
+        if sent is not None:
+            repo_id, path, start = sent.split("\0")
+            with self.server.state.lock:
+                self.server.state.sent.append(Sent(repo_id, path, int(start), len(body)))
+        if cut is not None:  # the client sees the connection end inside the body
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _account(self) -> Account | None:
         header = self.headers.get("Authorization")
@@ -233,8 +289,25 @@ class Handler(BaseHTTPRequestHandler):
         if path not in repo.commits[sha]:
             raise HubError(404, "Entry not found", "EntryNotFound")
         data = repo.commits[sha][path]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{blob_id(data)}"', "Content-Type": "application/octet-stream"}
-        return 200, data, headers
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{blob_id(data)}"', "Content-Type": "application/octet-stream",
+                   "Accept-Ranges": "bytes", "X-Test-Sent": f"{repo_id}\0{path}\0{0}"}  # fmt: skip
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if wanted is None or self.command != "GET":
+            return 200, data, headers
+        start = int(wanted[1])
+        end = min(int(wanted[2]) if wanted[2] else len(data) - 1, len(data) - 1)
+        if start > end:
+            return 416, b"", {"Content-Range": f"bytes */{len(data)}"}
+        for hook in self.server.state.faults:
+            fault = hook(repo_id, path, start, end)
+            if fault is not None and fault.status is not None:
+                return fault.status, b"{}", {"Retry-After": "0"}
+            if fault is not None and fault.cut_after is not None:
+                headers["X-Test-Cut"] = str(fault.cut_after)
+        headers.update(
+            {"Content-Range": f"bytes {start}-{end}/{len(data)}", "X-Test-Sent": f"{repo_id}\0{path}\0{start}"}
+        )
+        return 206, data[start : end + 1], headers
 
     # writing -------------------------------------------------------------------------------------------
 
