@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +50,7 @@ from moeslim.validate.run import ValidateOptions, kl_exceeds, validate
 
 if TYPE_CHECKING:
     from moeslim.stream.context import RunContext
+    from moeslim.stream.loop import Observer
 
 
 @dataclass(frozen=True)
@@ -358,10 +359,26 @@ def _calibrated(job: Job, criterion: str, keep: int) -> tuple[dict, dict]:
         if opts.progressive != bool(meta.settings.get("progressive")):
             raise PlanError("--progressive and the statistics disagree: calibrate again with the same --progressive")
     else:
-        stats, meta = run_calibration(job.context, progressive=progressive)
+        stats = Statistics(layout.num_experts)
+        retain = _retain(job, keep, lambda index: _chosen(layout, layer_scores(criterion, stats, index), keep))
+        stats, meta = run_calibration(job.context, progressive=progressive, stats=stats, observers=retain)
     info = {**meta.calibration, "progressive": opts.progressive,
             "stability": _stability(criterion, stats, layout, keep)}  # fmt: skip
     return calibrated_scores(criterion, stats, ckpt, layout), info
+
+
+def _chosen(layout: Layout, scores: np.ndarray | None, keep: int) -> tuple[int, ...] | None:
+    return None if scores is None else select_one(layout, scores, keep)
+
+
+def _retain(job: Job, keep: int, choose: Callable[[int], tuple[int, ...] | None]) -> list[Observer]:
+    """For a Hub source read in place: the observer that keeps each calibrated layer's output bytes on disk for
+    surgery, so that they are downloaded once (``remote/retain.py``); none for a local folder."""
+    if job.ckpt.fetcher is None:
+        return []
+    from moeslim.remote.retain import Retain
+
+    return [Retain(job.ckpt, job.layout, keep, choose)]
 
 
 def _stability(criterion: str, stats: Statistics, layout: Layout, keep: int) -> dict[str, float]:
@@ -382,7 +399,6 @@ def _auto(job: Job, keep: int, work: Path | None) -> tuple[str, dict, dict, Corr
     from moeslim.calibrate.trials import CANDIDATES, PlanTrials
     from moeslim.correct.fit import Fitter
     from moeslim.correct.run import FITTED, PatchWriter, skip_reason
-    from moeslim.stream.loop import Observer
 
     ckpt, layout, opts = job.ckpt, job.layout, job.opts
     check_runnable(ckpt, layout)  # before the data-free candidates read any weight

@@ -14,7 +14,6 @@ import contextlib
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from moeslim.errors import SourceChangedError, UsageError
 from moeslim.hub import _not_cached, hub_errors, is_hub_source, local_source, resolve_source, small_files
 from moeslim.layout import Layout
+from moeslim.remote.spans import blocks_bytes
 from moeslim.remote.store import Store
 from moeslim.remote.transfer import Remote, Transfer
 from moeslim.source import Checkpoint, open_checkpoint
@@ -67,11 +67,11 @@ def announce(ckpt: Checkpoint, layout: Layout, keep: int, beside: Path) -> None:
     store = ckpt.fetcher
     assert isinstance(store, Store) and store.window is not None
     output = sum(t.nbytes for t in plan_outputs(ckpt, layout, {i: tuple(range(keep)) for i in layout.moe_indices}))
-    print(
-        f"moeslim: note: reading {store.transfer.repo_id} (commit {store.transfer.commit[:12]}) from the Hub in place:"
+    print(  # on stdout, as the start of slim's report: stderr is kept for one-line errors
+        f"reading {store.transfer.repo_id} (commit {store.transfer.commit[:12]}) from the Hub in place:"
         f" disk use is the output, {human_bytes(output)}, plus at most {human_bytes(store.window)} of source at a time"
         f" in {beside}",
-        file=sys.stderr,
+        flush=True,
     )
     check_space(beside, output + store.window - store.held)
 
@@ -106,12 +106,13 @@ def window_bytes(window: tuple[int, int], ckpt: Checkpoint, text: str) -> int:
 
 
 def unit_bytes(ckpt: Checkpoint) -> int:
-    """Bytes of the largest group that is read at once: one decoder layer (tensors sharing a name prefix up to
+    """Disk taken by the largest group that is read at once: one decoder layer (tensors sharing a name prefix up to
     their first number), or all tensors outside the layers (embedding, final norm, head) together."""
+    block = os.statvfs(ckpt.root).f_bsize  # counted in the whole disk blocks they take (store.py)
     groups: dict[str, int] = {}
     for name, info in ckpt.tensors.items():
         key = m[1] if (m := _LAYER_KEY.match(name)) else ""
-        groups[key] = groups.get(key, 0) + info.nbytes
+        groups[key] = groups.get(key, 0) + blocks_bytes([(info.start, info.end)], block)
     return max(groups.values(), default=0)
 
 

@@ -47,6 +47,18 @@ def total(spans: Iterable[Span]) -> int:
     return sum(e - s for s, e in spans)
 
 
+def blocks_bytes(spans: Iterable[Span], block: int) -> int:
+    """Bytes of the whole ``block``-sized disk blocks that the sorted, disjoint ``spans`` touch: what they take on
+    disk in a sparse file."""
+    count, last = 0, -1
+    for start, end in spans:
+        first, final = max(start // block, last + 1), (end - 1) // block
+        if final >= first:
+            count += final - first + 1
+        last = max(last, final)
+    return count * block
+
+
 def punch(fd: int, start: int, end: int) -> None:
     """Give the disk blocks of ``[start, end)`` back, keeping the file's size (Linux ``fallocate``)."""
     libc = ctypes.CDLL(None, use_errno=True)

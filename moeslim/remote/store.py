@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from moeslim.errors import OutputError
-from moeslim.remote.spans import Span, can_punch, merge, missing, punch
+from moeslim.remote.spans import Span, blocks_bytes, can_punch, merge, missing, punch
 from moeslim.remote.transfer import Remote, Transfer
 from moeslim.shards import MAX_HEADER_BYTES
 
@@ -39,10 +39,12 @@ class Store:
         self.window: int | None = None
         self._fds: dict[str, int] = {}
         self._lru: OrderedDict[Key, None] = OrderedDict()  # weight ranges, disjoint, oldest first
+        self._kept: set[Key] = set()  # ranges retained for a later read, outside the window until fetched again
         self._headers: dict[str, int] = {}  # shard → end of its header, which is never punched
         self._state = threading.Lock()  # the bookkeeping
         self._slow = threading.Lock()  # one fetch that downloads at a time
-        self.peak = 0  # most bytes of weights held at once
+        self.peak = 0  # most disk taken by weights at once (window and retained)
+        self._block = os.statvfs(root.parent).f_bsize
 
     # opening ------------------------------------------------------------------------------------------------
 
@@ -123,22 +125,45 @@ class Store:
         with self._slow:
             with self._state:
                 gaps = self._gaps(wanted)
-                self._make_room(wanted, sum(e - s for _, s, e in gaps))
+                self._make_room(wanted, gaps)
             self._download(gaps)
             with self._state:
                 for key in gaps:
                     self._lru[key] = None
                 self._touch(wanted)
-                self.peak = max(self.peak, self.held)
+                self.peak = max(
+                    self.peak, self.held + sum(blocks_bytes([(s, e)], self._block) for _, s, e in self._kept)
+                )
                 self._save()
+
+    def retain(self, spans: Iterable[tuple[Path, int, int]]) -> None:
+        """Keep the present parts of ``spans`` out of the window's reach until they are fetched once more: bytes
+        a later pass will read (the kept experts of a calibrated layer, which surgery copies), so that they are
+        downloaded once. They are at most what the output will hold."""
+        for path, start, end in spans:
+            name = self._name_of(Path(path))
+            if name is None:
+                continue
+            with self._state:
+                for key in [k for k in self._lru if k[0] == name and k[1] < end and start < k[2]]:
+                    del self._lru[key]
+                    _, s, e = key
+                    self._kept.add((name, max(s, start), min(e, end)))
+                    for part in ((s, start), (end, e)):
+                        if part[1] > part[0]:
+                            self._lru[(name, *part)] = None
 
     def fits(self, nbytes: int) -> bool:
         return self.window is None or nbytes <= self.window
 
     @property
     def held(self) -> int:
-        """Bytes of weights present now (headers not counted)."""
-        return sum(e - s for _, s, e in self._lru)
+        """Disk taken by the weights in the window now: the whole blocks their ranges touch (headers and
+        retained ranges not counted)."""
+        return sum(self._disk_of(name) for name in {n for n, _, _ in self._lru})
+
+    def _disk_of(self, name: str) -> int:
+        return blocks_bytes(merge((s, e) for n, s, e in self._lru if n == name), self._block)
 
     def _wanted(self, spans: Iterable[tuple[Path, int, int]]) -> dict[str, list[Span]]:
         by_name: dict[str, list[Span]] = {}
@@ -157,7 +182,8 @@ class Store:
 
     def _spans_of(self, name: str) -> list[Span]:
         """Present bytes of shard ``name``: its header and the weight ranges held."""
-        return merge([(0, self._headers.get(name, 0)), *((s, e) for n, s, e in self._lru if n == name)])
+        held = [(s, e) for n, s, e in self._lru if n == name] + [(s, e) for n, s, e in self._kept if n == name]
+        return merge([(0, self._headers.get(name, 0)), *held])
 
     def _gaps(self, wanted: dict[str, list[Span]]) -> list[Key]:
         gaps = []
@@ -167,27 +193,43 @@ class Store:
         return gaps
 
     def _touch(self, wanted: dict[str, list[Span]]) -> None:
-        """Mark the present ranges overlapping ``wanted`` as the most recently used."""
+        """Mark the present ranges overlapping ``wanted`` as the most recently used; retained ones among them
+        return to the window, their later read having come."""
+        for key in [k for k in self._kept if _overlaps(k, wanted)]:
+            self._kept.discard(key)
+            self._lru[key] = None
         for key in [k for k in self._lru if _overlaps(k, wanted)]:
             self._lru.move_to_end(key)
 
-    def _make_room(self, wanted: dict[str, list[Span]], need: int) -> None:
-        """Punch out the oldest ranges, none of ``wanted``, until ``need`` more bytes fit in the window."""
+    def _make_room(self, wanted: dict[str, list[Span]], gaps: list[Key]) -> None:
+        """Punch out the oldest ranges, none of ``wanted``, until the blocks of ``gaps`` fit in the window."""
         if self.window is None:
             return
+        need = sum(blocks_bytes([(s, e)], self._block) for _, s, e in gaps)
+        disk = {name: self._disk_of(name) for name in {n for n, _, _ in self._lru}}
         victims: list[Key] = []
-        held = self.held
-        for key in self._lru:
-            if held + need <= self.window:
+        for key in list(self._lru):
+            if sum(disk.values()) + need <= self.window:
                 break
             if not _overlaps(key, wanted):
+                del self._lru[key]
                 victims.append(key)
-                held -= key[2] - key[1]
-        for key in victims:
-            del self._lru[key]
+                disk[key[0]] = self._disk_of(key[0])
         self._save()  # recorded absent before the bytes go
-        for name, start, end in victims:
-            punch(self._fds[name], start, end)
+        for key in victims:
+            self._punch(*key)
+
+    def _punch(self, name: str, start: int, end: int) -> None:
+        """Free ``[start, end)`` of shard ``name``, widened to whole blocks where no present byte shares them."""
+        block, before, after = self._block, 0, self.remotes[name].size
+        for s, e in self._spans_of(name):
+            if e <= start:
+                before = max(before, e)
+            elif s >= end:
+                after = min(after, s)
+        low = max(before, start - start % block)
+        high = min(after, -(-end // block) * block)
+        punch(self._fds[name], low, high)
 
     def _download(self, gaps: list[Key]) -> None:
         parts = [(n, s, min(s + PART, e)) for n, start, e in gaps for s in range(start, e, PART)]
@@ -198,7 +240,7 @@ class Store:
 
     def _save(self) -> None:
         have: dict[str, list[Span]] = {name: [] for name in self.remotes}
-        for name, start, end in self._lru:
+        for name, start, end in [*self._lru, *self._kept]:
             have[name].append((start, end))
         data = {"repo": self.transfer.repo_id, "commit": self.transfer.commit, "files": self._files(),
                 "headers": self._headers, "have": {name: merge(spans) for name, spans in have.items()}}  # fmt: skip
