@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ class Fault:
     cut_after: int | None = None
 
 
-# (repo id, path, start, end inclusive) of a range request → what to do; called under the state's lock
+# (repo id, path, start, end inclusive or -1) of a range request → what to do; called under the state's lock,
+# before the request is answered, so a hook may change the repo (``force_push``) for this very request
 FaultHook = Callable[[str, str, int, int], Fault | None]
 
 
@@ -285,28 +287,27 @@ class Handler(BaseHTTPRequestHandler):
         repo = self._readable(repo_id, who)
         if repo.gated and (who is None or repo_id not in who.granted):
             raise HubError(401 if who is None else 403, f"Access to model {repo_id} is restricted", "GatedRepo")
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")) if self.command == "GET" else None
+        cut = None
+        for hook in self.server.state.faults if wanted else ():  # first: a hook may change the repo
+            fault = hook(repo_id, path, int(wanted[1]), int(wanted[2]) if wanted[2] else -1)
+            if fault is not None and fault.status is not None:
+                return fault.status, b"{}", {"Retry-After": "0"}
+            cut = fault.cut_after if fault is not None and fault.cut_after is not None else cut
         sha = self._commit_of(repo, revision)
         if path not in repo.commits[sha]:
             raise HubError(404, "Entry not found", "EntryNotFound")
         data = repo.commits[sha][path]
         headers = {"X-Repo-Commit": sha, "ETag": f'"{blob_id(data)}"', "Content-Type": "application/octet-stream",
                    "Accept-Ranges": "bytes", "X-Test-Sent": f"{repo_id}\0{path}\0{0}"}  # fmt: skip
-        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        if wanted is None or self.command != "GET":
+        if wanted is None:
             return 200, data, headers
         start = int(wanted[1])
         end = min(int(wanted[2]) if wanted[2] else len(data) - 1, len(data) - 1)
         if start > end:
             return 416, b"", {"Content-Range": f"bytes */{len(data)}"}
-        for hook in self.server.state.faults:
-            fault = hook(repo_id, path, start, end)
-            if fault is not None and fault.status is not None:
-                return fault.status, b"{}", {"Retry-After": "0"}
-            if fault is not None and fault.cut_after is not None:
-                headers["X-Test-Cut"] = str(fault.cut_after)
-        headers.update(
-            {"Content-Range": f"bytes {start}-{end}/{len(data)}", "X-Test-Sent": f"{repo_id}\0{path}\0{start}"}
-        )
+        headers.update({"Content-Range": f"bytes {start}-{end}/{len(data)}", "X-Test-Sent": f"{repo_id}\0{path}\0{start}",
+                        **({"X-Test-Cut": str(cut)} if cut is not None else {})})  # fmt: skip
         return 206, data[start : end + 1], headers
 
     # writing -------------------------------------------------------------------------------------------
@@ -428,6 +429,11 @@ class HubServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.state = HubState()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Quiet about clients that drop the connection (tests make them); anything else is printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
     def start(self) -> HubServer:
         threading.Thread(target=self.serve_forever, name="hub-server", daemon=True).start()

@@ -11,6 +11,7 @@ cache are read from there and never downloaded.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 from moeslim.errors import SourceChangedError, UsageError
 from moeslim.hub import _not_cached, hub_errors, is_hub_source, local_source, resolve_source, small_files
 from moeslim.layout import Layout
-from moeslim.remote.spans import blocks_bytes
+from moeslim.remote.spans import blocks_bytes, merge
 from moeslim.remote.store import Store
 from moeslim.remote.transfer import Remote, Transfer
 from moeslim.source import Checkpoint, open_checkpoint
@@ -109,11 +110,14 @@ def unit_bytes(ckpt: Checkpoint) -> int:
     """Disk taken by the largest group that is read at once: one decoder layer (tensors sharing a name prefix up to
     their first number), or all tensors outside the layers (embedding, final norm, head) together."""
     block = os.statvfs(ckpt.root).f_bsize  # counted in the whole disk blocks they take (store.py)
-    groups: dict[str, int] = {}
+    groups: dict[tuple[str, Path], list[tuple[int, int]]] = {}
     for name, info in ckpt.tensors.items():
         key = m[1] if (m := _LAYER_KEY.match(name)) else ""
-        groups[key] = groups.get(key, 0) + blocks_bytes([(info.start, info.end)], block)
-    return max(groups.values(), default=0)
+        groups.setdefault((key, info.file), []).append((info.start, info.end))
+    sizes: dict[str, int] = {}
+    for (key, _), spans in groups.items():
+        sizes[key] = sizes.get(key, 0) + blocks_bytes(merge(spans), block)
+    return max(sizes.values(), default=0)
 
 
 @contextlib.contextmanager
@@ -165,7 +169,18 @@ def _work_folder(repo_id: str, beside: Path | None) -> Iterator[Path]:
         except SourceChangedError:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        except BaseException:
+            if not _holds_weights(folder / JOURNAL):  # refused before any weight moved: nothing to resume
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _holds_weights(journal: Path) -> bool:
+    try:
+        return any(json.loads(journal.read_text(encoding="utf-8"))["have"].values())
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
 
 
 def _populate(root: Path, snapshot: Path, cached: dict[str, Path]) -> Path:

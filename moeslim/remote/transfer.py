@@ -25,7 +25,6 @@ RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 TRIES = 8  # attempts in a row that bring no byte, before giving up
 WAIT = 0.25  # seconds before the first retry, doubled after each, at most MAX_WAIT
 MAX_WAIT = 8.0
-CHUNK = 1 << 20  # bytes read from the response at a time
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
@@ -58,6 +57,7 @@ class Transfer:
             try:
                 at = self._once(remote, fd, at, end)
             except _Retry as e:
+                at = e.at  # a cut range resumes after its last byte received
                 failures = 0 if at > before else failures + 1
                 if failures >= TRIES:
                     raise HubError(
@@ -77,7 +77,7 @@ class Transfer:
         try:
             with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=60) as r:
                 self._check(remote, r, start, end)
-                for chunk in r.iter_bytes(CHUNK):
+                for chunk in r.iter_bytes():  # as received: a cut connection loses no byte it delivered
                     chunk = chunk[: end - at]
                     os.pwrite(fd, chunk, at)
                     at += len(chunk)
