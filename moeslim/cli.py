@@ -234,9 +234,9 @@ def validate_command(
     original, pruned = _name(original, "the original"), _name(pruned, "the pruned checkpoint")
     calib, json_file = _name(calib, "--calib"), _path(json_file, "--json")
     opts = ValidateOptions(calib, samples, seq_len, seed, batch_size, device, dtype, generations, trust_remote_code)
-    pruned_root = resolve_source(pruned, None, preflight=lambda config: None)  # small: downloaded whole
-    beside = Path.cwd() if is_hub_source(pruned) else pruned_root.absolute().parent  # the source's work folder
+    beside = Path.cwd() if is_hub_source(pruned) else Path(pruned).expanduser().absolute().parent  # work folder
     with open_source(original, revision, lambda config: None, cache_window, beside) as ckpt:
+        pruned_root = resolve_source(pruned, None, preflight=lambda config: None)  # small: downloaded whole
         report = validate(ckpt.root, pruned_root, opts, ckpt)
     roots = [ckpt.root, pruned_root]
     if not _leader(device):

@@ -145,6 +145,7 @@ def _slim(job: Job, shard_limit: int, push: PushOptions | None) -> SlimResult:
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
             work, job.out = _work_folder(held, out), out
         plan = make_plan(job, work)
+        _retain_output(job, plan)
         if out is None:
             out = default_out(opts.source, plan.keep)
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
@@ -235,7 +236,7 @@ def _write(
     config = rewrite_config(ckpt.config, layout.family, plan.keep, plan.top_k)
     with atomic_folder(out) as tmp:
         with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None) as bar:
-            write_checkpoint(tmp, shards, {**ckpt.metadata, "format": "pt"}, bar.update, ckpt.fetch_spans)
+            write_checkpoint(tmp, shards, {**ckpt.metadata, "format": "pt"}, bar.update, ckpt.fetch_ahead)
         (tmp / "config.json").write_text(dump_config(config), encoding="utf-8")
         copy_files(ckpt.root, copied, tmp)
         (tmp / PLAN_NAME).write_text(plan.to_json(), encoding="utf-8")
@@ -369,6 +370,15 @@ def _calibrated(job: Job, criterion: str, keep: int) -> tuple[dict, dict]:
 
 def _chosen(layout: Layout, scores: np.ndarray | None, keep: int) -> tuple[int, ...] | None:
     return None if scores is None else select_one(layout, scores, keep)
+
+
+def _retain_output(job: Job, plan: Plan) -> None:
+    """For a Hub source read in place: what scoring left on disk that the output is made of (the routers a
+    data-free score read) stays until surgery copies it, so it is downloaded once."""
+    from moeslim.remote.store import Store
+
+    if isinstance(job.ckpt.fetcher, Store):
+        job.ckpt.fetcher.retain(p for t in plan_outputs(job.ckpt, job.layout, plan.kept) for p in t.pieces)
 
 
 def _retain(job: Job, keep: int, choose: Callable[[int], tuple[int, ...] | None]) -> list[Observer]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -18,11 +18,9 @@ Spans = Iterable[tuple[Path, int, int]]  # (file, start, end) byte ranges
 class Fetcher(Protocol):
     """Brings byte ranges of a checkpoint's files onto the disk before they are read (``remote/store.py``)."""
 
-    def fetch(self, spans: Spans) -> None: ...
+    window: int | None  # most bytes of source held on disk at once (None: no limit)
 
-    def fits(self, nbytes: int) -> bool:
-        """Whether ``nbytes`` of source may be held on disk at once."""
-        ...
+    def fetch(self, spans: Spans) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -50,10 +48,18 @@ class Checkpoint:
         if self.fetcher is not None:
             self.fetcher.fetch([(t.file, t.start, t.end) for t in (self.tensors[n] for n in names)])
 
-    def fetch_spans(self, spans: Spans) -> None:
-        """``fetch`` for byte ranges of the shard files, such as surgery's copies."""
-        if self.fetcher is not None:
-            self.fetcher.fetch(spans)
+    def fetch_ahead(self, spans: Sequence[tuple[Path, int, int]]) -> int:
+        """Make the first of ``spans`` (file, start, end), in the order they will be read, readable, as many as
+        half the fetcher's window holds (at least one) in one go; return how many. Read those before calling
+        again: the next call may free them."""
+        if self.fetcher is None or self.fetcher.window is None:
+            return len(spans)
+        count, budget = 0, self.fetcher.window // 2
+        while count < len(spans) and (count == 0 or spans[count][2] - spans[count][1] <= budget):
+            budget -= spans[count][2] - spans[count][1]
+            count += 1
+        self.fetcher.fetch(spans[:count])
+        return count
 
 
 def open_checkpoint(path: str | Path, fetcher: Fetcher | None = None) -> Checkpoint:

@@ -16,6 +16,7 @@ in the commit), redirects to a CDN, pagination, deletions of folders, spaces and
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -143,6 +144,7 @@ def _commit(repo: Repo, ref: str, files: dict[str, bytes], parent: str | None = 
     return sha
 
 
+@functools.lru_cache(maxsize=1024)  # a bytes object caches its own hash: looking a file up again is cheap
 def blob_id(data: bytes) -> str:
     """The git blob id, which the Hub uses as ETag and tree oid of regular files."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -150,6 +152,7 @@ def blob_id(data: bytes) -> str:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms wait for a delayed ACK between
     server: HubServer
 
     def log_message(self, format: str, *args: object) -> None:  # quiet: the state keeps its own log

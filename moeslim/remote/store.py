@@ -45,6 +45,7 @@ class Store:
         self._slow = threading.Lock()  # one fetch that downloads at a time
         self.peak = 0  # most disk taken by weights at once (window and retained)
         self._block = os.statvfs(root.parent).f_bsize
+        self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="moeslim-ranges")
 
     # opening ------------------------------------------------------------------------------------------------
 
@@ -57,6 +58,7 @@ class Store:
             store._open_files(store._resume())
             yield store
         finally:
+            store._pool.shutdown(wait=True)
             for fd in store._fds.values():
                 os.close(fd)
 
@@ -153,9 +155,6 @@ class Store:
                         if part[1] > part[0]:
                             self._lru[(name, *part)] = None
 
-    def fits(self, nbytes: int) -> bool:
-        return self.window is None or nbytes <= self.window
-
     @property
     def held(self) -> int:
         """Disk taken by the weights in the window now: the whole blocks their ranges touch (headers and
@@ -215,7 +214,8 @@ class Store:
                 del self._lru[key]
                 victims.append(key)
                 disk[key[0]] = self._disk_of(key[0])
-        self._save()  # recorded absent before the bytes go
+        if victims:
+            self._save()  # recorded absent before the bytes go
         for key in victims:
             self._punch(*key)
 
@@ -233,8 +233,7 @@ class Store:
 
     def _download(self, gaps: list[Key]) -> None:
         parts = [(n, s, min(s + PART, e)) for n, start, e in gaps for s in range(start, e, PART)]
-        with ThreadPoolExecutor(min(WORKERS, max(1, len(parts)))) as pool:
-            list(pool.map(lambda p: self.transfer.get(self.remotes[p[0]], self._fds[p[0]], p[1], p[2]), parts))
+        list(self._pool.map(lambda p: self.transfer.get(self.remotes[p[0]], self._fds[p[0]], p[1], p[2]), parts))
         for name in {n for n, _, _ in gaps}:
             os.fdatasync(self._fds[name])  # on disk before the journal says so
 

@@ -40,11 +40,12 @@ def write_checkpoint(
     shards: dict[str, list[OutputTensor]],
     metadata: dict[str, str],
     progress: Callable[[int], object] = lambda n: None,
-    fetch: Callable[[list[Piece]], object] = lambda pieces: None,
+    fetch: Callable[[list[Piece]], int] = len,
 ) -> None:
     """Write every shard into ``out_dir`` and, when there are several, the index with ``total_size``.
 
-    ``fetch(pieces)`` is called before each source range is read (a Hub source read in place downloads it).
+    ``fetch(pieces)`` makes the first of the source ranges still to be read readable and says how many (a Hub
+    source read in place downloads them: ``Checkpoint.fetch_ahead``); they are read before it is called again.
     """
     for file, tensors in shards.items():
         write_shard(out_dir / file, tensors, metadata, progress, fetch)
@@ -74,19 +75,21 @@ def safetensors_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]
 
 def write_shard(
     path: Path, tensors: list[OutputTensor], metadata: dict[str, str], progress: Callable[[int], object],
-    fetch: Callable[[list[Piece]], object] = lambda pieces: None,
+    fetch: Callable[[list[Piece]], int] = len,
 ) -> None:  # fmt: skip
     pieces = [piece for t in tensors for piece in t.pieces]
     with open(path, "wb") as dst, _Sources() as sources:
         dst.write(safetensors_header(tensors, metadata))
         dst.flush()
         advised = ahead = 0  # pieces announced so far; bytes announced but not yet copied
-        for file, start, end in pieces:
+        ready = 0  # pieces fetched and not yet copied
+        for i, (file, start, end) in enumerate(pieces):
+            ready = ready or fetch(pieces[i:])
             while advised < len(pieces) and ahead < READ_AHEAD:
                 ahead += _will_need(sources.fd(pieces[advised][0]), *pieces[advised][1:])
                 advised += 1
-            fetch([(file, start, end)])
             copy_range(sources.fd(file), dst.fileno(), start, end - start)
+            ready -= 1
             ahead -= end - start
             progress(end - start)
 
