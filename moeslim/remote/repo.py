@@ -26,6 +26,7 @@ from moeslim.remote.spans import blocks_bytes, merge
 from moeslim.remote.store import Store
 from moeslim.remote.transfer import Remote, Transfer
 from moeslim.source import Checkpoint, open_checkpoint
+from moeslim.surgery.files import check_space
 from moeslim.targets import locked
 from moeslim.units import parse_size
 
@@ -55,6 +56,8 @@ def open_source(
         with _in_place(src, revision, preflight, beside) as ckpt:
             if isinstance(ckpt.fetcher, Store):
                 ckpt.fetcher.window = window_bytes(window, ckpt, cache_window)
+                if beside is not None:  # slim checks the output too (announce)
+                    check_space(beside, ckpt.fetcher.window - ckpt.fetcher.held)
             yield ckpt
 
 
@@ -62,7 +65,6 @@ def announce(ckpt: Checkpoint, layout: Layout, keep: int, beside: Path) -> None:
     """Say before any weight moves what a Hub source read in place will hold on disk (the output, plus the window
     of source bytes beside it), and refuse when the disk there cannot hold it."""
     from moeslim.inspection import human_bytes
-    from moeslim.surgery.files import check_space
     from moeslim.surgery.mapping import plan_outputs
 
     store = ckpt.fetcher
