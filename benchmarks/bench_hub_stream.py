@@ -10,7 +10,7 @@ Hugging Face cache first, as before. Each run is `slim REPO --keep K --criterion
 Measured per run: bytes the server sent (small files, headers, weights); the bytes that had to come, computed
 from the local copy (the output's source ranges, the router tensors the score reads, each header, the small
 files); peak disk, sampled every 2 ms as the blocks of every file under the run's folder (work folder, output
-being written, HF cache); the output's size; wall time; peak RSS (`ru_maxrss` of the child from `os.wait4`).
+being written, HF cache); the output's size; wall time; peak RSS (`/usr/bin/time -f %M`).
 
 Usage: python benchmarks/bench_hub_stream.py [--work DIR] [--scale 0.1] [--keeps 48,32,16]
 """
@@ -73,9 +73,11 @@ def run_slim(server: HubServer, folder: Path, args: list[str]) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     start = time.perf_counter()
     sampler.start()
-    proc = subprocess.Popen([sys.executable, "-m", "moeslim", "slim", REPO, *args, "--out", "out"], env=env,
-                            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    _, status, usage = os.wait4(proc.pid, 0)
+    rss = folder / "rss.txt"  # /usr/bin/time: this process's own size (the served repo) is not carried into it
+    command = ["/usr/bin/time", "-f", "%M", "-o", str(rss), sys.executable, "-m", "moeslim", "slim", REPO, *args]
+    proc = subprocess.Popen([*command, "--out", "out"], env=env, cwd=folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    _, status, _ = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
@@ -91,7 +93,7 @@ def run_slim(server: HubServer, folder: Path, args: list[str]) -> dict:
     twice = sent - sum(e - s for spans in by_file.values() for s, e in merge(spans))
     output = sum(p.stat().st_size for p in (folder / "out").iterdir() if p.is_file())
     return {"sent": sent, "sent_twice": twice, "peak_disk": peak[0], "output": output, "seconds": seconds,
-            "rss_mib": usage.ru_maxrss / 1024, "note": out.splitlines()[0]}  # fmt: skip
+            "rss_mib": int(rss.read_text().split()[-1]) / 1024, "note": out.splitlines()[0]}  # fmt: skip
 
 
 def expected_bytes(source: Path, plan_file: Path, small: int) -> int:

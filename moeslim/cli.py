@@ -238,6 +238,7 @@ def validate_command(
     with open_source(original, revision, lambda config: None, cache_window, beside) as ckpt:
         pruned_root = resolve_source(pruned, None, preflight=lambda config: None)  # small: downloaded whole
         report = validate(ckpt.root, pruned_root, opts, ckpt)
+    report = {**report, "original": original} if is_hub_source(original) else report  # not the work folder
     roots = [ckpt.root, pruned_root]
     if not _leader(device):
         return  # under torchrun rank 0 reports and writes

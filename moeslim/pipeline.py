@@ -429,6 +429,7 @@ def _auto(job: Job, keep: int, work: Path | None) -> tuple[str, dict, dict, Corr
         writer = PatchWriter(ckpt, layout, folder)
         fitter = Fitter(layout.family.name, lambda index: trials.kept[CANDIDATES[0]][index], writer)
         observers.append(fitter)  # after the trials, which choose each layer's kept experts
+    observers += _retain(job, keep, lambda index: trials.kept[CANDIDATES[0]].get(index))  # the likely winner's
     stats, meta = run_calibration(ctx, stats=stats, observers=observers)
     winner = trials.winner or CANDIDATES[0]
     scores = fixed[winner] if winner in fixed else calibrated_scores(winner, stats, ckpt, layout)

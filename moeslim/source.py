@@ -22,6 +22,9 @@ class Fetcher(Protocol):
 
     def fetch(self, spans: Spans) -> None: ...
 
+    def retain(self, spans: Spans) -> None:
+        """Keep the present ``spans`` on disk, outside the window, until they are fetched again."""
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -43,10 +46,14 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def fetch(self, names: Iterable[str]) -> None:
-        """Make the bytes of tensors ``names`` readable; call it before reading them (a no-op for a folder)."""
+    def fetch(self, names: Iterable[str], *, again: bool = False) -> None:
+        """Make the bytes of tensors ``names`` readable; call it before reading them (a no-op for a folder).
+        ``again``: a later pass reads them too, so they stay on disk until then (read once from the Hub)."""
         if self.fetcher is not None:
-            self.fetcher.fetch([(t.file, t.start, t.end) for t in (self.tensors[n] for n in names)])
+            spans = [(t.file, t.start, t.end) for t in (self.tensors[n] for n in names)]
+            self.fetcher.fetch(spans)
+            if again:
+                self.fetcher.retain(spans)
 
     def fetch_ahead(self, spans: Sequence[tuple[Path, int, int]]) -> int:
         """Make the first of ``spans`` (file, start, end), in the order they will be read, readable, as many as

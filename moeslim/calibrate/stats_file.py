@@ -30,6 +30,9 @@ STATS_VERSION = 1
 def fingerprint(ckpt: Checkpoint, layout: Layout) -> str:
     """Identity of a model for statistics: its config and the bytes of every router weight."""
     digest = hashlib.sha256(json.dumps(ckpt.config, sort_keys=True).encode())
+    ckpt.fetch(
+        (layer.block + layout.family.router_weight for layer in layout.layers), again=True
+    )  # the layers read them
     for layer in layout.layers:
         info = ckpt.tensors[layer.block + layout.family.router_weight]
         with open(info.file, "rb") as f:

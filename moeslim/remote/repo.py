@@ -163,7 +163,10 @@ def _work_folder(repo_id: str, beside: Path | None) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="moeslim-source-") as tmp:
             yield Path(tmp)
         return
-    folder = beside.expanduser().absolute() / f".{repo_id.replace('/', '--')}{SUFFIX}"
+    rank = f".rank{os.environ['RANK']}" if os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ else ""
+    folder = (
+        beside.expanduser().absolute() / f".{repo_id.replace('/', '--')}{rank}{SUFFIX}"
+    )  # a folder per torchrun rank
     with locked(folder):
         folder.mkdir(mode=0o700, exist_ok=True)
         try:

@@ -38,7 +38,8 @@ class Store:
         self.root, self.journal, self.transfer, self.remotes = root, journal, transfer, remotes
         self.window: int | None = None
         self._fds: dict[str, int] = {}
-        self._lru: OrderedDict[Key, None] = OrderedDict()  # weight ranges, disjoint, oldest first
+        self._lru: OrderedDict[Key, int] = OrderedDict()  # weight ranges, disjoint, oldest first → last fetch call
+        self._calls = 0  # fetch calls so far: the ranges of the last two are being read (a layer and the next one)
         self._kept: set[Key] = set()  # ranges retained for a later read, outside the window until fetched again
         self._headers: dict[str, int] = {}  # shard → end of its header, which is never punched
         self._state = threading.Lock()  # the bookkeeping
@@ -92,7 +93,7 @@ class Store:
                     " place needs; pass --cache-window full, or write the output elsewhere"
                 )
             for start, end in have.get(name, []):
-                self._lru[(name, start, end)] = None
+                self._lru[(name, start, end)] = 0
         self._save()
 
     # headers ------------------------------------------------------------------------------------------------
@@ -120,19 +121,21 @@ class Store:
         if not wanted:
             return
         with self._state:
+            self._calls += 1
+            call = self._calls
             gaps = self._gaps(wanted)
             if not gaps:
-                self._touch(wanted)
+                self._touch(wanted, call)
                 return
         with self._slow:
             with self._state:
                 gaps = self._gaps(wanted)
-                self._make_room(wanted, gaps)
+                self._make_room(wanted, gaps, call)
             self._download(gaps)
             with self._state:
                 for key in gaps:
-                    self._lru[key] = None
-                self._touch(wanted)
+                    self._lru[key] = call
+                self._touch(wanted, call)
                 self.peak = max(
                     self.peak, self.held + sum(blocks_bytes([(s, e)], self._block) for _, s, e in self._kept)
                 )
@@ -148,12 +151,12 @@ class Store:
                 continue
             with self._state:
                 for key in [k for k in self._lru if k[0] == name and k[1] < end and start < k[2]]:
-                    del self._lru[key]
+                    call = self._lru.pop(key)
                     _, s, e = key
                     self._kept.add((name, max(s, start), min(e, end)))
                     for part in ((s, start), (end, e)):
                         if part[1] > part[0]:
-                            self._lru[(name, *part)] = None
+                            self._lru[(name, *part)] = call
 
     @property
     def held(self) -> int:
@@ -191,17 +194,21 @@ class Store:
             gaps += [(name, s, e) for start, end in spans for s, e in missing(have, start, end)]
         return gaps
 
-    def _touch(self, wanted: dict[str, list[Span]]) -> None:
-        """Mark the present ranges overlapping ``wanted`` as the most recently used; retained ones among them
-        return to the window, their later read having come."""
+    def _touch(self, wanted: dict[str, list[Span]], call: int) -> None:
+        """Mark the present ranges overlapping ``wanted`` as read by fetch call ``call``, the most recent; retained
+        ones among them return to the window, their later read having come."""
         for key in [k for k in self._kept if _overlaps(k, wanted)]:
             self._kept.discard(key)
-            self._lru[key] = None
+            self._lru[key] = call
         for key in [k for k in self._lru if _overlaps(k, wanted)]:
+            self._lru[key] = call
             self._lru.move_to_end(key)
 
-    def _make_room(self, wanted: dict[str, list[Span]], gaps: list[Key]) -> None:
-        """Punch out the oldest ranges, none of ``wanted``, until the blocks of ``gaps`` fit in the window."""
+    def _make_room(self, wanted: dict[str, list[Span]], gaps: list[Key], call: int) -> None:
+        """Punch out the oldest ranges until the blocks of ``gaps`` fit in the window. Never ranges of ``wanted``,
+        nor those the previous fetch call asked for: a reader may be reading them now (the layer runner reads
+        one layer while the next is fetched). When those alone fill the window, it is exceeded rather than a
+        range read as zeros."""
         if self.window is None:
             return
         need = sum(blocks_bytes([(s, e)], self._block) for _, s, e in gaps)
@@ -210,7 +217,7 @@ class Store:
         for key in list(self._lru):
             if sum(disk.values()) + need <= self.window:
                 break
-            if not _overlaps(key, wanted):
+            if self._lru[key] < call - 1 and not _overlaps(key, wanted):
                 del self._lru[key]
                 victims.append(key)
                 disk[key[0]] = self._disk_of(key[0])
