@@ -190,7 +190,7 @@ def explain(e: Exception, repo_id: str, revision: str | None, writing: bool = Fa
     if isinstance(e, HFValidationError):
         return UsageError(f"{repo_id!r} is not a valid Hub repo id (org/name)")
     if isinstance(e, LocalEntryNotFoundError):
-        return _not_cached(repo_id)
+        return not_cached(repo_id)
     if status == 401:
         return HubAuthError(f"the Hub rejected the token (401 invalid credentials): {LOGIN} with a valid token")
     if status == 403:
@@ -201,7 +201,7 @@ def explain(e: Exception, repo_id: str, revision: str | None, writing: bool = Fa
     return HubError(f"cannot reach {constants.ENDPOINT} ({type(e).__name__}); check the connection or HF_ENDPOINT")
 
 
-def _not_cached(repo_id: str) -> HubError:
+def not_cached(repo_id: str) -> HubError:
     from huggingface_hub import constants
 
     if constants.is_offline_mode():

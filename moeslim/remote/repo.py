@@ -19,8 +19,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from moeslim.errors import SourceChangedError, UsageError
-from moeslim.hub import _not_cached, hub_errors, is_hub_source, local_source, resolve_source, small_files
+from moeslim.errors import HubError, SourceChangedError, UsageError
+from moeslim.hub import hub_errors, is_hub_source, local_source, not_cached, resolve_source, small_files
 from moeslim.layout import Layout
 from moeslim.remote.spans import blocks_bytes, merge
 from moeslim.remote.store import Store
@@ -101,9 +101,11 @@ def window_bytes(window: tuple[int, int], ckpt: Checkpoint, text: str) -> int:
     need = MIN_LAYERS * unit
     wanted = layers * unit if layers else size
     if wanted < need:
+        from moeslim.inspection import human_bytes
+
         raise UsageError(
-            f"--cache-window {text} holds less than the {MIN_LAYERS} layers read at once ({need / 1e9:.2f} GB);"
-            f" pass at least {MIN_LAYERS}layers or {need / 1e9:.2f}GB, or full"
+            f"--cache-window {text} holds less than the {MIN_LAYERS} layers read at once ({human_bytes(need)});"
+            f" pass at least {MIN_LAYERS}layers, or full"
         )
     return wanted
 
@@ -136,7 +138,7 @@ def _in_place(
         yield open_checkpoint(snapshot)  # everything is in the cache already
         return
     if constants.is_offline_mode():
-        raise _not_cached(src)
+        raise not_cached(src)
     with hub_errors(src, commit):
         remotes = {name: _remote(src, commit, name) for name in shards if name not in cached}
     with _work_folder(src, beside) as folder:
@@ -151,7 +153,7 @@ def _remote(repo_id: str, commit: str, name: str) -> Remote:
 
     meta = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=commit), retry_on_errors=True)
     if meta.size is None:
-        raise SourceChangedError(f"the Hub gave no size for {repo_id}/{name}; pass --cache-window full")
+        raise HubError(f"the Hub gave no size for {repo_id}/{name}; pass --cache-window full")
     return Remote(name, meta.size, meta.etag)
 
 
@@ -163,10 +165,9 @@ def _work_folder(repo_id: str, beside: Path | None) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="moeslim-source-") as tmp:
             yield Path(tmp)
         return
-    rank = f".rank{os.environ['RANK']}" if os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ else ""
-    folder = (
-        beside.expanduser().absolute() / f".{repo_id.replace('/', '--')}{rank}{SUFFIX}"
-    )  # a folder per torchrun rank
+    several = os.environ.get("WORLD_SIZE", "1") != "1" and "RANK" in os.environ  # torchrun: a folder per rank
+    rank = f".rank{os.environ['RANK']}" if several else ""
+    folder = beside.expanduser().absolute() / f".{repo_id.replace('/', '--')}{rank}{SUFFIX}"
     with locked(folder):
         folder.mkdir(mode=0o700, exist_ok=True)
         try:

@@ -23,7 +23,6 @@ from moeslim.remote.spans import Span, blocks_bytes, can_punch, merge, missing, 
 from moeslim.remote.transfer import Remote, Transfer
 from moeslim.shards import MAX_HEADER_BYTES
 
-JOURNAL = "ranges.json"
 HEADER_LEN = 8  # the little-endian u64 that opens every safetensors file
 PART = 64 * 2**20  # most bytes one request asks for; larger gaps are split and fetched side by side
 WORKERS = 4  # concurrent range requests
@@ -85,7 +84,9 @@ class Store:
             if name not in have and name not in self._headers:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()  # bytes nobody recorded are not trusted
-            fd = self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            if path.is_symlink():  # a link to the cache, left by a run that found this shard cached: never written
+                path.unlink()
+            fd = self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             os.ftruncate(fd, remote.size)
             if not (have.get(name) or name in self._headers) and not can_punch(fd, remote.size):
                 raise OutputError(
@@ -94,6 +95,8 @@ class Store:
                 )
             for start, end in have.get(name, []):
                 self._lru[(name, start, end)] = 0
+            for start, end in missing(self._spans_of(name), 0, remote.size) if have.get(name) else ():
+                punch(fd, start, end)  # bytes a killed run wrote but never recorded: not trusted, not kept
         self._save()
 
     # headers ------------------------------------------------------------------------------------------------
