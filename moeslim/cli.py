@@ -239,12 +239,11 @@ def validate_command(
         pruned_root = resolve_source(pruned, None, preflight=lambda config: None)  # small: downloaded whole
         report = validate(ckpt.root, pruned_root, opts, ckpt)
     report = {**report, "original": original} if is_hub_source(original) else report  # not the work folder
-    roots = [ckpt.root, pruned_root]
     if not _leader(device):
         return  # under torchrun rank 0 reports and writes
     typer.echo(format_report(report))
     if not is_hub_source(pruned):
-        typer.echo(f"wrote {write_report(report, roots[1])}")
+        typer.echo(f"wrote {write_report(report, pruned_root)}")
     if json_file is not None:
         typer.echo(f"wrote {write_report(report, json_file)}")
     _check_kl(report, max_kl)
