@@ -67,7 +67,9 @@ def _dequantised_weight_norm(ckpt: Checkpoint, layout: Layout) -> Scores:
         for layer in layout.layers:
             sq = np.zeros(layout.num_experts)
             for j in range(layout.num_experts):
-                items = dense_items(ckpt, layer.per_expert[j] if layer.per_expert else layer.fused)
+                names = layer.per_expert[j] if layer.per_expert else layer.fused
+                ckpt.fetch(names)
+                items = dense_items(ckpt, names)
                 for item in items:
                     if _is_side_tensor(item.name) or _is_vector(layer, item.name, item.shape):
                         continue
@@ -148,6 +150,7 @@ def _read(ckpt: Checkpoint, name: str, rows: tuple[int, int] | None = None) -> n
     info = ckpt.tensors[name]
     if info.dtype not in FLOAT_DTYPES:
         raise PlanError(f"cannot score from {name}: it is {info.dtype}, not floating point; use --criterion random")
+    ckpt.fetch([name])
     return read_float(info) if rows is None else read_rows(info, *rows)
 
 

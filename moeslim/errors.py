@@ -110,3 +110,7 @@ def os_error_line(e: OSError) -> str | None:
 def naming(e: OSError, path: object) -> OSError:
     """``e`` said of ``path`` when it names no file (a failed ``write`` on a descriptor names none)."""
     return e if e.filename is not None else OSError(e.errno, e.strerror, str(path))
+
+
+class SourceChangedError(HubError):
+    """A Hub source read in place changed on the Hub during the run (commit gone, file size or ETag different)."""

@@ -240,6 +240,7 @@ class LayerRunner:
         (``dequant.py``). Per-expert tensors that transformers would stack into fused parameters are read into
         them one expert at a time (``fuse.py``); the rest go through transformers' conversion, unquantised ones
         as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
+        self.ckpt.fetch(names)  # a Hub source read in place downloads them now (remote/store.py)
         fusions, rest = plan_fusions(self._load_config.weight_mapping or [], dense_items(self.ckpt, names))
         for fusion in fusions:
             if not self._fuse(fusion):
@@ -356,6 +357,7 @@ def _config(root: Path, trust_remote_code: bool) -> Any:
 
 def _warm(ckpt: Checkpoint, names: list[str]) -> None:
     """Read the bytes of ``names`` once so the next load comes from the page cache (no memory kept)."""
+    ckpt.fetch(names)  # a Hub source read in place downloads the next layer while this one runs
     buffer = memoryview(bytearray(READ_CHUNK))
     for file, start, end in sorted((ckpt.tensors[n].file, ckpt.tensors[n].start, ckpt.tensors[n].end) for n in names):
         fd = os.open(file, os.O_RDONLY)

@@ -148,6 +148,7 @@ def numeric(
     if skip or not ranks.leader:  # the report is rank 0's
         gens = []
     else:
+        ckpt_o.fetch(ckpt_o.tensors)  # a Hub source read in place: whole, as skip_reason found it fits the window
         gens = generations(ckpt_o.root, ckpt_p.root, tokenizer, dtype, device, opts.generations)
     return {
         **result.metrics,
