@@ -16,17 +16,18 @@ import typer
 
 from moeslim import __version__, jsonio
 from moeslim.criteria import CRITERIA, DEFAULT_CRITERION
-from moeslim.errors import MoeslimError, UsageError
+from moeslim.errors import MoeslimError, UsageError, os_error_line
 from moeslim.hub import is_hub_source, redact, resolve_source
 from moeslim.inspection import format_report as format_inspect
-from moeslim.inspection import human_bytes, inspect_report
+from moeslim.inspection import inspect_report
 from moeslim.layout import Routing, resolve_layout, routing_of
 from moeslim.names import CARD_NAME, IMAGE_NAME, PLAN_NAME, VALIDATION_NAME
 from moeslim.plan import check_feasible
 from moeslim.publish.push import PushOptions, check_write_access, push_folder, upload_list
-from moeslim.source import open_checkpoint
+from moeslim.remote.repo import DEFAULT_WINDOW, open_source
 from moeslim.stopping import Stopped, stopping_signals_raise
 from moeslim.stream.options import CalibrationOptions
+from moeslim.units import human_bytes
 from moeslim.validate.report import format_report, kl_gate, write_report
 from moeslim.validate.run import ValidateOptions, validate
 
@@ -65,6 +66,13 @@ Device = Annotated[str, typer.Option(help="Compute device: cpu, cuda or cuda:N."
 Dtype = Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")]
 BatchSize = Annotated[int, typer.Option(help="Sequences per forward batch.")]
 MaxMemory = Annotated[str | None, typer.Option(help="RAM for cached activations before spilling to disk, e.g. 8GB.")]
+CacheWindow = Annotated[
+    str,
+    typer.Option(
+        help="Hub source: source bytes held on disk at once, as layers (3layers) or a size (40GB); 'full' downloads"
+        " the whole repo into the Hugging Face cache first."
+    ),
+]
 Trust = Annotated[bool, typer.Option(help="Allow running the model's own remote code (calibration only).")]
 MaxKl = Annotated[
     float | None,
@@ -86,9 +94,8 @@ def inspect(
 ) -> None:
     """Describe a checkpoint: family, MoE/dense/MTP layers, experts, dtypes, quantisation, sizes."""
     src = _name(src, "the source")
-    root = resolve_source(src, revision, preflight=lambda config: _check_keep(routing_of(config), keep, top_k))
-    ckpt = open_checkpoint(root)
-    layout = resolve_layout(ckpt)
+    with open_source(src, revision, lambda config: _check_keep(routing_of(config), keep, top_k)) as ckpt:
+        layout = resolve_layout(ckpt)  # a Hub source: its headers alone, by range requests
     _check_keep(layout, keep, top_k)
     report = inspect_report(ckpt, layout, keep)
     typer.echo(jsonio.dumps(report, indent=2) if as_json else format_inspect(report))
@@ -145,6 +152,7 @@ def slim_command(
     calib_column: CalibColumn = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip validating the output.")] = False,
     max_kl: MaxKl = None,
+    cache_window: CacheWindow = DEFAULT_WINDOW,
 ) -> None:
     """Keep N experts per MoE layer; write the pruned checkpoint, its plan and model card; optionally push it."""
     from moeslim.pipeline import SlimOptions, slim  # writing and publishing load only for a slim
@@ -159,7 +167,8 @@ def slim_command(
     opts = SlimOptions(
         src, keep, out, plan, criterion, seed, top_k, max_shard_size, overwrite,
         stats=stats, calibration=calibration, progressive=progressive,
-        revision=revision, push_to=push_to, private=private, push_revision=push_revision, create_pr=create_pr,
+        revision=revision, cache_window=cache_window,
+        push_to=push_to, private=private, push_revision=push_revision, create_pr=create_pr,
         command=redact(shlex.join(["moeslim", *sys.argv[1:]])), max_kl=max_kl, correct=correct,
         validation=None if no_validate else ValidateOptions(
             calib, samples=8, seq_len=128, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -216,6 +225,7 @@ def validate_command(
     max_kl: MaxKl = None,
     trust_remote_code: Trust = False,
     revision: Annotated[str | None, typer.Option(help="Hub revision of ORIGINAL.")] = None,
+    cache_window: CacheWindow = DEFAULT_WINDOW,
 ) -> None:
     """Check the pruned checkpoint's structure, then compare it with the original on held-out text, streaming.
 
@@ -225,14 +235,16 @@ def validate_command(
     original, pruned = _name(original, "the original"), _name(pruned, "the pruned checkpoint")
     calib, json_file = _name(calib, "--calib"), _path(json_file, "--json")
     opts = ValidateOptions(calib, samples, seq_len, seed, batch_size, device, dtype, generations, trust_remote_code)
-    sources = ((original, revision), (pruned, None))
-    roots = [resolve_source(src, rev, preflight=lambda config: None) for src, rev in sources]
-    report = validate(roots[0], roots[1], opts)
+    beside = Path.cwd() if is_hub_source(pruned) else Path(pruned).expanduser().absolute().parent  # work folder
+    with open_source(original, revision, lambda config: None, cache_window, beside) as ckpt:
+        pruned_root = resolve_source(pruned, None, preflight=lambda config: None)  # small: downloaded whole
+        report = validate(ckpt.root, pruned_root, opts, ckpt)
+    report = {**report, "original": original} if is_hub_source(original) else report  # not the work folder
     if not _leader(device):
         return  # under torchrun rank 0 reports and writes
     typer.echo(format_report(report))
     if not is_hub_source(pruned):
-        typer.echo(f"wrote {write_report(report, roots[1])}")
+        typer.echo(f"wrote {write_report(report, pruned_root)}")
     if json_file is not None:
         typer.echo(f"wrote {write_report(report, json_file)}")
     _check_kl(report, max_kl)
@@ -293,7 +305,7 @@ def _check_kl(report: dict | None, max_kl: float | None, consequence: str = "") 
 
 @app.command()
 def calibrate(
-    src: Annotated[Path, typer.Argument(help="Local checkpoint folder.")],
+    src: Annotated[str, typer.Argument(help="Local checkpoint folder, or a Hub repo id (org/name).")],
     out: Annotated[Path, typer.Option(help="Statistics folder to write (resumed if interrupted).")],
     calib: Calib = None,
     samples: Samples = CalibrationOptions.samples,
@@ -310,19 +322,22 @@ def calibrate(
     calib_split: CalibSplit = CalibrationOptions.calib_split,
     calib_column: CalibColumn = None,
     overwrite: Annotated[bool, typer.Option(help="Replace statistics made with other data or settings.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Hub source: branch, tag or commit.")] = None,
+    cache_window: CacheWindow = DEFAULT_WINDOW,
 ) -> None:
     """Collect routing statistics layer by layer, for `moeslim slim --stats`."""
     from moeslim.calibrate.session import run_calibration  # torch and transformers: only when calibrating
     from moeslim.stream.context import RunContext
 
-    src, out, calib = _path(src, "the source"), _path(out, "--out"), _name(calib, "--calib")
+    src, out, calib = _name(src, "the source"), _path(out, "--out"), _name(calib, "--calib")
+    src = src if is_hub_source(src) else str(Path(src).expanduser())
     opts = CalibrationOptions(
         calib, samples, seq_len, seed, device, dtype, batch_size, max_memory, reconstruction_tokens,
         calib_split, calib_column, trust_remote_code,
     )  # fmt: skip
-    ckpt = open_checkpoint(src)
-    ctx = RunContext(ckpt, resolve_layout(ckpt), opts, spill_beside=out)
-    stats, meta = run_calibration(ctx, out=out, overwrite=overwrite)
+    with open_source(src, revision, lambda config: None, cache_window, out.absolute().parent) as ckpt:
+        ctx = RunContext(ckpt, resolve_layout(ckpt), opts, spill_beside=out)
+        stats, meta = run_calibration(ctx, out=out, overwrite=overwrite)
     if not _leader(device):
         return
     cal = meta.calibration
@@ -374,8 +389,9 @@ def main() -> None:
 
     typer reports usage errors (bad option values, missing arguments, unknown commands) with the usage line and
     exit code 2, and turns Ctrl-C into exit code 130; SIGTERM and SIGHUP end the run the same way, with exit code
-    128 + the signal's number (143, 129). moeslim's errors (exit 2) and other OS errors such as a full disk or a
-    denied permission (exit 1) become one line; ``MOESLIM_DEBUG=1`` shows their traceback.
+    128 + the signal's number (143, 129). moeslim's errors and the OS errors it has advice for (a full disk, a
+    denied permission, a read-only filesystem: ``errors.os_error_line``) are one line and exit code 2; another OS
+    error is one line with the system's text and exit code 1. ``MOESLIM_DEBUG=1`` shows their traceback.
     """
     try:
         with stopping_signals_raise():
@@ -391,5 +407,6 @@ def main() -> None:
     except (MoeslimError, OSError) as e:
         if os.environ.get("MOESLIM_DEBUG") == "1":
             raise
-        print(f"moeslim: error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, MoeslimError) else 1)
+        line = None if isinstance(e, MoeslimError) else os_error_line(e)
+        _say(f"moeslim: error: {line or e}")
+        sys.exit(2 if isinstance(e, MoeslimError) or line else 1)

@@ -67,9 +67,11 @@ def _dequantised_weight_norm(ckpt: Checkpoint, layout: Layout) -> Scores:
         for layer in layout.layers:
             sq = np.zeros(layout.num_experts)
             for j in range(layout.num_experts):
-                items = dense_items(ckpt, layer.per_expert[j] if layer.per_expert else layer.fused)
+                names = layer.per_expert[j] if layer.per_expert else layer.fused
+                ckpt.fetch(names)
+                items = dense_items(ckpt, names)
                 for item in items:
-                    if _is_side_tensor(item.name):
+                    if _is_side_tensor(item.name) or _is_vector(layer, item.name, item.shape):
                         continue
                     if layer.per_expert or _regular(layer, item.name):
                         w = reader.dense(item, None if layer.per_expert else j).double().numpy()
@@ -148,6 +150,7 @@ def _read(ckpt: Checkpoint, name: str, rows: tuple[int, int] | None = None) -> n
     info = ckpt.tensors[name]
     if info.dtype not in FLOAT_DTYPES:
         raise PlanError(f"cannot score from {name}: it is {info.dtype}, not floating point; use --criterion random")
+    ckpt.fetch([name])
     return read_float(info) if rows is None else read_rows(info, *rows)
 
 
@@ -174,7 +177,7 @@ def _expert_slice(ckpt: Checkpoint, layer: MoeLayer, name: str, j: int, experts:
 
 def _weight_tensors(ckpt: Checkpoint, layer: MoeLayer, j: int) -> list[str]:
     names = layer.per_expert[j] if layer.per_expert else layer.fused
-    weights = [n for n in names if not _is_side_tensor(n)]
+    weights = [n for n in names if not _is_side_tensor(n) and not _is_vector(layer, n, ckpt.tensors[n].shape)]
     for name in weights:
         if ckpt.tensors[name].dtype not in FLOAT_DTYPES:
             raise PlanError(
@@ -182,6 +185,14 @@ def _weight_tensors(ckpt: Checkpoint, layer: MoeLayer, j: int) -> list[str]:
                 " (not floating point); use --criterion router-norm"
             )
     return weights
+
+
+def _is_vector(layer: MoeLayer, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether an expert's part of tensor ``name`` is a vector (a norm's weight, a bias), not a weight matrix: the
+    same part whether the experts are stored one tensor each or fused (``[E, H]``), whatever it is named."""
+    if layer.per_expert:
+        return len(shape) < 2
+    return len(shape) < 3 and layer.block_of(name)[0] == 1
 
 
 def _is_side_tensor(name: str) -> bool:

@@ -66,14 +66,28 @@ def resolve_source(src: str, revision: str | None, preflight: Callable[[dict], N
     raises a ``MoeslimError`` to stop there.
     """
     if not is_hub_source(src):
-        if not Path(src).expanduser().exists():
-            raise missing_folder(src)
-        if revision is not None:
-            raise UsageError(f"--revision selects a Hub revision, but {src} is a local folder; drop --revision")
-        root = Path(src).expanduser()
-        if (root / "config.json").is_file():  # refusals from the config come before any weight is read
-            preflight(read_json(root / "config.json", what="model config"))
-        return root
+        return local_source(src, revision, preflight)
+    root, shards = small_files(src, revision, preflight)
+    with hub_errors(src, revision):  # root.name is the commit: both steps read one snapshot
+        _download(src, root.name, [glob.escape(name) for name in shards])  # patterns are globs
+    return root
+
+
+def local_source(src: str, revision: str | None, preflight: Callable[[dict], None]) -> Path:
+    """The folder ``src``, its config passed through ``preflight``."""
+    if not Path(src).expanduser().exists():
+        raise missing_folder(src)
+    if revision is not None:
+        raise UsageError(f"--revision selects a Hub revision, but {src} is a local folder; drop --revision")
+    root = Path(src).expanduser()
+    if (root / "config.json").is_file():  # refusals from the config come before any weight is read
+        preflight(read_json(root / "config.json", what="model config"))
+    return root
+
+
+def small_files(src: str, revision: str | None, preflight: Callable[[dict], None]) -> tuple[Path, list[str]]:
+    """Hub repo ``src``'s small files in the standard cache (its snapshot folder, named by the commit) and the
+    shard names its index gives, once ``preflight`` has passed its config and the repo is known to hold them."""
     with hub_errors(src, revision):
         root = _download(src, revision, SMALL_FILES)
     if not (root / "config.json").is_file():
@@ -81,9 +95,7 @@ def resolve_source(src: str, revision: str | None, preflight: Callable[[dict], N
     preflight(read_json(root / "config.json", what="model config"))
     shards = _shard_names(root)
     _check_in_repo(src, root.name, shards)
-    with hub_errors(src, revision):  # root.name is the commit: both steps read one snapshot
-        _download(src, root.name, [glob.escape(name) for name in shards])  # patterns are globs
-    return root
+    return root, shards
 
 
 def missing_folder(src: str) -> MissingFileError:
@@ -178,7 +190,7 @@ def explain(e: Exception, repo_id: str, revision: str | None, writing: bool = Fa
     if isinstance(e, HFValidationError):
         return UsageError(f"{repo_id!r} is not a valid Hub repo id (org/name)")
     if isinstance(e, LocalEntryNotFoundError):
-        return _not_cached(repo_id)
+        return not_cached(repo_id)
     if status == 401:
         return HubAuthError(f"the Hub rejected the token (401 invalid credentials): {LOGIN} with a valid token")
     if status == 403:
@@ -189,7 +201,7 @@ def explain(e: Exception, repo_id: str, revision: str | None, writing: bool = Fa
     return HubError(f"cannot reach {constants.ENDPOINT} ({type(e).__name__}); check the connection or HF_ENDPOINT")
 
 
-def _not_cached(repo_id: str) -> HubError:
+def not_cached(repo_id: str) -> HubError:
     from huggingface_hub import constants
 
     if constants.is_offline_mode():

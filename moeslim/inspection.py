@@ -9,6 +9,7 @@ from moeslim.layout import Layout, MoeLayer
 from moeslim.quant import FORMAT_MARKS, quantization_config
 from moeslim.source import Checkpoint
 from moeslim.surgery.mapping import plan_outputs
+from moeslim.units import human_bytes
 
 
 def inspect_report(ckpt: Checkpoint, layout: Layout, keep: int | None = None) -> dict:
@@ -61,15 +62,6 @@ def _quantisation(ckpt: Checkpoint) -> list[str]:
     if method.get("quant_method"):
         found.add(str(method["quant_method"]))
     return sorted(found)
-
-
-def human_bytes(n: float) -> str:
-    """1536 → '1.5 KB' (decimal units, as the Hub shows sizes)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def format_report(r: dict) -> str:

@@ -10,6 +10,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 
 from moeslim.errors import CheckpointError, UnsupportedModelError
 from moeslim.families.table import Family, config_value, family_of, text_config
@@ -44,6 +45,21 @@ class MoeLayer:
     def block_of(self, name: str) -> tuple[int, int]:
         """``(rows per expert, extra rows after the experts)`` of ``name`` (a router or fused tensor)."""
         return next(((k, z) for n, k, z in self.blocks if n == name), (1, 0))
+
+    def expert_tensors(self, j: int) -> tuple[tuple[str, tuple[int, int] | None], ...]:
+        """Routed expert ``j``'s on-disk tensors, read the same way whichever form the layer is stored in:
+        ``(name, None)`` for a per-expert tensor (all of it is expert ``j``'s) and ``(name, (start, stop))`` for a
+        fused one (its rows ``start:stop`` along dim 0; ``T[j]`` where each expert has one row). Raises
+        ``ValueError`` for a fused tensor whose experts are not on dim 0 (a slice of it is not contiguous)."""
+        if self.per_expert:
+            return tuple((name, None) for name in self.per_expert[j])
+        out: list[tuple[str, tuple[int, int] | None]] = []
+        for name in self.fused:
+            if self.dim_of(name) != 0:
+                raise ValueError(f"{name} keeps its experts on dim {self.dim_of(name)}, not 0")
+            per, _ = self.block_of(name)
+            out.append((name, (j * per, (j + 1) * per)))
+        return tuple(out)
 
     def rows_of(self, name: str, kept: tuple[int, ...], size: int) -> tuple[int, ...]:
         """The rows of ``name``'s expert dim (``size`` long) that keep experts ``kept``: each expert's block of
@@ -127,18 +143,82 @@ def _groups(family: Family, cfg: dict, num_experts: int) -> tuple[int, int]:
 
 
 def resolve_layout(ckpt: Checkpoint) -> Layout:
-    """Find the MoE layers of ``ckpt`` and check tensor names and shapes against its config."""
+    """Find the MoE layers of ``ckpt`` and check tensor names and shapes against its config.
+
+    A family's checkpoints come in two namings that transformers loads: the release naming ``save_pretrained``
+    writes (``mlp.experts.N.gate_proj.weight``: transformers fuses the experts when it loads them) and the module's
+    own parameter names (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``, loaded as they are), where they differ
+    (``Family.module``). Which one a layer is in is read from its tensor names, never from the family; the layout's
+    ``family`` is the naming of its layers, and each layer keeps its experts as it found them."""
     routing = routing_of(ckpt.config)
-    family, n_layers = routing.family, routing.num_hidden_layers
-    blocks = _moe_blocks(ckpt, family, n_layers)
-    _check_layer_count(ckpt, family, n_layers)
+    n_layers = routing.num_hidden_layers
+    found = _moe_blocks(ckpt, routing.family, n_layers)
+    _check_layer_count(ckpt, namings(routing.family), n_layers)
+    blocks = {index: block for index, (block, _) in found.items()}
+    inside = _names_by_block(ckpt, routing.family, set(blocks.values()))
+    layers, named = [], []
+    for index, (block, candidates) in sorted(found.items()):
+        form, collected = _naming_of(inside[block], candidates, block)
+        named.append(form)
+        layers.append(_moe_layer(ckpt, form, index, block, routing.num_experts, index >= n_layers, collected))
+    family = _one_naming(named, [layer.index for layer in layers])
     cfg = {**text_config(ckpt.config), "num_hidden_layers": n_layers}
-    _check_layers_against_config(family, cfg, blocks, n_layers, ckpt.tensors)
-    layers = tuple(
-        _moe_layer(ckpt, family, index, block, routing.num_experts, mtp=index >= n_layers)
-        for index, block in sorted(blocks.items())
-    )
-    return Layout(**vars(routing), layers=layers)
+    _check_layers_against_config(routing.family, cfg, blocks, n_layers, ckpt.tensors)
+    return Layout(**{**vars(routing), "family": family}, layers=tuple(layers))
+
+
+def namings(family: Family) -> tuple[Family, ...]:
+    """The namings a checkpoint of ``family`` may be in: the release naming, then the module's own, if it differs."""
+    return (family,) if family.module is None else (family, family.module)
+
+
+Collected = tuple[list[str], list[str], dict[int, dict[str, str]]]  # router, fused, per-expert {id: {suffix: name}}
+
+
+def _names_by_block(ckpt: Checkpoint, family: Family, blocks: set[str]) -> dict[str, list[str]]:
+    """MoE block key prefix → the tensor names under it, in one pass over the checkpoint's names (a DeepSeek-V3
+    release has 90 thousand)."""
+    stacks = "|".join(sorted({re.escape(f.layers_name) for f in namings(family)}))
+    paths = sorted({f.block_path for f in namings(family)})
+    layer = re.compile(rf"^(.*?(?:{stacks})\.\d+\.)")
+    inside: dict[str, list[str]] = {block: [] for block in blocks}
+    for name in ckpt.tensors:
+        if m := layer.match(name):
+            for path in paths:
+                block = m.group(1) + path
+                if block in inside and name.startswith(block):
+                    inside[block].append(name)
+                    break
+    return inside
+
+
+def _naming_of(names: list[str], candidates: list[Family], block: str) -> tuple[Family, Collected]:
+    """The naming of the MoE block ``block`` among those whose router it has, and its tensors under it: the first
+    under which the block holds expert tensors (per-expert or fused), else the first (whose checks then say what is
+    missing)."""
+    first = None
+    for form in candidates:
+        collected = _collect(names, form, block)
+        if collected[1] or collected[2] or len(candidates) == 1:
+            return form, collected
+        first = first or (form, collected)
+    assert first is not None
+    return first
+
+
+def _one_naming(named: list[Family], indices: list[int]) -> Family:
+    """The naming of the checkpoint's MoE layers, which may differ in how they store experts (per-expert or fused)
+    but not in where the router and the layers are; that of the first layer."""
+    first = named[0]
+    where = (first.layers_name, first.block_path, first.router_weight)
+    for form, index in zip(named, indices, strict=True):
+        if (form.layers_name, form.block_path, form.router_weight) != where:
+            raise CheckpointError(
+                f"layer {index} has its router at {form.layers_name}.N.{form.block_path}{form.router_weight}, layer"
+                f" {indices[0]} at {first.layers_name}.N.{first.block_path}{first.router_weight}: the checkpoint mixes"
+                " two namings of its MoE layers; re-download or re-export it in one"
+            )
+    return first
 
 
 def _config_int(cfg: dict, keys: tuple[str, ...], what: str, per_layer: tuple[str, ...] = ()) -> int:
@@ -168,20 +248,29 @@ def _short(values: list) -> str:
     return "[" + ", ".join(shown) + "]"
 
 
-def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, str]:
-    """Layer index → MoE block key prefix, found from where the router weights are. Layers under an ``mtp.``
-    prefix (Qwen3-Next releases: ``mtp.layers.0.…``) are MTP layers, numbered after the trunk."""
-    stack = re.escape(family.layers_name)
-    pattern = re.compile(rf"^(.*?){stack}\.(\d+)\.{re.escape(family.block_path)}{re.escape(family.router_weight)}$")
-    found: dict[int, str] = {}
+def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, tuple[str, list[Family]]]:
+    """Layer index → (MoE block key prefix, the namings whose router weight is there), found from where the router
+    weights are, in any of the family's namings. Layers under an ``mtp.`` prefix (Qwen3-Next releases:
+    ``mtp.layers.0.…``) are MTP layers, numbered after the trunk."""
+    found: dict[int, tuple[str, list[Family]]] = {}
     prefixes = set()
-    for name in ckpt.tensors:
-        if m := pattern.match(name):
-            mtp = m.group(1).endswith("mtp.")
-            if not mtp:
-                prefixes.add(m.group(1))
-            index = int(m.group(2)) + (n_layers if mtp else 0)
-            found[index] = f"{m.group(1)}{family.layers_name}.{m.group(2)}.{family.block_path}"
+    for form in namings(family):
+        stack, block = re.escape(form.layers_name), re.escape(form.block_path)
+        pattern = re.compile(rf"^(.*?){stack}\.(\d+)\.{block}{re.escape(form.router_weight)}$")
+        for name in ckpt.tensors:
+            if m := pattern.match(name):
+                mtp = m.group(1).endswith("mtp.")
+                if not mtp:
+                    prefixes.add(m.group(1))
+                index = int(m.group(2)) + (n_layers if mtp else 0)
+                where = f"{m.group(1)}{form.layers_name}.{m.group(2)}.{form.block_path}"
+                seen, forms = found.setdefault(index, (where, []))
+                if seen != where:
+                    raise CheckpointError(
+                        f"layer {index} has a router under {seen} and another under {where}: the checkpoint mixes"
+                        " two namings of its MoE layers; re-download or re-export it in one"
+                    )
+                forms.append(form)
     if not found:
         raise CheckpointError(
             f"no MoE router tensors found (expected names like model.{family.layers_name}.N.{family.block_path}"
@@ -194,8 +283,13 @@ def _moe_blocks(ckpt: Checkpoint, family: Family, n_layers: int) -> dict[int, st
 
 def decoder_layer_of(name: str, layers_name: str = "layers") -> int | None:
     """The decoder layer a tensor name lies in (``model.layers.3.mlp…`` → 3), or None outside the layers."""
-    m = re.search(rf"(?:^|\.){re.escape(layers_name)}\.(\d+)\.", name)
+    m = _layer_index(layers_name).search(name)
     return int(m.group(1)) if m else None
+
+
+@cache
+def _layer_index(layers_name: str) -> re.Pattern[str]:
+    return re.compile(rf"(?:^|\.){re.escape(layers_name)}\.(\d+)\.")
 
 
 def expert_pattern(family: Family) -> re.Pattern[str]:
@@ -222,10 +316,11 @@ def incomplete_expert(experts: dict[int, set[str]], num_experts: int) -> tuple[i
     return None
 
 
-def _check_layer_count(ckpt: Checkpoint, family: Family, n_layers: int) -> None:
-    """``num_hidden_layers`` cannot exceed the decoder layers that have weights (checked before any per-layer
-    work, so an absurd count fails at once)."""
-    found = {i for name in ckpt.tensors if (i := decoder_layer_of(name, family.layers_name)) is not None}
+def _check_layer_count(ckpt: Checkpoint, forms: tuple[Family, ...], n_layers: int) -> None:
+    """``num_hidden_layers`` cannot exceed the decoder layers that have weights, in any of the family's namings
+    (checked before any per-layer work, so an absurd count fails at once)."""
+    stacks = {f.layers_name for f in forms}
+    found = {i for name in ckpt.tensors for stack in stacks if (i := decoder_layer_of(name, stack)) is not None}
     if n_layers > max(found, default=-1) + 1:
         raise CheckpointError(
             f"config.json says num_hidden_layers={n_layers}, but the weights hold layers up to"
@@ -288,12 +383,12 @@ def _layer_settings(family: Family, cfg: dict) -> tuple[set[int] | None, int]:
     return expected, mtp or 0
 
 
-def _moe_layer(ckpt: Checkpoint, family: Family, index: int, block: str, num_experts: int, mtp: bool) -> MoeLayer:
+def _collect(names: list[str], family: Family, block: str) -> Collected:
+    """The router tensors, fused expert tensors and per-expert tensors (expert id → {suffix: full name}) among
+    ``names`` (those under the MoE block ``block``) under ``family``'s naming."""
     router, fused = [], []
-    per_expert: dict[int, dict[str, str]] = defaultdict(dict)  # expert id → {suffix: full name}
-    for name in ckpt.tensors:
-        if not name.startswith(block):
-            continue
+    per_expert: dict[int, dict[str, str]] = defaultdict(dict)
+    for name in names:
         rel = name[len(block) :]
         if _matches(rel, family.router):
             router.append(name)
@@ -301,6 +396,13 @@ def _moe_layer(ckpt: Checkpoint, family: Family, index: int, block: str, num_exp
             fused.append(name)
         elif not family.fused and (found := _expert_part(rel, family.experts)):
             per_expert[found[0]][found[1]] = name
+    return router, fused, per_expert
+
+
+def _moe_layer(
+    ckpt: Checkpoint, family: Family, index: int, block: str, num_experts: int, mtp: bool, collected: Collected
+) -> MoeLayer:
+    router, fused, per_expert = collected
     rel_dims = dict(family.dims)
     dims = tuple((n, rel_dims[n[len(block) :]]) for n in router + fused if n[len(block) :] in rel_dims)
     blocks = tuple(_blocks(ckpt, family, block, n, num_experts, index, dict(dims).get(n, 0)) for n in router + fused)
@@ -320,10 +422,13 @@ def _matches(rel: str, names: tuple[str, ...]) -> bool:
     return any(rel.startswith(n) if n.endswith(".") else rel == n for n in names)
 
 
+_EXPERT_ID = re.compile(r"(\d+)\.(.+)$")
+
+
 def _expert_part(rel: str, prefixes: tuple[str, ...]) -> tuple[int, str] | None:
     """``experts.5.w1.weight`` → ``(5, "w1.weight")``."""
     for prefix in prefixes:
-        if rel.startswith(prefix) and (m := re.match(r"(\d+)\.(.+)$", rel[len(prefix) :])):
+        if rel.startswith(prefix) and (m := _EXPERT_ID.match(rel, len(prefix))):
             return int(m.group(1)), m.group(2)
     return None
 

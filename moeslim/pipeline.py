@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,14 +29,14 @@ from moeslim.criteria import (
 )
 from moeslim.errors import MoeslimError, PlanError
 from moeslim.families.table import check_calibratable, text_config
-from moeslim.hub import resolve_source
 from moeslim.layout import Layout, resolve_layout, routing_of
 from moeslim.names import PLAN_NAME
 from moeslim.plan import Correction, Plan, check_feasible, check_plan, jaccard, load_plan, select, select_one
 from moeslim.publish.facts import write_model_card
 from moeslim.publish.push import PushOptions, check_write_access, push_folder
+from moeslim.remote.repo import DEFAULT_WINDOW, announce, open_source
 from moeslim.shards import TensorInfo
-from moeslim.source import Checkpoint, open_checkpoint
+from moeslim.source import Checkpoint
 from moeslim.stream.options import CalibrationOptions
 from moeslim.stream.ranks import SINGLE, Ranks, current
 from moeslim.surgery.config import dump_config, rewrite_config
@@ -50,6 +50,7 @@ from moeslim.validate.run import ValidateOptions, kl_exceeds, validate
 
 if TYPE_CHECKING:
     from moeslim.stream.context import RunContext
+    from moeslim.stream.loop import Observer
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class SlimOptions:
     calibration: CalibrationOptions = CalibrationOptions()  # used when a calibrated criterion has no --stats
     progressive: bool = False
     revision: str | None = None  # of a Hub source
+    cache_window: str = DEFAULT_WINDOW  # a Hub source's bytes on disk at once (remote/repo.py); "full": all, cached
     push_to: str | None = None  # Hub repo id to publish the output to
     private: bool = False  # create push_to private (an existing repo keeps its visibility)
     push_revision: str | None = None  # branch of push_to (default: its default branch)
@@ -122,9 +124,17 @@ def slim(opts: SlimOptions) -> SlimResult:
     push = _push_options(opts)
     if push is not None:
         check_write_access(push)  # before any work: a long prune must not end in a refused token
-    root = resolve_source(str(opts.source), opts.revision, preflight=lambda config: preflight(config, opts))
-    ckpt = open_checkpoint(root)
-    job = Job(root, ckpt, resolve_layout(ckpt), opts, current(opts.calibration.device))
+    beside = opts.out.expanduser().absolute().parent if opts.out else Path.cwd()  # a Hub source's work folder
+    check = functools.partial(preflight, opts=opts)
+    with open_source(str(opts.source), opts.revision, check, opts.cache_window, beside) as ckpt:
+        job = Job(ckpt.root, ckpt, resolve_layout(ckpt), opts, current(opts.calibration.device))
+        if ckpt.fetcher is not None:
+            announce(ckpt, job.layout, load_plan(opts.plan).keep if opts.plan else opts.keep or 0, beside)
+        return _slim(job, shard_limit, push)
+
+
+def _slim(job: Job, shard_limit: int, push: PushOptions | None) -> SlimResult:
+    opts, ckpt, root = job.opts, job.ckpt, job.root
     copied, skipped = extra_files(ckpt.root, ckpt.shards)
     if not job.ranks.leader:
         return _follow(job, skipped)
@@ -135,6 +145,7 @@ def slim(opts: SlimOptions) -> SlimResult:
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
             work, job.out = _work_folder(held, out), out
         plan = make_plan(job, work)
+        _retain_output(job, plan)
         if out is None:
             out = default_out(opts.source, plan.keep)
             held.enter_context(claim_output(root, out, opts.overwrite, copied))
@@ -221,11 +232,11 @@ def _write(
     outputs = plan_outputs(ckpt, layout, plan.kept, patches)
     shards = plan_shards(outputs, shard_limit)
     total = sum(t.nbytes for t in outputs)
-    check_space(out, total + sum((ckpt.root / f).stat().st_size for f in copied))
+    check_space(out, total + sum((ckpt.root / f).stat().st_size for f in copied))  # a Hub source's window: announce
     config = rewrite_config(ckpt.config, layout.family, plan.keep, plan.top_k)
     with atomic_folder(out) as tmp:
         with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None) as bar:
-            write_checkpoint(tmp, shards, {**ckpt.metadata, "format": "pt"}, bar.update)
+            write_checkpoint(tmp, shards, {**ckpt.metadata, "format": "pt"}, bar.update, ckpt.fetch_ahead)
         (tmp / "config.json").write_text(dump_config(config), encoding="utf-8")
         copy_files(ckpt.root, copied, tmp)
         (tmp / PLAN_NAME).write_text(plan.to_json(), encoding="utf-8")
@@ -349,10 +360,35 @@ def _calibrated(job: Job, criterion: str, keep: int) -> tuple[dict, dict]:
         if opts.progressive != bool(meta.settings.get("progressive")):
             raise PlanError("--progressive and the statistics disagree: calibrate again with the same --progressive")
     else:
-        stats, meta = run_calibration(job.context, progressive=progressive)
+        stats = Statistics(layout.num_experts)
+        retain = _retain(job, keep, lambda index: _chosen(layout, layer_scores(criterion, stats, index), keep))
+        stats, meta = run_calibration(job.context, progressive=progressive, stats=stats, observers=retain)
     info = {**meta.calibration, "progressive": opts.progressive,
             "stability": _stability(criterion, stats, layout, keep)}  # fmt: skip
     return calibrated_scores(criterion, stats, ckpt, layout), info
+
+
+def _chosen(layout: Layout, scores: np.ndarray | None, keep: int) -> tuple[int, ...] | None:
+    return None if scores is None else select_one(layout, scores, keep)
+
+
+def _retain_output(job: Job, plan: Plan) -> None:
+    """For a Hub source read in place: what scoring left on disk that the output is made of (the routers a
+    data-free score read) stays until surgery copies it, so it is downloaded once."""
+    from moeslim.remote.store import Store
+
+    if isinstance(job.ckpt.fetcher, Store):
+        job.ckpt.fetcher.retain(p for t in plan_outputs(job.ckpt, job.layout, plan.kept) for p in t.pieces)
+
+
+def _retain(job: Job, keep: int, choose: Callable[[int], tuple[int, ...] | None]) -> list[Observer]:
+    """For a Hub source read in place: the observer that keeps each calibrated layer's output bytes on disk for
+    surgery, so that they are downloaded once (``remote/retain.py``); none for a local folder."""
+    if job.ckpt.fetcher is None:
+        return []
+    from moeslim.remote.retain import Retain
+
+    return [Retain(job.ckpt, job.layout, keep, choose)]
 
 
 def _stability(criterion: str, stats: Statistics, layout: Layout, keep: int) -> dict[str, float]:
@@ -373,7 +409,6 @@ def _auto(job: Job, keep: int, work: Path | None) -> tuple[str, dict, dict, Corr
     from moeslim.calibrate.trials import CANDIDATES, PlanTrials
     from moeslim.correct.fit import Fitter
     from moeslim.correct.run import FITTED, PatchWriter, skip_reason
-    from moeslim.stream.loop import Observer
 
     ckpt, layout, opts = job.ckpt, job.layout, job.opts
     check_runnable(ckpt, layout)  # before the data-free candidates read any weight
@@ -394,6 +429,7 @@ def _auto(job: Job, keep: int, work: Path | None) -> tuple[str, dict, dict, Corr
         writer = PatchWriter(ckpt, layout, folder)
         fitter = Fitter(layout.family.name, lambda index: trials.kept[CANDIDATES[0]][index], writer)
         observers.append(fitter)  # after the trials, which choose each layer's kept experts
+    observers += _retain(job, keep, lambda index: trials.kept[CANDIDATES[0]].get(index))  # the likely winner's
     stats, meta = run_calibration(ctx, stats=stats, observers=observers)
     winner = trials.winner or CANDIDATES[0]
     scores = fixed[winner] if winner in fixed else calibrated_scores(winner, stats, ckpt, layout)

@@ -12,23 +12,27 @@ FP8_EXTRA = (".activation_scale", ".input_scale")  # activation scales of FP8 la
 MXFP4_PARTS = ("_blocks", "_scales")  # <module>.<name>_blocks and _scales stand for <module>.<name>
 PACKED_PARTS = (".weight_packed", ".weight_scale", ".weight_shape", ".weight_zero_point")  # compressed-tensors ints
 SCALED_PARTS = (".weight", ".weight_scale", ".weight_zero_point", ".input_scale")  # compressed-tensors float/int
-GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")  # GPTQ / AWQ packs (not dequantised yet)
+GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")  # GPTQ / AWQ packs
+NVFP4_PARTS = (".weight_scale", ".weight_scale_2", ".input_scale")  # ModelOpt NVFP4, beside the U8 <module>.weight
 
 #: what is gone once a weight is dequantised: its scales, zero points, shapes and activation scales
 DROPPED_WHEN_DENSE = (*FP8_SCALE, *FP8_EXTRA, "_scales", ".weight_scale", ".weight_zero_point", ".weight_shape",
-                      ".qzeros", ".scales", ".g_idx")  # fmt: skip
-#: packed codes and how many dense values one stored element holds, by stored dtype
-PACKED_CODES = {".weight_packed": {"I32": 8, "I64": 16}, ".qweight": {"I32": 8}, "_blocks": {"U8": 2}}
+                      ".qzeros", ".scales", ".g_idx", ".weight_scale_2")  # fmt: skip
+#: packed codes and how many dense values one stored element holds, by stored dtype (4-bit codes where it varies;
+#: a U8 ``.weight`` is NVFP4's two codes a byte)
+PACKED_CODES = {".weight_packed": {"I32": 8, "I64": 16}, ".qweight": {"I32": 8}, "_blocks": {"U8": 2},
+                ".weight": {"U8": 2}}  # fmt: skip
 #: tensors that only mean something beside a quantised weight
-COMPANIONS = (*FP8_SCALE, *MXFP4_PARTS, *PACKED_PARTS)
+COMPANIONS = (*FP8_SCALE, *MXFP4_PARTS, *PACKED_PARTS, ".weight_scale_2")
 #: names a quantiser stores instead of, or beside, a weight transformers would expect
-QUANT_SUFFIXES = (*FP8_SCALE, *MXFP4_PARTS, *GPTQ_PARTS, ".weight_scale")
+QUANT_SUFFIXES = (*FP8_SCALE, *MXFP4_PARTS, *GPTQ_PARTS, *NVFP4_PARTS)
 #: a mark of each format in a tensor's last name part → the format, for ``inspect``
 FORMAT_MARKS = {
     "weight_scale_inv": "fp8-block",
     "_blocks": "mxfp4",
     "qweight": "gptq/awq",
     "weight_packed": "compressed",
+    "weight_scale_2": "nvfp4",
 }
 
 
@@ -39,13 +43,16 @@ def quantization_config(config: dict) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-#: formats whose weights calibration and validation dequantise layer by layer (``stream/dequant.py``)
-READABLE = "fp8 block-scaled, mxfp4 and compressed-tensors pack-, float- and int-quantized"
+#: formats whose weights calibration and validation dequantise layer by layer (``stream/dequant.py``, ``packs.py``)
+READABLE = (
+    "fp8 block-scaled, mxfp4, compressed-tensors pack-, float- and int-quantized, modelopt NVFP4, gptq 2/4/8-bit"
+    " and awq gemm 4-bit"
+)
 CT_FORMATS = ("pack-quantized", "float-quantized", "int-quantized", "naive-quantized")
 
 
 def unreadable(config: dict) -> str | None:
-    """The quantisation of ``config`` that calibration cannot dequantise (``"gptq"``, ``"compressed-tensors
+    """The quantisation of ``config`` that calibration cannot dequantise (``"gptq 3-bit"``, ``"compressed-tensors
     nvfp4-pack-quantized"``), or None when it is unquantised or readable."""
     quant = quantization_config(config)
     if not quant:
@@ -53,6 +60,15 @@ def unreadable(config: dict) -> str | None:
     method = str(quant.get("quant_method", "quantised"))
     if method in ("fp8", "mxfp4"):
         return None
+    if method == "modelopt":
+        algo = str(quant.get("quant_algo", "?"))
+        return None if algo.upper() == "NVFP4" else f"modelopt {algo}"
+    if method == "gptq":  # 3-bit codes straddle words in GPTQ's own layout: not read
+        bits = quant.get("bits", 4)
+        return None if bits in (2, 4, 8) else f"gptq {bits}-bit"
+    if method == "awq":  # the GEMM layout; GEMV and others order their words otherwise
+        bits, version = quant.get("bits", quant.get("w_bit", 4)), str(quant.get("version", "gemm")).lower()
+        return None if bits == 4 and version == "gemm" else f"awq {version} {bits}-bit"
     if method == "compressed-tensors":
         default = str(quant.get("format", ""))
         groups = [g for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)]

@@ -18,6 +18,8 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from moeslim.errors import MoeslimError
+
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 PART_SUFFIX = ".moeslim-part"  # a file being written: ``.NAME.<random>.moeslim-part`` beside NAME
@@ -83,13 +85,11 @@ def write_atomic(path: Path, data: bytes | Callable[[int], object]) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from e
     part = f".{path.name}.{secrets.token_hex(4)}{PART_SUFFIX}"
     try:
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o666, dir_fd=dfd)
         try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o666, dir_fd=dfd)
             try:
                 if isinstance(data, bytes):
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                    write_all(fd, data)
                 else:
                     data(fd)
                 os.fsync(fd)
@@ -100,8 +100,19 @@ def write_atomic(path: Path, data: bytes | Callable[[int], object]) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(part, dir_fd=dfd)
             raise
+    except OSError as e:  # a write names no file, and a name opened in the folder only itself
+        if isinstance(e, MoeslimError):  # said already (by a ``data`` function)
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         os.close(dfd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Write every byte of ``data`` to ``fd`` (``os.write`` may write fewer)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def write_text_atomic(path: Path, text: str) -> None:

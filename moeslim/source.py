@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from moeslim import jsonio
 from moeslim.errors import CheckpointError, MissingFileError
 from moeslim.names import CONFIG_NAME, INDEX_NAME, SINGLE_NAME
 from moeslim.shards import TensorInfo, read_header
+
+Spans = Iterable[tuple[Path, int, int]]  # (file, start, end) byte ranges
+
+
+class Fetcher(Protocol):
+    """Brings byte ranges of a checkpoint's files onto the disk before they are read (``remote/store.py``)."""
+
+    window: int | None  # most bytes of source held on disk at once (None: no limit)
+
+    def fetch(self, spans: Spans) -> None: ...
+
+    def retain(self, spans: Spans) -> None:
+        """Keep the present ``spans`` on disk, outside the window, until they are fetched again."""
 
 
 @dataclass(frozen=True)
@@ -16,7 +31,8 @@ class Checkpoint:
     """A checkpoint folder as moeslim sees it.
 
     ``tensors`` maps every weight name to its location, in shard-then-offset order, so iterating it reads
-    each file front to back. ``shards`` are the weight files relative to ``root``.
+    each file front to back. ``shards`` are the weight files relative to ``root``. A Hub source read in place
+    has a ``fetcher``: its shards are sparse until ``fetch`` brings the ranges about to be read.
     """
 
     root: Path
@@ -24,13 +40,36 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     shards: tuple[str, ...]
     metadata: dict[str, str]
+    fetcher: Fetcher | None = None
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def fetch(self, names: Iterable[str], *, again: bool = False) -> None:
+        """Make the bytes of tensors ``names`` readable; call it before reading them (a no-op for a folder).
+        ``again``: a later pass reads them too, so they stay on disk until then (read once from the Hub)."""
+        if self.fetcher is not None:
+            spans = [(t.file, t.start, t.end) for t in (self.tensors[n] for n in names)]
+            self.fetcher.fetch(spans)
+            if again:
+                self.fetcher.retain(spans)
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+    def fetch_ahead(self, spans: Sequence[tuple[Path, int, int]]) -> int:
+        """Make the first of ``spans`` (file, start, end), in the order they will be read, readable, as many as
+        half the fetcher's window holds (at least one) in one go; return how many. Read those before calling
+        again: the next call may free them."""
+        if self.fetcher is None or self.fetcher.window is None:
+            return len(spans)
+        count, budget = 0, self.fetcher.window // 2
+        while count < len(spans) and (count == 0 or spans[count][2] - spans[count][1] <= budget):
+            budget -= spans[count][2] - spans[count][1]
+            count += 1
+        self.fetcher.fetch(spans[:count])
+        return count
+
+
+def open_checkpoint(path: str | Path, fetcher: Fetcher | None = None) -> Checkpoint:
     """Read ``config.json``, the shard index (or the single ``model.safetensors``) and every shard header."""
     root = Path(path)
     if not root.is_dir():
@@ -44,7 +83,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         metadata = metadata or meta
         _check_index_matches(weight_map, shard, in_file)
         tensors.update((name, info) for name, info in in_file.items() if weight_map[name] == shard)
-    return Checkpoint(root, config, tensors, tuple(dict.fromkeys(weight_map.values())), metadata)
+    return Checkpoint(root, config, tensors, tuple(dict.fromkeys(weight_map.values())), metadata, fetcher)
 
 
 def read_json(path: Path, *, what: str) -> dict:

@@ -1,15 +1,26 @@
 """SIGTERM and SIGHUP (what `timeout`, `kill`, schedulers and a closed terminal send) as an exception in the main
 thread, so that a run they stop unwinds as on Ctrl-C: every ``finally`` and context manager on the way out runs,
-and the lock and temp folders beside the target are removed (``targets.py``)."""
+and the lock and temp folders beside the target are removed (``targets.py``).
+
+A signal may come at any moment, two of which would lose it or cut a cleanup short: while Python runs a finalizer
+or a weakref callback (where it ignores exceptions, so ``Stopped`` would vanish and the run go on), and while a
+cleanup on the normal path removes a temp folder (which would be left half-removed). The first is caught by
+``sys.unraisablehook`` and the signal sent again a moment later; the second is held back by ``deferred()`` until
+the cleanup is done.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 STOPPING = (signal.SIGTERM, signal.SIGHUP)
+RESEND_AFTER = 0.01  # seconds: a finalizer is over by then
 
 
 class Stopped(BaseException):
@@ -22,10 +33,49 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+class _State:
+    deferring = 0  # depth of ``deferred()`` blocks
+    held: int | None = None  # a signal that came during one
+    resending: tuple[threading.Timer, int] | None = None  # a swallowed signal being sent again
+
+
 def _raise(signum: int, frame: object) -> None:
+    if _State.deferring:
+        _State.held = _State.held or signum
+        return
     for other in STOPPING:  # a second signal (a closed terminal sends SIGHUP twice) must not cut the cleanup short
         signal.signal(other, signal.SIG_IGN)
     raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold a stopping signal back for the block (a cleanup that must finish); it is raised when the block ends."""
+    _State.deferring += 1
+    try:
+        yield
+    finally:
+        _State.deferring -= 1
+        if not _State.deferring and _State.held is not None:
+            signum, _State.held = _State.held, None
+            _raise(signum, None)
+
+
+def _resend(previous: Any) -> Any:
+    """An unraisable-exception hook that sends a ``Stopped`` swallowed by a finalizer as its signal again."""
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Stopped):
+            previous(unraisable)
+            return
+        signum = unraisable.exc_value.signum
+        signal.signal(signum, _raise)  # armed again: the swallowed one had set it to be ignored
+        timer = threading.Timer(RESEND_AFTER, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        _State.resending = (timer, signum)
+
+    return hook
 
 
 @contextlib.contextmanager
@@ -39,8 +89,24 @@ def stopping_signals_raise() -> Iterator[None]:
     for signum, previous in saved.items():
         if previous is not signal.SIG_IGN:
             signal.signal(signum, _raise)
+    hook = sys.unraisablehook
+    sys.unraisablehook = _resend(hook)
     try:
         yield
+        _stop_if_swallowed()
     finally:
+        sys.unraisablehook = hook
+        if _State.resending is not None:
+            _State.resending[0].cancel()
+            _State.resending = None
         for signum, previous in saved.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+
+
+def _stop_if_swallowed() -> None:
+    """A run that ended before the signal it swallowed came again still ends as stopped by it."""
+    if _State.resending is not None:
+        timer, signum = _State.resending
+        timer.cancel()
+        _State.resending = None
+        raise Stopped(signum)

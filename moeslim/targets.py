@@ -24,8 +24,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from moeslim.errors import OutputError
+from moeslim.errors import OutputError, naming, os_error_line
 from moeslim.safefs import NOFOLLOW, folder_fd, open_own
+from moeslim.stopping import deferred
 
 LOCK_SUFFIX = ".moeslim-lock"
 TMP_SUFFIX = ".moeslim-tmp"
@@ -57,9 +58,13 @@ class TargetLock:
                 if _same_file(fd, dfd, self.path.name):  # not unlinked by a releasing holder since our open
                     break
                 os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:  # a full disk: held by no one, and gone
+            self.release()
+            raise
         return True
 
     def release(self) -> None:
@@ -98,7 +103,8 @@ def locked(target: Path) -> Iterator[None]:
         target.parent.mkdir(parents=True, exist_ok=True)
         acquired = lock.acquire()
     except OSError as e:
-        raise OutputError(f"cannot write {target} ({e.strerror}); choose another --out") from e
+        said = os_error_line(OSError(e.errno, e.strerror)) or f"{e.strerror}; choose another --out"
+        raise OutputError(f"cannot write {target}: {said}") from e
     if not acquired:
         raise OutputError(
             f"{target} is being written by another moeslim run (pid {lock.holder()});"
@@ -153,9 +159,15 @@ def temp_beside(target: Path) -> tempfile.TemporaryDirectory[str]:
     (``.T.<random>.moeslim-tmp``): if the run is killed, the next run there removes it. The caller holds
     ``locked(target)``, and closes the folder before releasing it."""
     target = _absolute(target)
-    return tempfile.TemporaryDirectory(
-        prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent, ignore_cleanup_errors=True
-    )
+    return _TempFolder(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent, ignore_cleanup_errors=True)
+
+
+class _TempFolder(tempfile.TemporaryDirectory[str]):
+    """A temporary folder whose removal a stopping signal does not cut short (it is raised once it is gone)."""
+
+    def cleanup(self) -> None:
+        with deferred():
+            super().cleanup()
 
 
 @contextlib.contextmanager
@@ -171,13 +183,18 @@ def atomic_folder(target: Path) -> Iterator[Path]:
         tmp.chmod(0o777 & ~_umask())  # the result should look like any new folder
         _replace(tmp, target)
     except OSError as e:
+        if isinstance(e, OutputError):
+            raise
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
                 f"no space left on device while writing {target}; free space or choose another --out"
             ) from e
+        if e.filename is None:  # a failed write names no file
+            raise naming(e, target) from e
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
+        with deferred():  # a stopping signal waits until it is gone
+            shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -216,6 +233,11 @@ def check_target(source: Path, target: Path, overwrite: bool, foreign: Callable[
     Never replaced: the working directory or a folder above it, a non-folder, a folder holding other files.
     """
     check_outside(source, target)
+    if os.path.ismount(target):  # renaming onto it fails (EBUSY), with or without --overwrite
+        raise OutputError(
+            f"{target} is a mount point, and moeslim builds an output beside its target and renames it into place;"
+            f" pass a folder inside it, such as --out {target / source.name}-pruned"
+        )
     if not target.exists() and not target.is_symlink():  # a dangling link is there too
         return
     if not overwrite:

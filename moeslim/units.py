@@ -21,3 +21,12 @@ def parse_size(text: str) -> int:
     if size < 1:
         raise ValueError(f"{text!r} is not a positive size")
     return size
+
+
+def human_bytes(n: float) -> str:
+    """1536 → '1.5 KB' (decimal units, as the Hub shows sizes)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

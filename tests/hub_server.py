@@ -5,6 +5,10 @@ Repos live in memory as commits of ``{path: bytes}``. Tokens map to accounts (re
 gated repos they were granted). Errors carry the ``X-Error-Code`` / ``X-Error-Message`` headers the Hub
 sends, so the client raises its real typed errors. Every request is logged for tests to assert on.
 
+Downloads answer ``Range: bytes=a-b`` requests as the Hub does (206 with ``Content-Range``), and every byte of
+a file's content sent is counted (``HubState.served``). ``HubState.faults`` lets a test make the server answer a
+range request with an error status, cut the connection part way through, or change the repo first.
+
 Not implemented: LFS and Xet uploads (preupload always answers ``regular``, so file contents travel inline
 in the commit), redirects to a CDN, pagination, deletions of folders, spaces and datasets.
 """
@@ -12,10 +16,14 @@ in the commit), redirects to a CDN, pagination, deletions of folders, spaces and
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
+import socket
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -51,6 +59,30 @@ class Request:
     user: str | None  # account name; None without a token
 
 
+@dataclass(frozen=True)
+class Sent:
+    """File content sent in one GET: ``[start, start + count)`` of ``path`` in ``repo_id``."""
+
+    repo_id: str
+    path: str
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What a fault hook makes the server do with one range request: answer ``status`` (with ``Retry-After: 0``)
+    instead, or send only ``cut_after`` bytes of the range and drop the connection."""
+
+    status: int | None = None
+    cut_after: int | None = None
+
+
+# (repo id, path, start, end inclusive or -1) of a range request → what to do; called under the state's lock,
+# before the request is answered, so a hook may change the repo (``force_push``) for this very request
+FaultHook = Callable[[str, str, int, int], Fault | None]
+
+
 class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, **extra: str) -> None:
         super().__init__(message)
@@ -62,6 +94,8 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.tokens: dict[str, Account] = {}
         self.log: list[Request] = []
+        self.sent: list[Sent] = []
+        self.faults: list[FaultHook] = []
         self.lock = threading.Lock()
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False, gated: bool = False) -> None:
@@ -80,6 +114,20 @@ class HubState:
                     and r.status == 200]  # fmt: skip
         return [hit.split("/", 1)[1] for hit in hits]
 
+    def served(self, repo_id: str, since: int = 0) -> int:
+        """Bytes of file content of ``repo_id`` sent from entry ``since`` of ``sent`` on."""
+        with self.lock:
+            return sum(s.count for s in self.sent[since:] if s.repo_id == repo_id)
+
+    def force_push(self, repo_id: str, files: dict[str, bytes], ref: str = "main") -> str:
+        """Replace ``ref`` by a new commit of ``files`` and forget the old one, as a force push and garbage
+        collection do; call under the lock (from a fault hook) or before requests."""
+        repo = self.repos[repo_id]
+        old = repo.refs[ref]
+        sha = _commit(repo, ref, {".gitattributes": GITATTRIBUTES, **files}, parent=old)
+        del repo.commits[old]
+        return sha
+
 
 def folder_files(folder: Path) -> dict[str, bytes]:
     """Relative path → content of every file under ``folder``: a repo's files as the Hub stores them."""
@@ -96,6 +144,7 @@ def _commit(repo: Repo, ref: str, files: dict[str, bytes], parent: str | None = 
     return sha
 
 
+@functools.lru_cache(maxsize=1024)  # a bytes object caches its own hash: looking a file up again is cheap
 def blob_id(data: bytes) -> str:
     """The git blob id, which the Hub uses as ETag and tree oid of regular files."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -103,6 +152,7 @@ def blob_id(data: bytes) -> str:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms wait for a delayed ACK between
     server: HubServer
 
     def log_message(self, format: str, *args: object) -> None:  # quiet: the state keeps its own log
@@ -145,14 +195,25 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _reply(self, method: str, status: int, payload: bytes, headers: dict[str, str]) -> None:
+        sent, cut = headers.pop("X-Test-Sent", None), headers.pop("X-Test-Cut", None)
         self.send_response(status)
         headers.setdefault("Content-Type", "application/json")
         for key, value in headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", headers.get("Content-Length", str(len(payload))))
         self.end_headers()
-        if method != "HEAD":
-            self.wfile.write(payload)
+        if method == "HEAD":
+            return
+        body = payload if cut is None else payload[: int(cut)]
+        self.wfile.write(body)
+        if sent is not None:
+            repo_id, path, start = sent.split("\0")
+            with self.server.state.lock:
+                self.server.state.sent.append(Sent(repo_id, path, int(start), len(body)))
+        if cut is not None:  # the client sees the connection end inside the body
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _account(self) -> Account | None:
         header = self.headers.get("Authorization")
@@ -229,12 +290,28 @@ class Handler(BaseHTTPRequestHandler):
         repo = self._readable(repo_id, who)
         if repo.gated and (who is None or repo_id not in who.granted):
             raise HubError(401 if who is None else 403, f"Access to model {repo_id} is restricted", "GatedRepo")
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")) if self.command == "GET" else None
+        cut = None
+        for hook in self.server.state.faults if wanted else ():  # first: a hook may change the repo
+            fault = hook(repo_id, path, int(wanted[1]), int(wanted[2]) if wanted[2] else -1)
+            if fault is not None and fault.status is not None:
+                return fault.status, b"{}", {"Retry-After": "0"}
+            cut = fault.cut_after if fault is not None and fault.cut_after is not None else cut
         sha = self._commit_of(repo, revision)
         if path not in repo.commits[sha]:
             raise HubError(404, "Entry not found", "EntryNotFound")
         data = repo.commits[sha][path]
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{blob_id(data)}"', "Content-Type": "application/octet-stream"}
-        return 200, data, headers
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{blob_id(data)}"', "Content-Type": "application/octet-stream",
+                   "Accept-Ranges": "bytes", "X-Test-Sent": f"{repo_id}\0{path}\0{0}"}  # fmt: skip
+        if wanted is None:
+            return 200, data, headers
+        start = int(wanted[1])
+        end = min(int(wanted[2]) if wanted[2] else len(data) - 1, len(data) - 1)
+        if start > end:
+            return 416, b"", {"Content-Range": f"bytes */{len(data)}"}
+        headers.update({"Content-Range": f"bytes {start}-{end}/{len(data)}", "X-Test-Sent": f"{repo_id}\0{path}\0{start}",
+                        **({"X-Test-Cut": str(cut)} if cut is not None else {})})  # fmt: skip
+        return 206, data[start : end + 1], headers
 
     # writing -------------------------------------------------------------------------------------------
 
@@ -355,6 +432,11 @@ class HubServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.state = HubState()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Quiet about clients that drop the connection (tests make them); anything else is printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
     def start(self) -> HubServer:
         threading.Thread(target=self.serve_forever, name="hub-server", daemon=True).start()

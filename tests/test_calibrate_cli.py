@@ -144,7 +144,9 @@ def test_stats_of_another_model_are_refused(built, calib: Path, tmp_path: Path, 
 @pytest.mark.parametrize(
     ("quant", "method"),
     [
-        ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq"),
+        ({"quant_method": "gptq", "bits": 3, "group_size": 128}, "gptq 3-bit"),  # 2, 4 and 8 bits are read
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "awq gemv 4-bit"),  # the GEMM layout is read
+        ({"quant_method": "modelopt", "quant_algo": "W4A8_AWQ"}, "modelopt W4A8_AWQ"),  # NVFP4 is read
         (
             {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"},
             "compressed-tensors nvfp4-pack-quantized",

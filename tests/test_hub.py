@@ -97,9 +97,10 @@ def test_slim_from_the_hub_and_push(hub: HubServer, tmp_path: Path) -> None:
     pushed = hub.state.files("org/tiny-slim")
     assert pushed.pop(".gitattributes") and pushed == folder_files(out)  # byte for byte, card and image included
     downloads = hub.state.downloads("org/tiny", since=start)
-    assert set(downloads[:-1]) == SMALL and downloads[-1] == "model.safetensors"  # small files first, then weights
+    assert set(downloads) == SMALL  # small files whole, into the standard cache; the weights read in place by ranges
     snapshot = home / "hub" / "models--org--tiny" / "snapshots" / hub.state.repos["org/tiny"].refs["main"]
-    assert (snapshot / "model.safetensors").is_file()  # the standard cache
+    assert (snapshot / "config.json").is_file() and not (snapshot / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name != "hf"] == ["tiny-keep4"]  # no work folder left
 
     card = (out / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
@@ -115,7 +116,8 @@ def test_slim_from_the_hub_and_push(hub: HubServer, tmp_path: Path) -> None:
 @pytest.mark.hub
 def test_revision_and_sharded_repo_then_offline_from_the_cache(hub: HubServer, tmp_path: Path) -> None:
     home, start = tmp_path / "hf", len(hub.state.log)
-    run = _moeslim(["slim", "org/sharded", "--revision", "v1", "--keep", "4", "--out", "a"], _env(hub, home), tmp_path)
+    args = ["slim", "org/sharded", "--revision", "v1", "--keep", "4", "--out", "a", "--cache-window", "full"]
+    run = _moeslim(args, _env(hub, home), tmp_path)
     assert run.code == 0, run.err
     downloads = hub.state.downloads("org/sharded", since=start)
     shards = {f"model-0000{i}-of-00007.safetensors" for i in range(1, 8)}

@@ -14,10 +14,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("moeslim", "moeslim.errors", "moeslim.jsonio", "moeslim.units", "moeslim.safefs", "moeslim.names"),
     ("moeslim.shards", "moeslim.floats", "moeslim.source", "moeslim.families.table", "moeslim.families.runtime",
      "moeslim.quant", "moeslim.layout", "moeslim.plan",
-     "moeslim.targets", "moeslim.hub", "moeslim.calibrate.statistics", "moeslim.stream.options"),
+     "moeslim.targets", "moeslim.hub", "moeslim.calibrate.statistics", "moeslim.stream.options", "moeslim.remote"),
     ("moeslim.stream", "moeslim.surgery", "moeslim.families"),
-    ("moeslim.calibrate", "moeslim.correct.fit", "moeslim.criteria"),
-    ("moeslim.correct", "moeslim.validate", "moeslim.inspection", "moeslim.publish"),
+    ("moeslim.calibrate", "moeslim.correct.fit", "moeslim.criteria", "moeslim.remote.retain"),
+    ("moeslim.correct", "moeslim.validate", "moeslim.inspection", "moeslim.publish", "moeslim.remote.repo"),
     ("moeslim.pipeline",),
     ("moeslim.cli", "moeslim.__main__"),
 ]  # fmt: skip

@@ -30,6 +30,8 @@ STATS_VERSION = 1
 def fingerprint(ckpt: Checkpoint, layout: Layout) -> str:
     """Identity of a model for statistics: its config and the bytes of every router weight."""
     digest = hashlib.sha256(json.dumps(ckpt.config, sort_keys=True).encode())
+    routers = [layer.block + layout.family.router_weight for layer in layout.layers]
+    ckpt.fetch(routers, again=True)  # a Hub source read in place: kept on disk for the layers, which read them too
     for layer in layout.layers:
         info = ckpt.tensors[layer.block + layout.family.router_weight]
         with open(info.file, "rb") as f:

@@ -102,17 +102,8 @@ def derive(model_type: str, built: list[Any] | None = None) -> dict[str, Any]:
         a = _saved_shapes(small, Path(tmp, "a"))
         b = _saved_shapes(large, Path(tmp, "b"))
     count_keys = _count_keys(small.config, large.config)
-    stacked, per_expert_extra = _expert_tensors(a, b)
-    per_expert = {first: template for first, (template, _) in per_expert_extra.items()}
-    layers = _by_layer(stacked, per_expert)
-    if not layers:
-        raise Refused("no tensor follows the expert count in any decoder layer; experts are not prunable by slicing")
-    loaded = _loaded(small, stacked, per_expert)
-    roles = _roles(small, loaded, stacked, per_expert)
-    records = {i: _layer_record(rel, roles, stacked, a) for i, rel in layers.items()}
-    first = next(iter(records.values()))
-    if odd := [i for i, r in records.items() if r != first]:
-        raise Refused(f"MoE layer {odd[0]} differs in its tensors from layer {next(iter(records))}")
+    first, layers, stacked, per_expert_extra, loaded, roles = _naming(small, a, b)
+    module = _module_naming(small, large, first)
     text = _text_dict(small.config)
     record: dict[str, Any] = {
         "name": model_type,
@@ -130,14 +121,53 @@ def derive(model_type: str, built: list[Any] | None = None) -> dict[str, Any]:
     }
     if any(extra for _, extra in per_expert_extra.values()):
         record["extra_experts"] = True  # kept, renumbered after the kept experts
+    if module is not None:
+        record["module"] = module  # the model's own parameter names, which transformers also loads as they are
     if per_layer := _per_layer_keys(small, [*count_keys, *record["top_k_keys"]]):
         record["per_layer_keys"] = per_layer  # also read as a list of one value per layer (Hunyuan-A13B's moe_topk)
-    stacks = {m["stack"] for name in [*stacked, *per_expert.values()] if (m := _LAYER.match(name))}
-    if stacks != {"layers"}:
-        record["layers_name"] = "".join(stacks)
     if not record["top_k_keys"]:
         raise Refused("the config names no top-k key (num_experts_per_tok or alike); routing cannot be rewritten")
     return record
+
+
+Naming = tuple[dict[str, Any], dict[int, dict[str, str]], dict[str, tuple[int, int, int]], dict[str, tuple[str, int]],
+              dict[str, str], dict[str, str]]  # fmt: skip
+
+
+def _naming(model: Any, a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]]) -> Naming:
+    """The MoE layer record of one naming of the tensors (``a``: with ``SMALL`` experts, ``b``: ``LARGE``), and what
+    it was found from: the MoE layers, stacked and per-expert tensors, where each loads and its role."""
+    stacked, per_expert_extra = _expert_tensors(a, b)
+    per_expert = {first: template for first, (template, _) in per_expert_extra.items()}
+    layers = _by_layer(stacked, per_expert)
+    if not layers:
+        raise Refused("no tensor follows the expert count in any decoder layer; experts are not prunable by slicing")
+    loaded = _loaded(model, stacked, per_expert)
+    roles = _roles(model, loaded, stacked, per_expert)
+    records = {i: _layer_record(rel, roles, stacked, a) for i, rel in layers.items()}
+    first = next(iter(records.values()))
+    if odd := [i for i, r in records.items() if r != first]:
+        raise Refused(f"MoE layer {odd[0]} differs in its tensors from layer {next(iter(records))}")
+    stacks = {m["stack"] for name in [*stacked, *per_expert.values()] if (m := _LAYER.match(name))}
+    if stacks != {"layers"}:
+        first = {**first, "layers_name": "".join(stacks)}
+    return first, layers, stacked, per_expert_extra, loaded, roles
+
+
+def _module_naming(small: Any, large: Any, saved: dict[str, Any]) -> dict[str, Any] | None:
+    """The MoE layer record of the model's own parameter names (its ``state_dict``: ``mlp.experts.gate_up_proj``
+    ``[E, 2I, H]`` where ``save_pretrained`` writes ``mlp.experts.N.gate_proj.weight``), which transformers loads
+    as they are: releases are published in it too (Qwen3.5-MoE). None where it is the saved naming, or where its
+    MoE layers cannot be told apart by the same rules."""
+    a, b = ({k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (small, large))
+    try:
+        record = _naming(small, a, b)[0]
+    except Refused:
+        return None
+    fields = ("block", "router", "experts", "fused", "dims", "flattened", "extra_rows", "layers_name")
+    record = {k: v for k, v in record.items() if k in (*fields, "shared")}
+    same = all(record.get(k) == saved.get(k) for k in fields)
+    return None if same else record
 
 
 def _calibration(model: Any) -> str | None:
@@ -437,18 +467,31 @@ def derive_all(model_types: list[str] | None = None) -> dict[str, Any]:
 
 def markdown_table(table: dict[str, Any]) -> str:
     """The README's coverage table: every family, its layout and whether it calibrates, or why it is refused."""
-    rows = ["| model type | MoE block | router | experts | calibration |", "|---|---|---|---|---|"]
+    rows = ["| model type | MoE block | router | experts | module naming (also read) | calibration |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in sorted(table["families"].items()):
         if "refused" in r:
-            rows.append(f"| `{name}` | refused: {r['refused']} | | | |")
+            rows.append(f"| `{name}` | refused: {r['refused']} | | | | |")
             continue
-        experts = ", ".join(r["experts"]) if r["fused"] else f"{r['experts'][0]}N.*"
-        kind = "flattened" if r.get("flattened") else "stacked" if r["fused"] else "per-expert"
-        router = ", ".join(r["router"]) + (" (+ extra rows kept)" if r.get("extra_rows") else "")
-        block = f"`{r['block']}`" if r["block"] else "(the decoder layer)"
+        module = r.get("module")
+        also = "the same" if module is None else f"{_block(module)}: `{_router(module)}`; {_experts(module)}"
         calibration = f"no: {r['calibration']}" if r.get("calibration") else "yes"
-        rows.append(f"| `{name}` | {block} | `{router}` | {kind} `{experts}` | {calibration} |")
+        rows.append(f"| `{name}` | {_block(r)} | `{_router(r)}` | {_experts(r)} | {also} | {calibration} |")
     return "\n".join(rows) + "\n"
+
+
+def _block(r: dict[str, Any]) -> str:
+    return f"`{r['block']}`" if r["block"] else "(the decoder layer)"
+
+
+def _router(r: dict[str, Any]) -> str:
+    return ", ".join(r["router"]) + (" (+ extra rows kept)" if r.get("extra_rows") else "")
+
+
+def _experts(r: dict[str, Any]) -> str:
+    experts = ", ".join(r["experts"]) if r["fused"] else f"{r['experts'][0]}N.*"
+    kind = "flattened" if r.get("flattened") else "stacked" if r["fused"] else "per-expert"
+    return f"{kind} `{experts}`"
 
 
 def main() -> None:

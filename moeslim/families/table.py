@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moeslim.errors import CheckpointError, UnsupportedModelError
@@ -81,6 +81,10 @@ class Family:
     group_keys: tuple[str, str] = ("n_group", "topk_group")  # config keys of the group count and groups chosen
     calibration: str | None = None  # why its decoder cannot run one layer at a time (calibration, validation)
     per_layer: tuple[str, ...] = ()  # count / top-k keys its config may also hold as one entry per layer (Hunyuan)
+    # The same family under its transformers module's own parameter names (``mlp.experts.gate_up_proj`` ``[E, 2I,
+    # H]`` where the release form has ``mlp.experts.N.gate_proj.weight``), which transformers loads as they are;
+    # None where both namings are one. A checkpoint's tensor names say which it is in (``layout.py``).
+    module: Family | None = None
 
     @property
     def block_path(self) -> str:
@@ -148,7 +152,7 @@ def _group_rule(key: str | None) -> Callable[[dict], int]:
 def _family(name: str, r: dict) -> Family:
     """The family of one derived record (``families.json``, or one derived at run time)."""
     groups = r.get("groups_key")
-    return Family(
+    family = Family(
         name, tuple(t for t in r["model_types"] if t not in _HAND), r["block"], tuple(r["router"]),
         tuple(r["count_keys"]), experts=tuple(r["experts"]), fused=r["fused"], top_k_keys=tuple(r["top_k_keys"]),
         moe_layers=None, groups=_group_rule(groups), min_per_group=2 if groups and r["scoring"] == "sigmoid" else 1,
@@ -158,6 +162,20 @@ def _family(name: str, r: dict) -> Family:
         extra_rows=tuple(sorted(r.get("extra_rows", {}).items())), layers_name=r.get("layers_name", "layers"),
         extra_experts=r.get("extra_experts", False), per_layer=tuple(r.get("per_layer_keys", ())),
     )  # fmt: skip
+    return _module_form(family, r.get("module"))
+
+
+def _module_form(family: Family, r: dict | None) -> Family:
+    """``family`` with its module naming (a derived record's ``module``) attached, where it has one."""
+    if not r:
+        return family
+    module = replace(
+        family, block=r["block"], router=tuple(r["router"]), experts=tuple(r["experts"]), fused=r["fused"],
+        shared=tuple(r.get("shared", ())), dims=tuple(sorted(r.get("dims", {}).items())),
+        flattened=tuple(r.get("flattened", ())), extra_rows=tuple(sorted(r.get("extra_rows", {}).items())),
+        layers_name=r.get("layers_name", "layers"), extra_experts=family.extra_experts and not r["fused"],
+    )  # fmt: skip
+    return replace(family, module=module)
 
 
 def _derived() -> tuple[str, dict[str, Family], dict[str, str]]:
@@ -169,7 +187,9 @@ def _derived() -> tuple[str, dict[str, Family], dict[str, str]]:
     table = json.loads(_DERIVED.read_text(encoding="utf-8"))
     derived, refused = {}, {}
     for name, r in table["families"].items():
-        if name in _HAND:
+        if name in _HAND:  # the hand-written entry, with the module naming its derivation found
+            hand = _BY_HAND[name]
+            _BY_HAND[name] = _module_form(hand, r.get("module")) if hand.module is None else hand
             continue
         if "refused" in r:
             refused[name] = r["refused"]
@@ -179,8 +199,9 @@ def _derived() -> tuple[str, dict[str, Family], dict[str, str]]:
 
 
 _HAND = {t for f in FAMILIES.values() for t in f.model_types}
+_BY_HAND = {t: f for f in FAMILIES.values() for t in f.model_types}
 DERIVED_UNDER, DERIVED, REFUSED = _derived()
-_BY_MODEL_TYPE = {model_type: f for f in (*FAMILIES.values(), *DERIVED.values()) for model_type in f.model_types}
+_BY_MODEL_TYPE = {**{t: f for f in DERIVED.values() for t in f.model_types}, **_BY_HAND}
 _RUNTIME: dict[str, Family | str | None] = {}  # model type → its family derived at run time, or why it is refused
 
 

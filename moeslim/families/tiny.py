@@ -448,3 +448,21 @@ def tiny_model(model_type: str, experts: int, top_k: int = 2, seed: int = 0) -> 
     torch.manual_seed(seed)
     model = cls._from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+def save_module_form(model: Any, folder: Any) -> None:
+    """Save ``model`` under its own parameter names (its ``state_dict``: ``mlp.experts.gate_up_proj`` ``[E, 2I, H]``)
+    rather than the release naming ``save_pretrained`` writes through transformers' reverse conversion: the form
+    some releases are published in (Qwen3.5-MoE), which transformers loads as it is. Tied parameters are stored
+    once, as ``save_pretrained`` stores them."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    model.save_pretrained(folder)  # config, generation config and the release form, replaced below
+    for old in [*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")]:
+        old.unlink()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from moeslim.inspection import format_ranges, human_bytes
+from moeslim.inspection import format_ranges
 from moeslim.jsonio import is_number as measured
 from moeslim.names import PLAN_NAME
 from moeslim.plan import Correction, Plan
+from moeslim.units import human_bytes
 from moeslim.validate.report import LABELS, NOT_MEASURED
 
 TAGS = ["moe", "pruned", "expert-pruning", "moeslim"]

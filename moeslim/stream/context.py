@@ -10,13 +10,14 @@ holds (``activations.py``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moeslim.errors import DeviceError, MissingFileError, PlanError
+from moeslim.errors import CheckpointError, DeviceError, MissingFileError, PlanError, UsageError
 from moeslim.families.table import text_config
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
@@ -68,8 +69,8 @@ class RunContext:
 
             opts = self.opts
             self._data = load_calibration(
-                opts.calib, load_tokenizer(self.ckpt), samples=opts.samples, seq_len=opts.seq_len, seed=opts.seed,
-                split=opts.calib_split, column=opts.calib_column,
+                opts.calib, load_tokenizer(self.ckpt, opts.trust_remote_code), samples=opts.samples,
+                seq_len=opts.seq_len, seed=opts.seed, split=opts.calib_split, column=opts.calib_column,
             )  # fmt: skip
         return self._data
 
@@ -98,9 +99,11 @@ class RunContext:
         return check_fits(self.ckpt, self.layout, size, states * streams, opts.dtype)
 
 
-def load_tokenizer(ckpt: Checkpoint) -> Any:
+def load_tokenizer(ckpt: Checkpoint, trust_remote_code: bool = False) -> Any:
     """The model's own tokenizer. transformers would build an empty one from config.json alone, so the
-    vocabulary file must be there."""
+    vocabulary file must be there. A tokenizer that needs its own code (``auto_map`` in ``tokenizer_config.json``,
+    as Kimi's ``tiktoken.model``) is run only with ``trust_remote_code``, and refused without it in a line naming
+    the flag."""
     from transformers import AutoTokenizer
 
     missing = MissingFileError(
@@ -109,10 +112,31 @@ def load_tokenizer(ckpt: Checkpoint) -> Any:
     )
     if not any((ckpt.root / name).is_file() for name in TOKENIZER_FILES):
         raise missing
+    code = tokenizer_code(ckpt.root)
+    if code is not None and not trust_remote_code:
+        raise UsageError(
+            f"the tokenizer in {ckpt.root} runs its own code ({code}, named by tokenizer_config.json's auto_map);"
+            " pass --trust-remote-code to run it, or use a data-free --criterion such as router-norm"
+        )
     try:
-        return AutoTokenizer.from_pretrained(ckpt.root)
-    except (OSError, ValueError, TypeError) as e:
+        return AutoTokenizer.from_pretrained(ckpt.root, trust_remote_code=code is not None)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        if code is not None:  # the model's own code failed: say so, not that the files are missing
+            raise CheckpointError(f"the tokenizer code in {ckpt.root} ({code}) failed to load: {e}") from e
         raise missing from e
+
+
+def tokenizer_code(root: Path) -> str | None:
+    """The module of the tokenizer class ``tokenizer_config.json`` maps ``AutoTokenizer`` to (``auto_map``), or
+    None when the tokenizer is one transformers itself implements."""
+    try:
+        auto_map = json.loads((root / "tokenizer_config.json").read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return None
+    entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
+    names = [entry] if isinstance(entry, str) else entry if isinstance(entry, list) else []
+    modules = [n.split("--")[-1].rsplit(".", 1)[0] + ".py" for n in names if isinstance(n, str) and "." in n]
+    return ", ".join(modules) or None
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -35,9 +35,18 @@ from typing import Any
 import torch
 
 from moeslim.errors import CheckpointError
-from moeslim.quant import COMPANIONS, FP8_EXTRA, PACKED_PARTS, READABLE, SCALED_PARTS, quantization_config
+from moeslim.quant import (
+    COMPANIONS,
+    FP8_EXTRA,
+    PACKED_PARTS,
+    READABLE,
+    SCALED_PARTS,
+    quantization_config,
+    unreadable,
+)
 from moeslim.shards import TensorInfo
 from moeslim.source import Checkpoint
+from moeslim.stream.packs import AWQ, GPTQ, NVFP4, int_group, nvfp4_group, pack_dense
 
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -46,6 +55,7 @@ TORCH_DTYPES = {
 }  # fmt: skip
 
 FP8, MXFP4, PACKED, SCALED = "fp8", "mxfp4", "compressed-tensors", "compressed-tensors-scaled"
+PACKS = (NVFP4, GPTQ, AWQ)  # formats whose arithmetic is in packs.py (NVFP4: quant_method "modelopt")
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,10 @@ class Reader:
             return self.raw(item, expert)
         if item.method == MXFP4:
             return self._mxfp4(item, expert)
+        if item.method in PACKS:
+            dense = pack_dense(item.method, item.shape, item.block, {r: self.raw(i) for r, i in item.parts.items()},
+                               item.name)  # fmt: skip
+            return dense if expert is None else dense[expert]
         codes, scales = self.raw(item.parts["codes"]), self.raw(item.parts["scales"])
         zeros = self.raw(item.parts["zeros"]) if "zeros" in item.parts else None
         if item.method == FP8:
@@ -302,6 +316,20 @@ def _group(ckpt: Checkpoint, name: str, present: set[str], method: str, quant: d
         if prefix + ".weight" in present and prefix + ".weight_scale" in present:
             return _scaled(ckpt, prefix, present, quant)
         return None
+    if method in PACKS or method == "modelopt":
+        unknown = unreadable(ckpt.config)
+        if unknown:
+            raise CheckpointError(f"calibration cannot dequantise {unknown} checkpoints (it reads {READABLE});"
+                                  " use a data-free --criterion such as router-norm")  # fmt: skip
+        if method == "modelopt":
+            pack = nvfp4_group(t, name, present, quant)
+        else:
+            pack = int_group(t, name, present, method, quant)
+        if pack is None:
+            return None
+        dtype = pack.parts["scales"].dtype if pack.method != NVFP4 else "F32"
+        block = (pack.bits, pack.group, pack.zero_offset)
+        return Packed(pack.name, pack.shape, pack.method, pack.parts, pack.sources, block, dtype)
     raise CheckpointError(
         f"calibration cannot dequantise {method} checkpoints yet (it reads {READABLE});"
         " use a data-free --criterion such as router-norm"

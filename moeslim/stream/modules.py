@@ -22,6 +22,8 @@ def loaded_names(model: Any, names: list[str]) -> dict[str, str]:
     out = {}
     for name in names:
         loaded, _ = rename_source_key(name, renamings, converters, model.base_model_prefix, params)
+        if loaded not in params and name in params:  # transformers' own rule: a parameter's own name is not renamed
+            loaded, _ = rename_source_key(name, [], [], model.base_model_prefix, params)
         out[name] = loaded
     return out
 

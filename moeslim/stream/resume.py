@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from moeslim import jsonio
 from moeslim.errors import MoeslimError
-from moeslim.safefs import remove_path
+from moeslim.safefs import remove_path, write_text_atomic
+from moeslim.tensorfile import save_tensors
 
 if TYPE_CHECKING:
     from moeslim.calibrate.statistics import CalibrationMeta
@@ -49,16 +50,20 @@ def save_boundary(out: Path, boundary: Boundary, layers_done: list[int], meta: C
     replacing the previous one; ``layers_done``: those in stats.json."""
     partial, final = out / f"{RESUME}{tag}.tmp", out / f"{RESUME}{tag}"
     remove_path(partial)
-    partial.mkdir(parents=True)  # never through a link: mkdir fails on any name already there
-    for b in range(len(boundary.store)):  # a spilled store is read back one batch at a time
-        save_file({"hidden": boundary.store[b].contiguous()}, partial / f"{b}.safetensors")
-    doc = {
-        "format": BOUNDARY_FORMAT, "version": BOUNDARY_VERSION, "identity": identity(meta),
-        "next_layer": boundary.next_layer, "layers_done": layers_done, "batches": len(boundary.store),
-    }  # fmt: skip
-    (partial / "boundary.json").write_text(jsonio.dumps(doc) + "\n")  # written last: the folder is complete
-    remove_path(final)  # a kill just here leaves no boundary: the next run recomputes
-    os.replace(partial, final)
+    try:
+        partial.mkdir(parents=True)  # never through a link: mkdir fails on any name already there
+        for b in range(len(boundary.store)):  # a spilled store is read back one batch at a time
+            save_tensors(partial / f"{b}.safetensors", {"hidden": boundary.store[b]})
+        doc = {
+            "format": BOUNDARY_FORMAT, "version": BOUNDARY_VERSION, "identity": identity(meta),
+            "next_layer": boundary.next_layer, "layers_done": layers_done, "batches": len(boundary.store),
+        }  # fmt: skip
+        write_text_atomic(partial / "boundary.json", jsonio.dumps(doc) + "\n")  # last: the folder is complete
+        remove_path(final)  # a kill just here leaves no boundary: the next run recomputes
+        os.replace(partial, final)
+    except BaseException:  # a full disk or a signal: no half-written boundary left to take up space
+        remove_path(partial)
+        raise
 
 
 def load_boundary(

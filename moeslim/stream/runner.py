@@ -35,6 +35,7 @@ from transformers.utils import logging as hf_logging
 from moeslim.errors import CheckpointError, DeviceError
 from moeslim.families.table import calibration_refused
 from moeslim.layout import Layout, MoeLayer
+from moeslim.shards import TensorInfo
 from moeslim.source import Checkpoint
 from moeslim.stream.activations import Activations
 from moeslim.stream.chunks import ExpertChunks, ExpertTensors, Resident, expert_names, expert_tensors
@@ -272,7 +273,7 @@ class LayerRunner:
                     parts.experts,
                     e,
                     self.expert_chunk or e,
-                    streamed.chunk,
+                    lambda start, stop: self._fetched(streamed.chunk(start, stop)),
                     self._load_items,
                     f"layer {index}",
                     self.ranks,
@@ -284,7 +285,20 @@ class LayerRunner:
         """The layer's expert tensors where they are to be read a chunk at a time, else None."""
         if not (self.expert_chunk or self.ranks.world > 1) or moe.mtp or not takes_routing(parts.experts):
             return None
-        return expert_tensors(moe, self.layout.num_experts, lambda names: dense_items(self.ckpt, names))
+
+        def dense(names: Iterable[str]) -> list[Item]:
+            names = list(names)
+            self.ckpt.fetch([n for n in names if n.endswith("weight_shape")])  # read to group a packed weight
+            return dense_items(self.ckpt, names)
+
+        return expert_tensors(moe, self.layout.num_experts, dense)
+
+    def _fetched(self, items: list[Item]) -> list[Item]:
+        """``items`` once their bytes are readable (a Hub source read in place downloads them now)."""
+        if self.ckpt.fetcher is not None:
+            infos = [i for item in items for i in ([item] if isinstance(item, TensorInfo) else item.parts.values())]
+            self.ckpt.fetcher.fetch([(i.file, i.start, i.end) for i in infos])
+        return items
 
     def _unload_layer(self, index: int, layer: torch.nn.Module) -> None:
         experts = self._experts.pop(index, None)
@@ -316,6 +330,7 @@ class LayerRunner:
         (``dequant.py``). Per-expert tensors that transformers would stack into fused parameters are read into
         them one expert at a time (``fuse.py``); the rest go through transformers' conversion, unquantised ones
         as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
+        self.ckpt.fetch(names)  # a Hub source read in place downloads them now (remote/store.py)
         self._load_items(dense_items(self.ckpt, names))
 
     def _load_items(self, items: list[Item]) -> None:
@@ -432,6 +447,7 @@ def _config(root: Path, trust_remote_code: bool) -> Any:
 
 def _warm(ckpt: Checkpoint, names: list[str]) -> None:
     """Read the bytes of ``names`` once so the next load comes from the page cache (no memory kept)."""
+    ckpt.fetch(names)  # a Hub source read in place downloads the next layer while this one runs
     buffer = memoryview(bytearray(READ_CHUNK))
     for file, start, end in sorted((ckpt.tensors[n].file, ckpt.tensors[n].start, ckpt.tensors[n].end) for n in names):
         fd = os.open(file, os.O_RDONLY)

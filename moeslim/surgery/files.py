@@ -20,12 +20,14 @@ from moeslim.names import (
     VALIDATION_NAME,
 )
 from moeslim.targets import files_under
+from moeslim.units import human_bytes
 
 # Never carried over: the base model's card (the pruned model gets its own), weights in other formats that
-# would be stale (unpruned), and folders of tools and caches.
+# would be stale (unpruned), folders of tools and caches, and the files a slim writes, which in a source that is
+# itself a pruned output describe that earlier run (its plan, validation and expert map), not this one.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt", ".npz")
 SKIP_DIRS = {".git", ".cache", ".huggingface", "original"}
-SKIP_FILES = {CARD_NAME, CONFIG_NAME, INDEX_NAME}
+SKIP_FILES = {CARD_NAME, CONFIG_NAME, INDEX_NAME, PLAN_NAME, VALIDATION_NAME, IMAGE_NAME}
 
 
 def extra_files(root: Path, shards: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
@@ -78,7 +80,7 @@ def check_space(target: Path, needed: int) -> None:
     free = shutil.disk_usage(_existing_parent(target)).free
     if free < needed:
         raise OutputError(
-            f"not enough disk space for {target}: needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free;"
+            f"not enough disk space for {target}: needs {human_bytes(needed)}, {human_bytes(free)} free;"
             " free space or choose another --out"
         )
 

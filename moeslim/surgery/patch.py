@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from moeslim.layout import MoeLayer
 from moeslim.shards import TensorInfo, read_header
+from moeslim.tensorfile import save_tensors
 
 FLOATS = {"F32", "BF16", "F16"}
 
@@ -61,7 +61,7 @@ def layer_patch(
 
 def save_patch(values: dict[str, torch.Tensor], path: Path) -> dict[str, TensorInfo]:
     """Write ``values`` as one safetensors file; their byte ranges in it, for ``plan_outputs``."""
-    save_file({name: value.contiguous() for name, value in values.items()}, str(path))
+    save_tensors(path, values)  # in one step: a failed write is an OSError naming the file
     return read_header(path)[0]
 
 

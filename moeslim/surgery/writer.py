@@ -17,7 +17,7 @@ from pathlib import Path
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
 from moeslim.names import INDEX_NAME
-from moeslim.surgery.mapping import OutputTensor
+from moeslim.surgery.mapping import OutputTensor, Piece
 
 CHUNK = 64 * 2**20  # bytes per copy call; bounds memory on the read/write fallback
 READ_AHEAD = 256 * 2**20  # bytes of source announced to the kernel ahead of the copy (page cache, not RSS)
@@ -40,10 +40,15 @@ def write_checkpoint(
     shards: dict[str, list[OutputTensor]],
     metadata: dict[str, str],
     progress: Callable[[int], object] = lambda n: None,
+    fetch: Callable[[list[Piece]], int] = len,
 ) -> None:
-    """Write every shard into ``out_dir`` and, when there are several, the index with ``total_size``."""
+    """Write every shard into ``out_dir`` and, when there are several, the index with ``total_size``.
+
+    ``fetch(pieces)`` makes the first of the source ranges still to be read readable and says how many (a Hub
+    source read in place downloads them: ``Checkpoint.fetch_ahead``); they are read before it is called again.
+    """
     for file, tensors in shards.items():
-        write_shard(out_dir / file, tensors, metadata, progress)
+        write_shard(out_dir / file, tensors, metadata, progress, fetch)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for ts in shards.values() for t in ts)},
@@ -69,18 +74,22 @@ def safetensors_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]
 
 
 def write_shard(
-    path: Path, tensors: list[OutputTensor], metadata: dict[str, str], progress: Callable[[int], object]
-) -> None:
+    path: Path, tensors: list[OutputTensor], metadata: dict[str, str], progress: Callable[[int], object],
+    fetch: Callable[[list[Piece]], int] = len,
+) -> None:  # fmt: skip
     pieces = [piece for t in tensors for piece in t.pieces]
     with open(path, "wb") as dst, _Sources() as sources:
         dst.write(safetensors_header(tensors, metadata))
         dst.flush()
         advised = ahead = 0  # pieces announced so far; bytes announced but not yet copied
-        for file, start, end in pieces:
+        ready = 0  # pieces fetched and not yet copied
+        for i, (file, start, end) in enumerate(pieces):
+            ready = ready or fetch(pieces[i:])
             while advised < len(pieces) and ahead < READ_AHEAD:
                 ahead += _will_need(sources.fd(pieces[advised][0]), *pieces[advised][1:])
                 advised += 1
             copy_range(sources.fd(file), dst.fileno(), start, end - start)
+            ready -= 1
             ahead -= end - start
             progress(end - start)
 

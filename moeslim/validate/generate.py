@@ -43,6 +43,11 @@ def skip_reason(original: Checkpoint, pruned: Checkpoint, dtype: torch.dtype, co
         return "skipped: --generations 0"
     if quantization_config(original.config):  # from_pretrained would need the quantiser's package or a GPU
         return "skipped: generations load the whole model with from_pretrained, which needs the quantiser's package"
+    window = original.fetcher.window if original.fetcher is not None else None
+    if window is not None and original.total_bytes > window:
+        return (
+            "skipped: the original is read from the Hub a window at a time (--cache-window), generations load it whole"
+        )
     need, have = model_bytes(original, dtype), available_memory()
     if need > have // 2:
         gib = 2**30

@@ -107,12 +107,12 @@ def numeric_skip_reason(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> str | None:
     return None
 
 
-def tokenizer_of(ckpt_o: Checkpoint, ckpt_p: Checkpoint) -> Any:
+def tokenizer_of(ckpt_o: Checkpoint, ckpt_p: Checkpoint, trust_remote_code: bool = False) -> Any:
     """The pruned folder's tokenizer (copied from the original), else the original's."""
     from moeslim.stream.context import TOKENIZER_FILES, load_tokenizer
 
     has = any((ckpt_p.root / n).is_file() for n in TOKENIZER_FILES)
-    return load_tokenizer(ckpt_p if has else ckpt_o)
+    return load_tokenizer(ckpt_p if has else ckpt_o, trust_remote_code)
 
 
 def numeric(
@@ -128,7 +128,7 @@ def numeric(
     from moeslim.validate.stream import compare
 
     dtype = parse_dtype(opts.dtype)
-    tokenizer = tokenizer_of(ckpt_o, ckpt_p)
+    tokenizer = tokenizer_of(ckpt_o, ckpt_p, opts.trust_remote_code)
     held = load_heldout(opts.calib, tokenizer, plan_calibration(ckpt_p.root), samples=opts.samples,
                         seq_len=opts.seq_len, seed=opts.seed)  # fmt: skip
     hidden = int(text_config(ckpt_o.config).get("hidden_size") or 0)
@@ -148,6 +148,7 @@ def numeric(
     if skip or not ranks.leader:  # the report is rank 0's
         gens = []
     else:
+        ckpt_o.fetch(ckpt_o.tensors)  # a Hub source read in place: whole, as skip_reason found it fits the window
         gens = generations(ckpt_o.root, ckpt_p.root, tokenizer, dtype, device, opts.generations)
     return {
         **result.metrics,

@@ -1,0 +1,153 @@
+"""Bytes transferred and peak disk of `moeslim slim REPO_ID` read from the Hub in place, against today's full download.
+
+A synthetic OLMoE-shaped checkpoint (`make_synthetic.py --scale S`, 16 layers of 64 experts, bf16) is served by
+the Hub-compatible test server (`tests/hub_server.py`, in this process, on 127.0.0.1), which counts every byte of
+file content it sends. For each keep (75 %, 50 %, 25 % of the experts: 48, 32, 16) one run reads it in place
+(`--cache-window 3layers`, the default) and one with `--cache-window full` downloads the whole snapshot into the
+Hugging Face cache first, as before. Each run is `slim REPO --keep K --criterion router-norm --no-validate`
+(a data-free plan: surgery alone) in a fresh interpreter, its own HF_HOME and working folder.
+
+Measured per run: bytes the server sent (small files, headers, weights); the bytes that had to come, computed
+from the local copy (the output's source ranges, the router tensors the score reads, each header, the small
+files); peak disk, sampled every 2 ms as the blocks of every file under the run's folder (work folder, output
+being written, HF cache); the output's size; wall time; peak RSS (`/usr/bin/time -f %M`).
+
+Usage: python benchmarks/bench_hub_stream.py [--work DIR] [--scale 0.1] [--keeps 48,32,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from moeslim.inspection import human_bytes  # noqa: E402
+from moeslim.layout import resolve_layout  # noqa: E402
+from moeslim.plan import load_plan  # noqa: E402
+from moeslim.remote.spans import merge  # noqa: E402
+from moeslim.source import open_checkpoint  # noqa: E402
+from moeslim.surgery.mapping import plan_outputs  # noqa: E402
+from tests.hub_server import HubServer, folder_files  # noqa: E402
+
+REPO = "bench/olmoe"
+
+
+def disk_use(folder: Path) -> int:
+    """Bytes of the disk blocks taken by every regular file under ``folder`` (sparse files count what they hold)."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                total += st.st_blocks * 512 if not os.path.islink(os.path.join(dirpath, name)) else 0
+    return total
+
+
+def run_slim(server: HubServer, folder: Path, args: list[str]) -> dict:
+    """One slim in a fresh interpreter under ``folder``; what it took."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(HF_ENDPOINT=server.url, HF_HOME=str(folder / "hf"), HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
+               PYTHONPATH=str(ROOT))  # fmt: skip
+    sent_before = len(server.state.sent)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], disk_use(folder))
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    sampler.start()
+    rss = folder / "rss.txt"  # /usr/bin/time: this process's own size (the served repo) is not carried into it
+    command = ["/usr/bin/time", "-f", "%M", "-o", str(rss), sys.executable, "-m", "moeslim", "slim", REPO, *args]
+    proc = subprocess.Popen([*command, "--out", "out"], env=env, cwd=folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    _, status, _ = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()  # type: ignore[union-attr]
+    if status != 0:
+        raise SystemExit(f"slim failed ({status}): {err}")
+    with server.state.lock:
+        sent_now = [s for s in server.state.sent[sent_before:] if s.repo_id == REPO]
+    sent = sum(s.count for s in sent_now)
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for s in sent_now:
+        by_file.setdefault(s.path, []).append((s.start, s.start + s.count))
+    twice = sent - sum(e - s for spans in by_file.values() for s, e in merge(spans))
+    output = sum(p.stat().st_size for p in (folder / "out").iterdir() if p.is_file())
+    return {"sent": sent, "sent_twice": twice, "peak_disk": peak[0], "output": output, "seconds": seconds,
+            "rss_mib": int(rss.read_text().split()[-1]) / 1024, "note": out.splitlines()[0]}  # fmt: skip
+
+
+def expected_bytes(source: Path, plan_file: Path, small: int) -> int:
+    """What a data-free in-place run must download: output ranges, router tensors whole, headers, small files."""
+    ckpt = open_checkpoint(source)
+    layout = resolve_layout(ckpt)
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for shard in ckpt.shards:
+        spans[shard] = [(0, 8 + int.from_bytes((source / shard).read_bytes()[:8], "little"))]
+    for tensor in plan_outputs(ckpt, layout, load_plan(plan_file).kept):
+        for file, start, end in tensor.pieces:
+            spans[file.name].append((start, end))
+    for layer in layout.layers:
+        info = ckpt.tensors[layer.block + layout.family.router_weight]
+        spans[info.file.name].append((info.start, info.end))
+    return small + sum(e - s for ranges in spans.values() for s, e in merge(ranges))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-hub-stream"))
+    parser.add_argument("--scale", type=float, default=0.1)
+    parser.add_argument("--keeps", default="48,32,16")
+    a = parser.parse_args()
+    source = a.work / f"src-{a.scale}"
+    if not (source / ".synthetic-complete").exists():
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_synthetic.py"), str(source), "--scale",
+                        str(a.scale), "--shard-bytes", str(int(5e9 * a.scale / 4))], check=True)  # fmt: skip
+    files = {k: v for k, v in folder_files(source).items() if not k.startswith(".")}
+    small = sum(len(v) for k, v in files.items() if not k.endswith(".safetensors"))
+    total = sum(len(v) for v in files.values())
+    server = HubServer().start()
+    server.state.add_repo(REPO, files)
+    rows = []
+    try:
+        for keep in [int(k) for k in a.keeps.split(",")]:
+            args = ["--keep", str(keep), "--criterion", "router-norm", "--no-validate"]
+            for window in ("3layers", "full"):
+                result = run_slim(server, a.work / f"run-{keep}-{window}", [*args, "--cache-window", window])
+                plan_file = a.work / f"run-{keep}-{window}" / "out" / "moeslim_plan.json"
+                result.update(keep=keep, window=window, expected=expected_bytes(source, plan_file, small))
+                rows.append(result)
+                print(json.dumps(result), flush=True)
+    finally:
+        server.stop()
+    print(f"\nsource: {human_bytes(total)} in {len(files) - 1} files; 64 experts per layer\n")
+    print("| keep | --cache-window | bytes sent | of which needed | peak disk | output | wall | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['keep']} ({r['keep'] * 100 // 64} %) | {r['window']} | {human_bytes(r['sent'])}"
+              f" ({r['sent'] / total:.1%}) | {human_bytes(r['expected'])} | {human_bytes(r['peak_disk'])}"
+              f" | {human_bytes(r['output'])} | {r['seconds']:.1f} s | {r['rss_mib']:.0f} MiB |")  # fmt: skip
+    (a.work / "results.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

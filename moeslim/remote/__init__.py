@@ -1,0 +1,1 @@
+"""Hub sources read in place: shards as sparse files filled by HTTP range requests, a bounded window on disk."""
