@@ -4,12 +4,12 @@ The families are discovered, not listed (``moe_model_types``). For each, the lay
 equal a fresh derivation from the model definition: under the transformers version the committed table
 (``moeslim/families/families.json``) was derived under, the committed record, so a new transformers release shows
 new or changed families here; under any other version (CI also runs the oldest transformers the package allows),
-the record moeslim derives at run time (``families/runtime.py``), which is what it prunes with there. A supported family gets a tiny random checkpoint
-written by ``save_pretrained``; moeslim prunes it with a random plan; the pruned checkpoint must load
-strictly in the family's own class, give the logits of the original whose routers cannot reach the dropped
-experts (float32, 1e-5), and keep every other tensor byte for byte. A refused family must be refused by the
-CLI in one line that carries the reason. Every other data-free criterion prunes every supported family too (the
-same tiny checkpoints, built once), its output loading strictly.
+the record moeslim derives at run time (``families/runtime.py``), which is what it prunes with there. A supported
+family gets a tiny random checkpoint written by ``save_pretrained``; moeslim prunes it with a random plan; the
+pruned checkpoint must load strictly in the family's own class, give the logits of the original whose routers
+cannot reach the dropped experts (float32, 1e-5), and keep every other tensor byte for byte. A refused family must
+be refused by the CLI in one line that carries the reason. Every other data-free criterion prunes every supported
+family too (the same tiny checkpoints, built once), its output loading strictly.
 """
 
 from __future__ import annotations
