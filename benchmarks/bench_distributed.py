@@ -26,16 +26,20 @@ from safetensors.numpy import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def calibrate(model: Path, out: Path, args: argparse.Namespace, procs: int, threads: int) -> tuple[float, float]:
-    """Seconds and the largest peak RSS (MiB) of the processes of one calibration with ``procs`` processes."""
+def calibrate(
+    model: Path, out: Path, args: argparse.Namespace, procs: int, threads: int, mode: str = "experts"
+) -> tuple[float, float, float]:
+    """Seconds, CPU seconds and the largest peak RSS (MiB) of the processes of one calibration with ``procs``
+    processes (``mode``: ``MOESLIM_PARALLEL``, how they divide the work)."""
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     launch = [sys.executable, "-m", "moeslim"]
     if procs > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "-m", "moeslim"]
     cmd = [*launch, "calibrate", str(model), "--out", str(out), "--samples", str(args.samples), "--seq-len",
-           str(args.seq_len), "--batch-size", str(args.batch_size), "--device", args.device]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+           str(args.seq_len), "--batch-size", str(args.batch_size), "--device", args.device,
+           "--reconstruction-tokens", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MOESLIM_PARALLEL": mode}
     log = out.with_suffix(".log")
     start = time.perf_counter()
     with log.open("w") as err:
@@ -44,7 +48,7 @@ def calibrate(model: Path, out: Path, args: argparse.Namespace, procs: int, thre
     seconds = time.perf_counter() - start
     if status:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def synthetic(work: Path, layers: int) -> Path:
@@ -79,23 +83,27 @@ def main() -> None:
     if args.synthetic:
         args.model = synthetic(args.work, args.synthetic)
     cores = os.cpu_count() or 1
-    configs = [(1, 1), (1, cores), (args.nproc, max(1, cores // args.nproc))]
+    each = max(1, cores // args.nproc)
+    configs = [(1, 1, "-"), (1, cores, "-"), (args.nproc, each, "experts"), (args.nproc, each, "batches")]
     if args.device != "cpu":
-        configs = [(1, 1), (args.nproc, 1)]
+        configs = [(1, 1, "-"), (args.nproc, 1, "experts"), (args.nproc, 1, "batches")]
     tokens = args.samples * args.seq_len
     print(f"{args.model.name}: {args.samples} × {args.seq_len} = {tokens} tokens, --device {args.device}")
-    print("| processes | threads each | seconds | tokens/s | speed-up | peak RSS per process (MiB) | same stats |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    base = args.work / "p1t1"
-    first: float | None = None
-    for procs, threads in configs:
-        out = args.work / f"p{procs}t{threads}"
-        runs = [calibrate(args.model, out, args, procs, threads) for _ in range(args.repeat)]
-        seconds = min(r[0] for r in runs)
-        first = first or seconds
+    print("| processes | threads each | divide | seconds | CPU seconds | tokens/s | speed-up | CPU × | peak RSS per"
+          " process (MiB) | same stats |")  # fmt: skip
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    base = args.work / "p1t1-"
+    first: tuple[float, float] | None = None
+    for procs, threads, mode in configs:
+        out = args.work / f"p{procs}t{threads}{mode}"
+        runs = [calibrate(args.model, out, args, procs, threads, mode if procs > 1 else "experts")
+                for _ in range(args.repeat)]  # fmt: skip
+        seconds, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
+        first = first or (seconds, cpu)
         same = "reference" if out == base else ("yes" if same_statistics(base, out) else "**no**")
-        print(f"| {procs} | {threads} | {seconds:.1f} | {tokens / seconds:.0f} | {first / seconds:.2f}"
-              f" | {max(r[1] for r in runs):.0f} | {same} |", flush=True)  # fmt: skip
+        print(f"| {procs} | {threads} | {mode} | {seconds:.1f} | {cpu:.1f} | {tokens / seconds:.0f} |"
+              f" {first[0] / seconds:.2f} | {cpu / first[1]:.2f} | {max(r[2] for r in runs):.0f} | {same} |",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

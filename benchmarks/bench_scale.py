@@ -39,6 +39,7 @@ SHAPES = {
     "deepseek-v3": dict(family="deepseek_v3", hidden=7168, experts=256, width=2048, top_k=8, groups=8, fp8=True),
     "kimi-k2": dict(family="deepseek_v3", hidden=7168, experts=384, width=2048, top_k=8, groups=1, fp8=True),
     "qwen3-235b": dict(family="qwen3_moe", hidden=4096, experts=128, width=1536, top_k=8, groups=1, fp8=False),
+    "olmoe-wide": dict(family="olmoe", hidden=4096, experts=64, width=2048, top_k=8, groups=1, fp8=False),
 }
 POOL = 8  # distinct expert matrices per kind
 BLOCK = 128
@@ -57,6 +58,15 @@ def config(shape: dict, layers: int) -> dict:
             kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, qk_head_dim=192, v_head_dim=128,
             head_dim=64, dtype="bfloat16", tie_word_embeddings=False,
         )  # fmt: skip
+    elif shape["family"] == "olmoe":
+        cfg = {
+            "architectures": ["OlmoeForCausalLM"], "model_type": "olmoe", "vocab_size": vocab,
+            "hidden_size": shape["hidden"], "intermediate_size": shape["width"], "num_experts": shape["experts"],
+            "num_experts_per_tok": shape["top_k"], "num_hidden_layers": layers, "num_attention_heads": 16,
+            "num_key_value_heads": 16, "norm_topk_prob": False, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "max_position_embeddings": 4096, "hidden_act": "silu", "dtype": "bfloat16", "tie_word_embeddings": False,
+            "bos_token_id": base.get("bos_token_id"), "eos_token_id": base.get("eos_token_id"),
+        }  # fmt: skip
     else:
         cfg = {
             "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": vocab,
@@ -100,7 +110,7 @@ def write(out: Path, shape: dict, layers: int) -> int:
     for name in shapes:
         layer = name.split(".")[2] if name.startswith("model.layers.") else "rest"
         shards.setdefault(layer, []).append(name)
-    for i in range(1, layers):
+    for i in range(0 if shape["family"] == "olmoe" else 1, layers):  # the others start with a dense layer
         shards.setdefault(str(i), []).extend(
             f"model.layers.{i}.mlp.experts.{j}.{kind}.weight" for j in range(e) for kind in pool
         )
@@ -215,14 +225,15 @@ def main() -> None:
     data = ["--samples", str(args.samples), "--seq-len", str(args.seq_len)]
     keep = str(SHAPES[args.model]["experts"] // 2)
     runs = {
-        "calibrate": ["calibrate", str(src), "--out", str(args.work / "stats"), *data],
+        # the reconstruction criterion (not a default) is left out: its greedy search is measured on its own
+        "calibrate": ["calibrate", str(src), "--out", str(args.work / "stats"), *data, "--reconstruction-tokens", "0"],
         "slim": ["slim", str(src), "--keep", keep, "--out", str(args.work / "slim"), *data],
         "surgery": ["slim", str(src), "--keep", keep, "--criterion", "router-norm", "--out",
                     str(args.work / "surgery"), "--no-validate"],
     }  # fmt: skip
     print("| model | command | exit | wall s | CPU s | peak RSS MB | read GB |")
     print("|---|---|---|---|---|---|---|")
-    for name in args.commands.split(","):
+    for name in filter(None, args.commands.split(",")):
         for out in ("stats", "slim", "surgery"):
             shutil.rmtree(args.work / out, ignore_errors=True)
         r = measure(runs[name])

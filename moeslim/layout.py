@@ -105,10 +105,14 @@ def routing_of(config: dict) -> Routing:
             f" {num_experts}, the config is corrupt"
         )
     n_group, topk_group = _groups(family, cfg, num_experts)
-    listed = cfg.get(family.layers_list) if family.layers_list and "num_hidden_layers" not in cfg else None
-    if isinstance(listed, list):
+    listed = cfg.get(family.layers_list) if family.layers_list else None
+    if isinstance(listed, list) and "num_hidden_layers" not in cfg:
         num_hidden_layers = len(listed)
-    else:  # the count itself, under its own name or the one the family's config stores it as (DBRX: n_layers)
+    elif family.layers_list and listed is not None and not isinstance(listed, list):
+        # the count under the key the family's model reads (DBRX: n_layers), before a num_hidden_layers that counts
+        # something else (LongCat-Flash saved by transformers 5.16: one per attention, twice the layers)
+        num_hidden_layers = _config_int(cfg, (family.layers_list,), "layer count")
+    else:  # the count itself
         num_hidden_layers = _config_int(cfg, ("num_hidden_layers", *filter(None, [family.layers_list])), "layer count")
     if num_hidden_layers < 1:
         raise CheckpointError(f"config.json says num_hidden_layers={num_hidden_layers}; the config is corrupt")

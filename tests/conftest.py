@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from fixtures.build_fixtures import build
+# The session's own cache folder, set before anything reads it: moeslim caches the family records it derives at run
+# time there (families/runtime.py, under a transformers other than the committed table's), and a record left in the
+# user's cache by another checkout or an earlier run must neither be read by the tests nor be written by them.
+_CACHE = tempfile.TemporaryDirectory(prefix="moeslim-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE.name
+with contextlib.suppress(ImportError):  # matplotlib builds its font list in that folder now, not in a command's run
+    import matplotlib.font_manager  # noqa: F401
+
+from fixtures.build_fixtures import build  # noqa: E402 - after the cache folder is set
 
 
 @pytest.fixture(scope="session")

@@ -12,19 +12,50 @@ import json
 from pathlib import Path
 
 import pytest
+import transformers
 
-from tests.behaviour.record import RECORD, compare, record, summary
+from tests.behaviour.record import BUILT, RECORD, compare, record, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _written_by_transformers(problem: str) -> bool:
+    """A difference in what the installed transformers' ``save_pretrained`` writes into a built fixture's config.json
+    (the keys it saves, its version string) and so in the calibration fingerprint, which hashes that config with the
+    router bytes: ``fixtures/gpt_oss/slim/C/config/...``, ``fixtures/gpt_oss/calibrate/meta/model/fingerprint``."""
+    parts = problem.split(":")[0].split("/")
+    if len(parts) < 4 or parts[1] not in BUILT:
+        return False
+    return (parts[2] == "slim" and parts[4:5] == ["config"]) or parts[2:] == [
+        "calibrate",
+        "meta",
+        "model",
+        "fingerprint",
+    ]
+
+
 @pytest.mark.slow
 def test_cli_behaviour_matches_the_record() -> None:
-    """Recompute the whole record through the CLI and compare it with the committed one, entry by entry."""
+    """Recompute the whole record through the CLI and compare it with the committed one, entry by entry. Under
+    another transformers than the record's (CI also runs the oldest allowed), the built fixture's config.json is that
+    version's own: its entries are left out, and the fixture's source bytes, plans, statistics, output tensor hashes
+    and metrics are still compared."""
     expected = json.loads(RECORD.read_text())
     actual = record(ROOT / "fixtures")
     problems = compare(expected, actual)
+    if expected["environment"]["transformers"] != transformers.__version__:
+        problems = [p for p in problems if not _written_by_transformers(p)]
     assert not problems, summary(problems, expected, actual)
+
+
+def test_only_a_built_fixtures_config_is_left_to_the_installed_transformers() -> None:
+    """What another transformers may change is exactly a built fixture's config and the fingerprint of it."""
+    built = BUILT[0]
+    assert _written_by_transformers(f"fixtures/{built}/slim/auto/config/swiglu_limit: missing (expected 7.0)")
+    assert _written_by_transformers(f"fixtures/{built}/calibrate/meta/model/fingerprint: expected 'a', got 'b'")
+    assert not _written_by_transformers(f"fixtures/{built}/slim/auto/tensors/model.safetensors: expected 'a', got 'b'")
+    assert not _written_by_transformers(f"fixtures/{built}/source/model.safetensors: expected 'a', got 'b'")
+    assert not _written_by_transformers("fixtures/tiny-mixtral-16e/slim/auto/config/num_local_experts: expected 8")
 
 
 def _sample() -> dict:

@@ -13,6 +13,7 @@ those the incumbent stays (differences within noise do not move the default), el
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -65,15 +66,24 @@ class Difference:
         return "lower" if self.high < 0 else "higher" if self.low > 0 else "same"
 
 
+@functools.cache
+def _draws(seed: int, sequences: int, b_replicates: int, a_replicates: int) -> tuple[np.ndarray, ...]:
+    """The bootstrap weights of one ``difference``: sequences (one draw for both plans: paired), then ``b``'s and
+    ``a``'s replicates, from one generator seeded ``seed``. They depend on nothing else, so every comparison of the
+    same shapes reuses them: the same numbers, drawn once (drawing was 88 % of choosing the default)."""
+    rng = np.random.default_rng(seed)
+    out = (weights(rng, sequences, DRAWS), weights(rng, b_replicates, DRAWS), weights(rng, a_replicates, DRAWS))
+    for w in out:
+        w.setflags(write=False)
+    return out
+
+
 def difference(a: Runs, b: Runs, metric: str, seed: int = 0) -> Difference:
     """``metric(b) − metric(a)`` with its paired bootstrap interval (deterministic for a given ``seed``)."""
     if b.kl.shape[1] != a.kl.shape[1]:
         raise ValueError("the two plans were not validated on the same held-out sequences")
-    rng = np.random.default_rng(seed)
-    sequences = weights(rng, a.kl.shape[1], DRAWS)  # one draw of sequences for both plans: paired
-    draws = b.value(metric, weights(rng, len(b.kl), DRAWS), sequences) - a.value(
-        metric, weights(rng, len(a.kl), DRAWS), sequences
-    )
+    sequences, b_w, a_w = _draws(seed, a.kl.shape[1], len(b.kl), len(a.kl))
+    draws = b.value(metric, b_w, sequences) - a.value(metric, a_w, sequences)
     tail = 100 * (1 - LEVEL) / 2
     low, high = np.percentile(draws, [tail, 100 - tail])
     return Difference(b.point(metric) - a.point(metric), float(low), float(high))

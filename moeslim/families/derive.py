@@ -102,7 +102,7 @@ def derive(model_type: str, built: list[Any] | None = None) -> dict[str, Any]:
         a = _saved_shapes(small, Path(tmp, "a"))
         b = _saved_shapes(large, Path(tmp, "b"))
     count_keys = _count_keys(small.config, large.config)
-    first, layers, stacked, per_expert_extra, loaded, roles = _naming(small, a, b)
+    first, layers, stacked, per_expert_extra, loaded, roles, experts_modules = _naming(small, a, b)
     module = _module_naming(small, large, first)
     text = _text_dict(small.config)
     record: dict[str, Any] = {
@@ -117,7 +117,7 @@ def derive(model_type: str, built: list[Any] | None = None) -> dict[str, Any]:
         "scoring": _scoring(text, small, loaded, roles),
         "moe_layers_seen": sorted(layers),
         "architecture": architecture_of(model_type),
-        "calibration": _calibration(small),
+        "calibration": _calibration(small, experts_modules),
     }
     if any(extra for _, extra in per_expert_extra.values()):
         record["extra_experts"] = True  # kept, renumbered after the kept experts
@@ -131,7 +131,7 @@ def derive(model_type: str, built: list[Any] | None = None) -> dict[str, Any]:
 
 
 Naming = tuple[dict[str, Any], dict[int, dict[str, str]], dict[str, tuple[int, int, int]], dict[str, tuple[str, int]],
-              dict[str, str], dict[str, str]]  # fmt: skip
+              dict[str, str], dict[str, str], list[str]]  # fmt: skip
 
 
 def _naming(model: Any, a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, ...]]) -> Naming:
@@ -143,7 +143,7 @@ def _naming(model: Any, a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, .
     if not layers:
         raise Refused("no tensor follows the expert count in any decoder layer; experts are not prunable by slicing")
     loaded = _loaded(model, stacked, per_expert)
-    roles = _roles(model, loaded, stacked, per_expert)
+    roles, experts_modules = _roles(model, loaded, stacked, per_expert)
     records = {i: _layer_record(rel, roles, stacked, a) for i, rel in layers.items()}
     first = next(iter(records.values()))
     if odd := [i for i, r in records.items() if r != first]:
@@ -151,7 +151,7 @@ def _naming(model: Any, a: dict[str, tuple[int, ...]], b: dict[str, tuple[int, .
     stacks = {m["stack"] for name in [*stacked, *per_expert.values()] if (m := _LAYER.match(name))}
     if stacks != {"layers"}:
         first = {**first, "layers_name": "".join(stacks)}
-    return first, layers, stacked, per_expert_extra, loaded, roles
+    return first, layers, stacked, per_expert_extra, loaded, roles, experts_modules
 
 
 def _module_naming(small: Any, large: Any, saved: dict[str, Any]) -> dict[str, Any] | None:
@@ -170,12 +170,21 @@ def _module_naming(small: Any, large: Any, saved: dict[str, Any]) -> dict[str, A
     return None if same else record
 
 
-def _calibration(model: Any) -> str | None:
-    """Why the family's decoder cannot be run one layer at a time (what calibration does), or None."""
+def _calibration(model: Any, experts_modules: list[str]) -> str | None:
+    """Why the family's decoder cannot be run one layer at a time, or its routing cannot be read where calibration
+    reads it (the experts module's call: the router's choice, or the hidden states alone as Llama-4's), or None."""
+    import inspect
+
     import torch
 
+    from moeslim.stream.modules import takes_routing
     from moeslim.stream.stub import LayerProtocolError, decoder_of, layer_inputs
 
+    for path in experts_modules:
+        experts = model.get_submodule(path)
+        arguments = list(inspect.signature(experts.forward).parameters)
+        if not takes_routing(experts) and len(arguments) != 1:  # Aria's under transformers 5.16: the router's logits
+            return f"its experts module is called with ({', '.join(arguments)}), not with the router's choice"
     decoder = decoder_of(model)
     if decoder is None:
         return "no decoder module holds both the layers and the input embedding"
@@ -230,18 +239,22 @@ def _same_logits(a: Any, b: Any) -> bool:
 
 
 def _layers_list(model: Any, text: dict[str, Any]) -> str | None:
-    """Where a config that stores no ``num_hidden_layers`` keeps the layer count: a key holding it (DBRX's alias
-    ``n_layers``, LongCat-Flash's ``num_layers``), else a per-layer list of that length (Nemotron-H's pattern)."""
-    if "num_hidden_layers" in text:
-        return None
+    """Where a config keeps the decoder's layer count when ``num_hidden_layers`` is not it: a key holding it (DBRX's
+    alias ``n_layers``, LongCat-Flash's ``num_layers``; transformers 5.16 also saves LongCat-Flash's
+    ``num_hidden_layers``, as twice the layers, one per attention), else, where ``num_hidden_layers`` is absent, a
+    per-layer list of that length (Nemotron-H's pattern)."""
     from moeslim.stream.stub import decoder_of, layers_of
 
     decoder = decoder_of(model)
     n = len(layers_of(decoder)) if decoder is not None else None
+    if "num_hidden_layers" in text and text["num_hidden_layers"] == n:
+        return None
     alias = getattr(model.config.get_text_config(), "attribute_map", {}).get("num_hidden_layers")
     for key in (alias, "num_layers", "n_layers"):
         if key in text and _is_count(text[key]) and text[key] == n:
             return str(key)
+    if "num_hidden_layers" in text:
+        return None  # a count that is not the layers', and no other: the layout check says which the weights hold
     found = sorted(k for k, v in text.items() if isinstance(v, list) and len(v) == n)
     if not found:
         raise Refused("the config stores neither num_hidden_layers nor a per-layer list of that length")
@@ -321,22 +334,43 @@ def _by_layer(stacked: dict[str, tuple[int, int, int]], per_expert: dict[str, st
 
 def _roles(
     model: Any, loaded: dict[str, str], stacked: dict[str, tuple[int, int, int]], per_expert: dict[str, str]
-) -> dict[str, str]:
+) -> tuple[dict[str, str], list[str]]:
     """Saved name (per-expert: its template) → "router" or "experts", from the module each loads into
-    through the forward conversion: in each layer, the module of the largest tensor holds the experts."""
+    through the forward conversion: in each layer, the module of the largest tensor holds the experts
+    (``_experts_module``). Also the experts module of each layer."""
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     by_layer: dict[str, list[str]] = defaultdict(list)
     for name in [*stacked, *per_expert.values()]:
         m = _LAYER.match(loaded[name])
         by_layer[m["prefix"] + m["i"] if m else ""].append(name)
-    roles = {}
+    roles, experts_modules = {}, []
     for names in by_layer.values():
         biggest = max(names, key=lambda n: (params[loaded[n]].numel(), n))
-        experts_module = without_index(owner(loaded[biggest]))
+        experts_module = _experts_module(biggest, names, loaded, params)
+        experts_modules.append(experts_module)
         for name in names:  # the experts module's own submodules are experts' too (Ergo's per-expert output norm)
             module = without_index(owner(loaded[name]))
             roles[name] = "experts" if (module + ".").startswith(experts_module + ".") else "router"
-    return roles
+    return roles, experts_modules
+
+
+def _experts_module(biggest: str, names: list[str], loaded: dict[str, str], params: dict[str, Any]) -> str:
+    """The module of the largest tensor, widened to its parent while what that adds is expert stacks too (3-d;
+    Aria under transformers 5.16 keeps ``fc1`` and ``fc2`` as two modules under ``experts``), and some tensor is
+    still left outside (a router). JetMoE's MLP block also holds its router (2-d): not widened, refused later."""
+    modules = {n: without_index(owner(loaded[n])) for n in names}
+
+    def under(module: str, parent: str) -> bool:
+        return (module + ".").startswith(parent + ".")
+
+    module = modules[biggest]
+    while "." in module:
+        parent = module.rpartition(".")[0]
+        added = [n for n in names if under(modules[n], parent) and not under(modules[n], module)]
+        if all(under(m, parent) for m in modules.values()) or any(params[loaded[n]].ndim < 3 for n in added):
+            break
+        module = parent
+    return module
 
 
 def _loaded(model: Any, stacked: dict[str, tuple[int, int, int]], per_expert: dict[str, str]) -> dict[str, str]:

@@ -35,8 +35,14 @@ def draw_expert_map(plan: Plan, path: Path) -> bool:
         return False
     grid = expert_grid(plan)
     layers, experts = grid.shape
-    fig = Figure(figsize=(min(4 + experts / 12, 16), min(2 + layers / 4, 12)), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
+    width, height = min(4 + experts / 12, 16), min(2 + layers / 4, 12)  # inches
+    # Fixed margins (inches) instead of a layout engine: constrained layout measured every label twice over and
+    # took most of the drawing time; these fit the labels below at any size (layer labels have at most 3 digits).
+    left, right, bottom, top, bar = 0.75, 1.2, 0.55, 0.35, 0.18
+    fig = Figure(figsize=(width, height), dpi=100)
+    plot_w = width - left - right
+    ax = fig.add_axes((left / width, bottom / height, plot_w / width, (height - bottom - top) / height))
+    cax = fig.add_axes(((left + plot_w + 0.2) / width, bottom / height, bar / width, (height - bottom - top) / height))
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
     kept = [(row, j) for row, index in enumerate(sorted(plan.kept)) for j in plan.kept[index]]
     ax.scatter([j for _, j in kept], [row for row, _ in kept], s=max(2, 400 / max(experts, layers)), c="white",
@@ -47,6 +53,6 @@ def draw_expert_map(plan: Plan, path: Path) -> bool:
     ax.set_ylabel("MoE layer")
     ax.set_title(f"{plan.keep} of {plan.num_experts} experts kept per layer ({plan.criterion})")
     label = "score, scaled within each layer" if plan.scores else "kept (no scores in the plan)"
-    fig.colorbar(image, ax=ax, label=label)
+    fig.colorbar(image, cax=cax, label=label)
     fig.savefig(path, format="png", metadata={"Software": None})
     return True

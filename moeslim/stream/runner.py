@@ -121,7 +121,7 @@ class LayerRunner:
                 self._kwargs[ids.shape[0]] = self._capture_layer_kwargs(ids.to(self.device))[1]
 
     def _load_embedding(self) -> None:
-        names = self._embedding_names()
+        names = self._before_layers_names()
         self._load(names)
         check_finite(self.model, self.ckpt, names)
 
@@ -321,6 +321,13 @@ class LayerRunner:
         module = next(n for n, m in self.model.named_modules() if m is embedding)
         outside = self._outside_layers()
         return [n for n, target in loaded_names(self.model, outside).items() if target.startswith(f"{module}.")]
+
+    def _before_layers_names(self) -> list[str]:
+        """The input embedding's tensors and the decoder's other tensors outside its layers (norms, all small): its
+        forward may use any of them before the first layer (Inkling under transformers 5.16 normalises the
+        embeddings with ``embed_norm``, a sibling of ``embed_tokens``). The output head is outside the decoder."""
+        own = loaded_names(self.model, self._outside_layers()).items()
+        return sorted({*self._embedding_names(), *(n for n, target in own if target.startswith(self._decoder_name))})
 
     def _outside_layers(self) -> list[str]:
         return [n for n in self.ckpt.tensors if not n.startswith(f"{self.prefix}{self._stack}")]
