@@ -15,7 +15,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("moeslim.shards", "moeslim.floats", "moeslim.source", "moeslim.families.table", "moeslim.families.runtime",
      "moeslim.quant", "moeslim.layout", "moeslim.plan",
      "moeslim.targets", "moeslim.hub", "moeslim.calibrate.statistics", "moeslim.stream.options", "moeslim.remote"),
-    ("moeslim.stream", "moeslim.surgery", "moeslim.families"),
+    ("moeslim.stream", "moeslim.surgery", "moeslim.families", "moeslim.tensorfile"),
     ("moeslim.calibrate", "moeslim.correct.fit", "moeslim.criteria", "moeslim.remote.retain"),
     ("moeslim.correct", "moeslim.validate", "moeslim.inspection", "moeslim.publish", "moeslim.remote.repo"),
     ("moeslim.pipeline",),

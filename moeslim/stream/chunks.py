@@ -138,19 +138,22 @@ class ExpertChunks:
 
     def __init__(
         self, experts: torch.nn.Module, num_experts: int, size: int, items: Callable[[int, int], list[Item]],
-        load: Callable[[list[Item]], None], label: str, ranks: Ranks = SINGLE,
+        load: Callable[[list[Item]], None], label: str, ranks: Ranks = SINGLE, params: Iterable[str] = (),
     ) -> None:  # fmt: skip
         self.experts, self.num_experts, self.ranks = experts, num_experts, ranks
         self.share = range(num_experts * ranks.rank // ranks.world, num_experts * (ranks.rank + 1) // ranks.world)
         self.size = max(1, min(size, len(self.share)))
         self._items, self._load, self.label = items, load, label
         self._held: tuple[int, int] | None = None  # the chunk kept loaded (the whole share in one chunk)
-        self._params = [
-            (module, attr, param.shape, param.dtype)
-            for module in experts.modules()
-            for attr, param in module._parameters.items()
-            if param is not None and param.dim() and param.shape[0] % num_experts == 0
-        ]
+        self._params = []  # (module, attr, full shape, dtype) of the parameters the expert tensors load into
+        for name in sorted(params):
+            owner, _, attr = name.rpartition(".")
+            module = experts.get_submodule(owner)
+            param = module._parameters.get(attr)
+            if param is None or not param.dim() or param.shape[0] % num_experts:
+                raise CheckpointError(f"{label}: {name} does not hold the experts along its first dimension;"
+                                      " this model's experts cannot be read a chunk at a time")  # fmt: skip
+            self._params.append((module, attr, param.shape, param.dtype))
         self._linear: bool | None = None  # whether a pair's weight is a factor on its output (checked once)
         self._unload()
 
@@ -263,6 +266,8 @@ class ExpertChunks:
         for chunk in self.chunks(hit):
             for call, (flat, token) in zip(calls, pairs, strict=True):
                 inside = ((flat >= chunk.start) & (flat < chunk.stop)).nonzero()[:, 0]
+                if not inside.numel():
+                    continue
                 order = inside[torch.argsort(flat[inside], stable=True)]  # by expert: the module's order of sums
                 for part in order.split(PAIRS_PER_CALL):
                     self._run_pairs(call, part, flat[part] - chunk.start, token[part])
@@ -271,6 +276,7 @@ class ExpertChunks:
         assert call.out is not None and call.norms is not None
         rows = call.hidden[token]
         alone = one_expert_each(self.experts, rows, local[:, None])
+        alone = alone.reshape(-1, alone.shape[-1])  # DBRX's experts answer (rows, 1, hidden)
         call.norms[part] = torch.linalg.vector_norm(alone.double(), dim=-1)
         weight = call.weight.reshape(-1)[part]
         weighted = alone * weight[:, None]
@@ -283,7 +289,8 @@ class ExpertChunks:
 
     def _weighted(self, rows: torch.Tensor, local: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Each row through its one expert with its own weight (as the module weighs it)."""
-        return type(self.experts).forward(self.experts, rows, local[:, None], weight[:, None].to(rows.dtype))
+        out = type(self.experts).forward(self.experts, rows, local[:, None], weight[:, None].to(rows.dtype))
+        return out.reshape(-1, out.shape[-1])
 
     def _fill(self, start: int, stop: int) -> None:
         count = stop - start

@@ -277,6 +277,7 @@ class LayerRunner:
                     self._load_items,
                     f"layer {index}",
                     self.ranks,
+                    self._expert_params(parts, cast(MoeLayer, moe)),
                 )
             )
         return layer
@@ -285,6 +286,11 @@ class LayerRunner:
         """The layer's expert tensors where they are to be read a chunk at a time, else None."""
         if not (self.expert_chunk or self.ranks.world > 1) or moe.mtp or not takes_routing(parts.experts):
             return None
+        e = self.layout.num_experts
+        for name in self._expert_params(parts, moe):  # each must hold the experts along dim 0 (LongCat's under
+            param = parts.experts.get_parameter(name)  # transformers 5.16 holds more rows than routed experts)
+            if not param.dim() or param.shape[0] % e:
+                return None
 
         def dense(names: Iterable[str]) -> list[Item]:
             names = list(names)
@@ -292,6 +298,12 @@ class LayerRunner:
             return dense_items(self.ckpt, names)
 
         return expert_tensors(moe, self.layout.num_experts, dense)
+
+    def _expert_params(self, parts: MoeParts, moe: MoeLayer) -> list[str]:
+        """The experts module's parameters (names below it) that the layer's routed-expert tensors load into."""
+        module = next(name for name, m in self.model.named_modules() if m is parts.experts)
+        targets = loaded_names(self.model, sorted(expert_names(moe))).values()
+        return sorted({t[len(module) + 1 :] for t in targets if t.startswith(f"{module}.")})
 
     def _fetched(self, items: list[Item]) -> list[Item]:
         """``items`` once their bytes are readable (a Hub source read in place downloads them now)."""
