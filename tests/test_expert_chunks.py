@@ -16,6 +16,7 @@ Every calibratable family of the installed transformers is compared with a chunk
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,3 +156,25 @@ def test_fp8_dequantisation_is_exact_for_every_code() -> None:
     finite = ~expected.isnan()
     assert torch.equal(dense[finite], expected[finite])
     assert dense[~finite].isnan().all()
+
+
+def test_a_non_finite_expert_read_in_a_chunk_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """An inf in one expert's weights, met while its chunk is read, is a corrupt checkpoint in one line naming the
+    layer and the chunk's experts, as whole layers name it."""
+    from safetensors.torch import load_file as load_torch
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(TRAINED / "tiny-deepseek-16e", src)
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_torch(str(shard))
+    name = next(n for n in sorted(tensors) if ".mlp.experts.5." in n and n.endswith("up_proj.weight"))
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    monkeypatch.setenv("MOESLIM_EXPERT_CHUNK", "2")
+    code, _, err = run_cli(["calibrate", str(src), "--out", str(tmp_path / "stats"), *DATA], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    layer = name.split(".")[2]
+    assert f"layer {layer}, experts 4-5: non-finite values (inf)" in lines[0], err
+    assert not (tmp_path / "stats").exists()

@@ -40,6 +40,7 @@ from moeslim.errors import CheckpointError
 from moeslim.layout import MoeLayer
 from moeslim.shards import TensorInfo
 from moeslim.stream.dequant import Item
+from moeslim.stream.finite import nonfinite
 from moeslim.stream.ranks import SINGLE, Ranks
 
 PAIRS_PER_CALL = 8192  # (token, expert) pairs per experts call: bounds the (pairs, hidden) buffers
@@ -305,10 +306,10 @@ class ExpertChunks:
             param = module._parameters[attr]
             if param is None or param.is_meta:
                 raise CheckpointError(f"{self.label}: experts {start}-{stop - 1} did not load {attr}; rerun with"
-                                      " whole layers (unset MOESLIM_EXPERT_CHUNK or raise --max-memory)")  # fmt: skip
-            if not bool(torch.isfinite(param.detach().float().sum())):
-                raise CheckpointError(f"{self.label}, experts {start}-{stop - 1}: non-finite values in {attr};"
-                                      " the checkpoint is corrupt: re-download it")  # fmt: skip
+                                      " MOESLIM_EXPERT_CHUNK unset on a machine that holds whole layers")  # fmt: skip
+            if kind := nonfinite(param.detach()):
+                raise CheckpointError(f"{self.label}, experts {start}-{stop - 1}: non-finite values ({kind}) in"
+                                      f" {attr}; the checkpoint is corrupt: re-download it")  # fmt: skip
 
     def _unload(self) -> None:
         for module, attr, shape, dtype in self._params:
