@@ -36,7 +36,7 @@ from typing import Any, cast
 
 import torch
 
-from moeslim.errors import CheckpointError
+from moeslim.errors import CheckpointError, DeviceError
 from moeslim.layout import MoeLayer
 from moeslim.shards import TensorInfo
 from moeslim.stream.dequant import Item
@@ -215,7 +215,10 @@ class ExpertChunks:
 
         def replay(hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, *args: Any, **kw: Any) -> Any:
             if not queue or not torch.equal(queue[0].index, index):
-                raise RuntimeError(f"{self.label} routed otherwise when run again; rerun with whole layers")
+                raise DeviceError(
+                    f"{self.label} routed its tokens otherwise when run a second time (kernels that are"
+                    " not deterministic on this device); rerun where whole layers fit in memory"
+                )
             call = queue.popleft()
             assert call.out is not None
             return call.out.reshape(call.shape)
