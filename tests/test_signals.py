@@ -67,8 +67,15 @@ def _args(command: str, tmp_path: Path) -> list[str]:
     return _slim() if command == "slim" else _calibrate(_calib_text(tmp_path))
 
 
+def _default_hangup() -> None:
+    """The run starts as from a terminal, SIGHUP at its default, even when the tests themselves run under ``nohup``
+    (a run that inherits SIGHUP ignored keeps it ignored, as the nohup test below proves)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _start(args: list[str], work: Path, **kwargs: object) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "moeslim", *args]
+    kwargs.setdefault("preexec_fn", _default_hangup)
     return subprocess.Popen(cmd, cwd=work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             **kwargs)  # type: ignore[call-overload]  # fmt: skip
 
