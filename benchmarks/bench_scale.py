@@ -134,17 +134,15 @@ def write(out: Path, shape: dict, layers: int) -> int:
             return shapes[name]
 
         total += _write_shard(out / file, names, tensor, dims_of, shape["fp8"])
-        weight_map.update({n: file for n in names} | {f"{n}_scale_inv": file for n in names if _fp8(n, shape)})
+        weight_map.update({n: file for n in names} | {f"{n}_scale_inv": file for n in names if _fp8(n, shape["fp8"])})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     return total
 
 
-def _fp8(name: str, shape: dict) -> bool:
+def _fp8(name: str, fp8: bool) -> bool:
     """DeepSeek-V3's release stores the linear layers of its decoder layers in FP8 (not norms, router, embeddings)."""
-    return (
-        bool(shape["fp8"]) and name.startswith("model.layers.") and name.endswith("proj.weight") and "norm" not in name
-    )
+    return fp8 and name.startswith("model.layers.") and name.endswith("proj.weight")
 
 
 def _write_shard(path: Path, names: list[str], tensor, dims_of, fp8: bool) -> int:  # noqa: ANN001
@@ -152,7 +150,7 @@ def _write_shard(path: Path, names: list[str], tensor, dims_of, fp8: bool) -> in
     entries, offset, plan = {}, 0, []
     for name in names:
         dims = dims_of(name)
-        is_fp8 = _fp8(name, {"fp8": fp8})
+        is_fp8 = _fp8(name, fp8)
         plan.append((name, dims, is_fp8))
         n = math.prod(dims)
         size = n if is_fp8 else 2 * n

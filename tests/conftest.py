@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +79,41 @@ def _repository_fixtures_untouched() -> Iterator[None]:
     after = {k: v for k, v in tree_digest(folder).items() if "__pycache__" not in k}
     changed = sorted(set(before.items()) ^ set(after.items()))
     assert not changed, f"tests changed the committed fixtures: {changed[:5]}"
+
+
+def distinct(model: Any) -> Any:
+    """``model`` with every matrix drawn afresh: families that initialise routers to zero would tie every expert,
+    and a tie is broken by position, which pruning changes."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2 and p.is_floating_point():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def statistics_tokens() -> Any:
+    """The token ids ``streamed_statistics`` calibrates on: 4 sequences of 10, in batches of 2."""
+    import torch
+
+    return torch.randint(3, 200, (4, 10), generator=torch.Generator().manual_seed(2))
+
+
+def streamed_statistics(src: Path, expert_chunk: int | None = None) -> Any:
+    """The routing statistics of checkpoint ``src`` on ``statistics_tokens()``, run one decoder layer at a time
+    (routed experts read ``expert_chunk`` at a time, if given)."""
+    from moeslim.calibrate.capture import Statistics
+    from moeslim.calibrate.collect import calibrate_layers
+    from moeslim.layout import resolve_layout
+    from moeslim.source import open_checkpoint
+    from moeslim.stream.runner import LayerRunner
+
+    ckpt = open_checkpoint(src)
+    layout = resolve_layout(ckpt)
+    runner = LayerRunner(ckpt, layout, expert_chunk=expert_chunk)
+    try:
+        return calibrate_layers(runner, statistics_tokens(), 2, Statistics(layout.num_experts))
+    finally:
+        runner.close()

@@ -26,8 +26,7 @@ import pytest
 import torch
 import transformers
 
-from moeslim.calibrate.capture import FIELDS, LayerStats, Statistics, collect
-from moeslim.calibrate.collect import calibrate_layers
+from moeslim.calibrate.capture import FIELDS, LayerStats, collect
 from moeslim.criteria import DATA_FREE
 from moeslim.families.derive import DERIVED_PATH, moe_model_types, probe
 from moeslim.families.runtime import record_of
@@ -39,8 +38,7 @@ from moeslim.pipeline import SlimOptions, slim
 from moeslim.source import open_checkpoint
 from moeslim.stream.masking import drop_experts_of
 from moeslim.stream.modules import moe_parts
-from moeslim.stream.runner import LayerRunner
-from tests.conftest import run_cli
+from tests.conftest import distinct, run_cli, statistics_tokens, streamed_statistics
 
 pytestmark = pytest.mark.slow
 
@@ -96,17 +94,6 @@ def _layout_text(record: dict[str, Any]) -> str:
     return f"{record['block']}: router {', '.join(record['router'])}; {experts}"
 
 
-def _distinct(model: Any) -> Any:
-    """Every matrix drawn afresh: families that initialise routers to zero would tie every expert, and a tie
-    is broken by position, which pruning changes."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2 and p.is_floating_point():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
-
-
 def _ids() -> torch.Tensor:
     return torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -139,7 +126,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Built]:
             src = None
             if "refused" not in fresh:
                 src = tmp_path_factory.mktemp(model_type) / "src"
-                _distinct(built).save_pretrained(src)
+                distinct(built).save_pretrained(src)
             cache[model_type] = (fresh, built, src)
         return cache[model_type]
 
@@ -292,12 +279,8 @@ def _assert_streaming_statistics_equal_full_forward(model: Any, src: Path, layou
 
 
 def _assert_statistics_equal_full_forward(model: Any, src: Path, layout: Any, chunk: int | None) -> None:
-    tokens = torch.randint(3, 200, (4, 10), generator=torch.Generator().manual_seed(2))
-    runner = LayerRunner(open_checkpoint(src), layout, expert_chunk=chunk)
-    try:
-        stats = calibrate_layers(runner, tokens, 2, Statistics(layout.num_experts))
-    finally:
-        runner.close()
+    tokens = statistics_tokens()
+    stats = streamed_statistics(src, chunk)
     parts = moe_parts(model, layout)
     expected = {i: LayerStats(layout.num_experts) for i in parts}
     with contextlib.ExitStack() as stack, torch.no_grad():
@@ -351,7 +334,7 @@ def test_release_naming_mtp_under_its_own_prefix_is_pruned_with_the_trunk(tmp_pa
     from safetensors.torch import load_file, save_file
 
     src, out = tmp_path / "src", tmp_path / "out"
-    model = _distinct(tiny_model("qwen3_next", 8))
+    model = distinct(tiny_model("qwen3_next", 8))
     model.save_pretrained(src)
     tensors = load_file(src / "model.safetensors")
     mtp = {"mtp." + n.removeprefix("model."): t.clone() for n, t in tensors.items() if n.startswith("model.layers.0.")}

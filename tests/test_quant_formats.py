@@ -25,8 +25,7 @@ from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3MoeForCausalLM
 
-from moeslim.calibrate.capture import FIELDS, Statistics
-from moeslim.calibrate.collect import calibrate_layers
+from moeslim.calibrate.capture import FIELDS
 from moeslim.criteria import weight_norm
 from moeslim.layout import resolve_layout
 from moeslim.names import PLAN_NAME
@@ -36,9 +35,8 @@ from moeslim.stream import packs
 from moeslim.stream.dequant import Packed, Reader, dense_items
 from moeslim.stream.masking import drop_experts_of
 from moeslim.stream.packs import nvfp4_dense, unpack_columns, unpack_rows
-from moeslim.stream.runner import LayerRunner
 from moeslim.validate.structure import check_structure
-from tests.conftest import run_cli
+from tests.conftest import run_cli, streamed_statistics
 
 PROJECTION = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp\.experts\.\d+)\.\w+_proj\.weight$")
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
@@ -222,21 +220,10 @@ def test_every_packed_weight_reads_as_the_quantisers_values(name: str, release) 
 # ---- calibration, surgery, the pruned model ----------------------------------------------------------------------
 
 
-def _statistics(src: Path) -> Statistics:
-    ckpt = open_checkpoint(src)
-    layout = resolve_layout(ckpt)
-    tokens = torch.randint(3, 200, (4, 10), generator=torch.Generator().manual_seed(2))
-    runner = LayerRunner(ckpt, layout)
-    try:
-        return calibrate_layers(runner, tokens, 2, Statistics(layout.num_experts))
-    finally:
-        runner.close()
-
-
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_statistics_and_weight_norms_equal_the_dequantised_twin(name: str, release) -> None:
     quantised, twin = release(name)
-    ours, reference = _statistics(quantised), _statistics(twin)
+    ours, reference = streamed_statistics(quantised), streamed_statistics(twin)
     assert sorted(ours.layers) == sorted(reference.layers) and ours.layers
     for index in reference.layers:
         a, b = ours.total(index), reference.total(index)

@@ -22,8 +22,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from moeslim.calibrate.capture import FIELDS, Statistics
-from moeslim.calibrate.collect import calibrate_layers
+from moeslim.calibrate.capture import FIELDS
 from moeslim.criteria import router_norm, weight_norm
 from moeslim.families.derive import DERIVED_PATH
 from moeslim.families.table import family_of
@@ -33,21 +32,10 @@ from moeslim.names import PLAN_NAME
 from moeslim.pipeline import SlimOptions, slim
 from moeslim.source import open_checkpoint
 from moeslim.stream.masking import drop_experts_of
-from moeslim.stream.runner import LayerRunner
-from tests.conftest import run_cli
+from tests.conftest import distinct, run_cli, streamed_statistics
 
 TABLE: dict[str, Any] = json.loads(DERIVED_PATH.read_text(encoding="utf-8"))["families"]
 FAMILIES = sorted(t for t, r in TABLE.items() if "refused" not in r)
-
-
-def _distinct(model: Any) -> Any:
-    """Every matrix drawn afresh (routers initialised to zero would tie every expert)."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2 and p.is_floating_point():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
 
 
 def _logits(model: Any) -> torch.Tensor:
@@ -72,7 +60,7 @@ def _raw(ckpt: Any, name: str) -> bytes:
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_the_module_naming_is_read_from_the_names_pruned_as_found_and_loads(model_type: str, tmp_path: Path) -> None:
     record = TABLE[model_type]
-    model = _distinct(tiny_model(model_type, 8))
+    model = distinct(tiny_model(model_type, 8))
     src, out = tmp_path / "src", tmp_path / "out"
     save_module_form(model, src)
     before = open_checkpoint(src)
@@ -114,17 +102,6 @@ def test_the_module_naming_is_read_from_the_names_pruned_as_found_and_loads(mode
         _assert_same_scores(src, tmp_path / "release")
 
 
-def _statistics(src: Path) -> Statistics:
-    ckpt = open_checkpoint(src)
-    layout = resolve_layout(ckpt)
-    tokens = torch.randint(3, 200, (4, 10), generator=torch.Generator().manual_seed(2))
-    runner = LayerRunner(ckpt, layout)
-    try:
-        return calibrate_layers(runner, tokens, 2, Statistics(layout.num_experts))
-    finally:
-        runner.close()
-
-
 def _assert_same_scores(module: Path, release: Path) -> None:
     """One model, two namings: the same data-free scores (router rows exactly; weight norms summed per tensor)."""
     a, b = open_checkpoint(module), open_checkpoint(release)
@@ -142,11 +119,11 @@ def _assert_same_scores(module: Path, release: Path) -> None:
 # moves (PhiMoE: gate → router), extra rows of zero-computation experts (LongCat-Flash), a hand-written MTP family
 @pytest.mark.parametrize("model_type", ["qwen3_5_moe", "mixtral", "phimoe", "longcat_flash", "deepseek_v3"])
 def test_calibration_and_scores_of_the_module_naming_equal_the_release_naming(model_type: str, tmp_path: Path) -> None:
-    model = _distinct(tiny_model(model_type, 8))
+    model = distinct(tiny_model(model_type, 8))
     save_module_form(model, tmp_path / "module")
     model.save_pretrained(tmp_path / "release")
     _assert_same_scores(tmp_path / "module", tmp_path / "release")
-    ours, reference = _statistics(tmp_path / "module"), _statistics(tmp_path / "release")
+    ours, reference = streamed_statistics(tmp_path / "module"), streamed_statistics(tmp_path / "release")
     assert sorted(ours.layers) == sorted(reference.layers) and ours.layers
     for index in reference.layers:
         a, b = ours.total(index), reference.total(index)
@@ -179,7 +156,7 @@ def _with_mtp(src: Path, trunk: dict[str, torch.Tensor], fused_mtp: bool, model:
 def test_an_mtp_layer_in_either_form_is_pruned_with_the_trunk_as_found(
     trunk_fused: bool, mtp_fused: bool, tmp_path: Path
 ) -> None:
-    model = _distinct(tiny_model("qwen3_5_moe", 8))
+    model = distinct(tiny_model("qwen3_5_moe", 8))
     src, out = tmp_path / "src", tmp_path / "out"
     (save_module_form if trunk_fused else type(model).save_pretrained)(model, src)
     mtp = _with_mtp(src, load_file(src / "model.safetensors"), mtp_fused, model)
@@ -209,7 +186,7 @@ def test_an_mtp_layer_in_either_form_is_pruned_with_the_trunk_as_found(
 def test_an_mtp_layer_after_the_trunk_keeps_its_naming_beside_a_fused_trunk(tmp_path: Path) -> None:
     """DeepSeek-V3 releases put their MTP layer after the trunk (``model.layers.N.…``, N = num_hidden_layers): here
     per-expert as released, beside a trunk in the module naming. Each layer is pruned in its own form."""
-    model = _distinct(tiny_model("deepseek_v3", 8))
+    model = distinct(tiny_model("deepseek_v3", 8))
     src, release, out = tmp_path / "src", tmp_path / "release", tmp_path / "out"
     save_module_form(model, src)
     model.save_pretrained(release)
@@ -242,7 +219,7 @@ def test_an_mtp_layer_after_the_trunk_keeps_its_naming_beside_a_fused_trunk(tmp_
 def test_layers_in_two_namings_of_their_router_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
     """Mixtral's layer 0 under the release naming (``block_sparse_moe.gate``), the others under the module's
     (``mlp.gate``): a checkpoint no export writes; refused, naming both, before anything is written."""
-    model = _distinct(tiny_model("mixtral", 8))
+    model = distinct(tiny_model("mixtral", 8))
     src, release = tmp_path / "src", tmp_path / "release"
     save_module_form(model, src)
     model.save_pretrained(release)

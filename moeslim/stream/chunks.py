@@ -100,7 +100,6 @@ def pair_norms(experts: torch.nn.Module) -> torch.Tensor | None:
 class Resident:
     """An experts module with all its experts loaded: one chunk of every expert."""
 
-    streamed = False
     parallel = False
 
     def __init__(self, experts: torch.nn.Module, num_experts: int) -> None:
@@ -117,10 +116,6 @@ class Resident:
         parts = [self.experts(*args) for args in pieces]
         return torch.cat(parts) if parts else torch.zeros_like(hidden)
 
-    @contextlib.contextmanager
-    def replaying(self, run: Callable[[], None]) -> Iterator[None]:
-        yield
-
 
 class ExpertChunks:
     """The routed experts of one loaded MoE layer, streamed from disk ``size`` experts at a time.
@@ -134,8 +129,6 @@ class ExpertChunks:
     partial outputs over the ranks, so each rank reads 1/N of the experts and gets its own calls' full outputs.
     ``chunks`` yields this rank's experts only. Where one chunk holds the whole share, it stays loaded from its
     first use until ``release`` (the layer is unloaded), so the sweeps of one layer read it once."""
-
-    streamed = True
 
     def __init__(
         self, experts: torch.nn.Module, num_experts: int, size: int, items: Callable[[int, int], list[Item]],

@@ -178,7 +178,7 @@ class LayerRunner:
         the same inputs in the same order, get its experts' outputs without reading them again (``chunks.py``).
         Elsewhere, and inside another such context, nothing is done."""
         experts = self._experts.get(index)
-        if experts is None or not experts.streamed or self._replaying:
+        if not isinstance(experts, ExpertChunks) or self._replaying:
             yield
             return
 
@@ -273,22 +273,24 @@ class LayerRunner:
                     parts.experts,
                     e,
                     self.expert_chunk or e,
-                    lambda start, stop: self._fetched(streamed.chunk(start, stop)),
+                    lambda start, stop: self._fetched(streamed[0].chunk(start, stop)),
                     self._load_items,
                     f"layer {index}",
                     self.ranks,
-                    self._expert_params(parts, cast(MoeLayer, moe)),
+                    streamed[1],
                 )
             )
         return layer
 
-    def _streamed(self, moe: MoeLayer, parts: MoeParts) -> ExpertTensors | None:
-        """The layer's expert tensors where they are to be read a chunk at a time, else None."""
+    def _streamed(self, moe: MoeLayer, parts: MoeParts) -> tuple[ExpertTensors, list[str]] | None:
+        """Where the layer's routed experts are to be read a chunk at a time: their tensors, and the parameters of
+        the experts module they load into; else None."""
         if not (self.expert_chunk or self.ranks.world > 1) or moe.mtp or not takes_routing(parts.experts):
             return None
         e = self.layout.num_experts
-        for name in self._expert_params(parts, moe):  # each must hold the experts along dim 0 (LongCat's under
-            param = parts.experts.get_parameter(name)  # transformers 5.16 holds more rows than routed experts)
+        params = self._expert_params(parts, moe)
+        for name in params:  # each must hold the experts along dim 0 (LongCat's under transformers 5.16 holds more
+            param = parts.experts.get_parameter(name)  # rows than routed experts)
             if not param.dim() or param.shape[0] % e:
                 return None
 
@@ -297,7 +299,8 @@ class LayerRunner:
             self.ckpt.fetch([n for n in names if n.endswith("weight_shape")])  # read to group a packed weight
             return dense_items(self.ckpt, names)
 
-        return expert_tensors(moe, self.layout.num_experts, dense)
+        tensors = expert_tensors(moe, e, dense)
+        return None if tensors is None else (tensors, params)
 
     def _expert_params(self, parts: MoeParts, moe: MoeLayer) -> list[str]:
         """The experts module's parameters (names below it) that the layer's routed-expert tensors load into."""
