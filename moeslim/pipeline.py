@@ -51,6 +51,7 @@ from moeslim.validate.run import ValidateOptions, kl_exceeds, validate
 if TYPE_CHECKING:
     from moeslim.stream.context import RunContext
     from moeslim.stream.loop import Observer
+    from moeslim.validate.reference import Reference
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Job:
     opts: SlimOptions
     ranks: Ranks = SINGLE  # the processes of a torchrun (joined once)
     out: Path | None = None  # the output, once claimed: hidden states past --max-memory spill beside it
+    reference: Reference | None = None  # validation's original side, computed in the calibration pass
 
     @functools.cached_property
     def context(self) -> RunContext:
@@ -130,7 +132,11 @@ def slim(opts: SlimOptions) -> SlimResult:
         job = Job(ckpt.root, ckpt, resolve_layout(ckpt), opts, current(opts.calibration.device))
         if ckpt.fetcher is not None:
             announce(ckpt, job.layout, load_plan(opts.plan).keep if opts.plan else opts.keep or 0, beside)
-        return _slim(job, shard_limit, push)
+        try:
+            return _slim(job, shard_limit, push)
+        finally:
+            if job.reference is not None:
+                job.reference.close()
 
 
 def _slim(job: Job, shard_limit: int, push: PushOptions | None) -> SlimResult:
@@ -257,7 +263,7 @@ def _validate(job: Job, tmp: Path) -> dict | None:
     if opts.validation is None:
         return None
     job.ranks.from_leader(str(tmp))  # the other ranks of a torchrun validate with us
-    report = {**validate(job.root, tmp, opts.validation, job.ckpt), "original": str(opts.source),
+    report = {**validate(job.root, tmp, opts.validation, job.ckpt, job.reference), "original": str(opts.source),
               "pruned": "."}  # fmt: skip
     write_report(report, tmp)
     return report
@@ -327,7 +333,7 @@ def make_plan(job: Job, work: Path | None = None) -> Plan:
             criterion = "ean"
             print("moeslim: note: --stats given, and auto measures candidate plans while it calibrates; using the"
                   " statistics' ean scores (pass --criterion to choose another)", file=sys.stderr)  # fmt: skip
-        scores, calibration = _calibrated(job, criterion, opts.keep)
+        scores, calibration, correction = _calibrated(job, criterion, opts.keep, work)
     else:
         scores = DATA_FREE[criterion](ckpt, layout, opts.seed)
     return Plan(
@@ -343,8 +349,10 @@ def make_plan(job: Job, work: Path | None = None) -> Plan:
     )
 
 
-def _calibrated(job: Job, criterion: str, keep: int) -> tuple[dict, dict]:
-    """Scores from statistics (``--stats`` or calibrated now), and the provenance with per-layer stability."""
+def _calibrated(job: Job, criterion: str, keep: int, work: Path | None) -> tuple[dict, dict, Correction]:
+    """Scores from statistics (``--stats`` or calibrated now), the provenance with per-layer stability, and the
+    correction when it was fitted in the same pass (a one-shot calibration: each layer's kept set is known once
+    its statistics are)."""
     from moeslim.calibrate.session import run_calibration  # torch and transformers: only for calibrated criteria
     from moeslim.calibrate.stats_file import check_stats_fit, load_stats
 
@@ -354,6 +362,7 @@ def _calibrated(job: Job, criterion: str, keep: int) -> tuple[dict, dict]:
         return select_one(layout, _require(layer_scores(criterion, stats, index), criterion, index), keep)
 
     progressive = choose if opts.progressive else None
+    correction_of: Callable[[dict, bool], Correction] = lambda calibration, used: Correction()  # noqa: E731
     if opts.stats is not None:
         stats, meta = load_stats(opts.stats)
         check_stats_fit(meta, ckpt, layout, opts.stats)
@@ -361,11 +370,15 @@ def _calibrated(job: Job, criterion: str, keep: int) -> tuple[dict, dict]:
             raise PlanError("--progressive and the statistics disagree: calibrate again with the same --progressive")
     else:
         stats = Statistics(layout.num_experts)
+        fit: list[Observer] = []
+        if progressive is None:  # progressive: a pass of its own fits on the unmasked model's inputs, as before
+            fit, correction_of = _correction_in_pass(job, work, lambda index: choose(index, stats))
         retain = _retain(job, keep, lambda index: _chosen(layout, layer_scores(criterion, stats, index), keep))
-        stats, meta = run_calibration(job.context, progressive=progressive, stats=stats, observers=retain)
+        observers = [*_reference(job), *fit, *retain]
+        stats, meta = run_calibration(job.context, progressive=progressive, stats=stats, observers=observers)
     info = {**meta.calibration, "progressive": opts.progressive,
             "stability": _stability(criterion, stats, layout, keep)}  # fmt: skip
-    return calibrated_scores(criterion, stats, ckpt, layout), info
+    return calibrated_scores(criterion, stats, ckpt, layout), info, correction_of(meta.calibration, True)
 
 
 def _chosen(layout: Layout, scores: np.ndarray | None, keep: int) -> tuple[int, ...] | None:
@@ -391,6 +404,20 @@ def _retain(job: Job, keep: int, choose: Callable[[int], tuple[int, ...] | None]
     return [Retain(job.ckpt, job.layout, keep, choose)]
 
 
+def _reference(job: Job) -> list[Observer]:
+    """The observer that runs validation's original side in this calibration pass (``validate/reference.py``), so
+    the source is read once: where validation will run, in one process, in the calibration's dtype on its device;
+    none otherwise. (Progressive masking moves only the calibration's own stream: the reference runs unmasked.)"""
+    from moeslim.calibrate.session import calibration_record
+    from moeslim.validate.reference import prepare
+
+    check, ctx = job.opts.validation, job.context
+    if check is None or ctx.ranks.world > 1 or (check.device, check.dtype) != (ctx.opts.device, ctx.opts.dtype):
+        return []
+    job.reference = prepare(job.ckpt, check, calibration_record(ctx), job.out)
+    return [job.reference] if job.reference is not None else []
+
+
 def _stability(criterion: str, stats: Statistics, layout: Layout, keep: int) -> dict[str, float]:
     """Per layer, the agreement (Jaccard) of the kept sets chosen from the two calibration halves."""
     stability = {}
@@ -407,41 +434,53 @@ def _auto(job: Job, keep: int, work: Path | None) -> tuple[str, dict, dict, Corr
     correction fitted in the same pass when wanted and the first candidate won (else empty)."""
     from moeslim.calibrate.session import check_runnable, run_calibration
     from moeslim.calibrate.trials import CANDIDATES, PlanTrials
-    from moeslim.correct.fit import Fitter
-    from moeslim.correct.run import FITTED, PatchWriter, skip_reason
 
-    ckpt, layout, opts = job.ckpt, job.layout, job.opts
+    ckpt, layout = job.ckpt, job.layout
     check_runnable(ckpt, layout)  # before the data-free candidates read any weight
     fixed = {name: DATA_FREE[name](ckpt, layout, None) for name in CANDIDATES if name in DATA_FREE}
 
     def scores_of(name: str, index: int, stats: Statistics) -> np.ndarray:
         return fixed[name][index] if name in fixed else _require(layer_scores(name, stats, index), name, index)
 
-    ctx = job.context
     stats = Statistics(layout.num_experts)
     trials = PlanTrials(layout, keep, scores_of, stats)
-    observers: list[Observer] = [trials]
-    writer = fitter = None
-    if opts.correct is not False and skip_reason(ckpt, layout) is None:
-        folder = work / FITTED if work is not None and ctx.ranks.leader else None
-        if folder is not None:
-            folder.mkdir()
-        writer = PatchWriter(ckpt, layout, folder)
-        fitter = Fitter(layout.family.name, lambda index: trials.kept[CANDIDATES[0]][index], writer)
-        observers.append(fitter)  # after the trials, which choose each layer's kept experts
+    fit, correction_of = _correction_in_pass(job, work, lambda index: trials.kept[CANDIDATES[0]][index])
+    observers: list[Observer] = [*_reference(job), trials, *fit]  # the fit after the trials, which choose its sets
     observers += _retain(job, keep, lambda index: trials.kept[CANDIDATES[0]].get(index))  # the likely winner's
-    stats, meta = run_calibration(ctx, stats=stats, observers=observers)
+    stats, meta = run_calibration(job.context, stats=stats, observers=observers)
     winner = trials.winner or CANDIDATES[0]
     scores = fixed[winner] if winner in fixed else calibrated_scores(winner, stats, ckpt, layout)
     stability = {} if winner in fixed else _stability(winner, stats, layout, keep)
     info = {**meta.calibration, "progressive": False, "stability": stability,
             "auto": {"chose": winner, "held_out_batches": len(trials.held), "kl": trials.kl}}  # fmt: skip
-    correction = Correction()
-    if fitter is not None and fitter.error is not None:
-        correction = Correction(skipped=fitter.error)
-    elif writer is not None and winner == CANDIDATES[0]:
-        correction = writer.record(meta.calibration)
-    return winner, scores, info, correction
+    return winner, scores, info, correction_of(meta.calibration, winner == CANDIDATES[0])
+
+
+def _correction_in_pass(
+    job: Job, work: Path | None, kept: Callable[[int], tuple[int, ...]]
+) -> tuple[list[Observer], Callable[[dict, bool], Correction]]:
+    """The correction of the experts ``kept(index)`` keeps, fitted in the calibration pass (into ``work``'s
+    ``FITTED`` folder), so that no pass of its own reads the source again: the observer that fits it (none where
+    it is not wanted or cannot be made: ``_settle_correction`` says why), and what the plan records of it, given
+    the pass's calibration record and whether the plan keeps those sets (else nothing: a pass of its own fits the
+    plan's)."""
+    from moeslim.correct.fit import Fitter
+    from moeslim.correct.run import FITTED, PatchWriter, skip_reason
+
+    if job.opts.correct is False or skip_reason(job.ckpt, job.layout) is not None:
+        return [], lambda calibration, used: Correction()
+    folder = work / FITTED if work is not None and job.context.ranks.leader else None
+    if folder is not None:
+        folder.mkdir()
+    writer = PatchWriter(job.ckpt, job.layout, folder)
+    fitter = Fitter(job.layout.family.name, kept, writer)
+
+    def record(calibration: dict, used: bool) -> Correction:
+        if fitter.error is not None:
+            return Correction(skipped=fitter.error)
+        return writer.record(calibration) if used else Correction()
+
+    return [fitter], record
 
 
 def _require(scores: np.ndarray | None, criterion: str, index: int) -> np.ndarray:

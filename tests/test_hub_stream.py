@@ -28,6 +28,7 @@ from moeslim.plan import load_plan
 from moeslim.remote.spans import merge
 from moeslim.source import open_checkpoint
 from moeslim.surgery.mapping import plan_outputs
+from moeslim.validate.run import METRICS
 from tests.conftest import run_cli
 from tests.hub_server import Account, Fault, HubServer, folder_files
 from tests.test_hub import WRITE, Run, _env, _moeslim
@@ -208,19 +209,33 @@ def _plan(folder: Path, tmp_path: Path, capsys) -> Path:
 
 
 @pytest.mark.hub
-def test_calibrated_run_downloads_each_byte_at_most_once(hub: HubServer, built, tmp_path: Path, capsys) -> None:
-    args = ["slim", "org/tiny", "--keep", "4", "--criterion", "ean", "--no-correct", "--no-validate", "--out", "o",
-            "--cache-window", "2layers"]  # fmt: skip
+@pytest.mark.parametrize(
+    "how",
+    [
+        ["--criterion", "ean", "--no-correct", "--no-validate"],  # the calibration alone
+        ["--criterion", "ean"],  # its correction and validation too: both take the source from the same pass
+        [],  # the default (auto's trials, the correction, validation)
+    ],
+)
+def test_calibrated_run_downloads_each_byte_at_most_once(
+    how: list[str], hub: HubServer, built, tmp_path: Path, capsys
+) -> None:
+    args = ["slim", "org/tiny", "--keep", "4", *how, "--out", "o", "--cache-window", "2layers"]
+    with hub.state.lock:
+        since = len(hub.state.sent)  # the server serves org/tiny to every case of this module
     run = _moeslim(args, _env(hub, tmp_path / "hf"), tmp_path)
     assert run.code == 0, run.err
     folder = built("qwen3_moe")
     whole = {p.name: [(0, p.stat().st_size)] for p in folder.glob("*.safetensors")}
     assert _window(folder, 2) < whole["model.safetensors"][0][1]  # the window alone could not hold the source
-    assert _sent(hub, "org/tiny") == whole  # every byte read by calibration, none twice (checked in _sent)
-    code, _, err = run_cli(["slim", str(folder), "--keep", "4", "--criterion", "ean", "--no-correct",
-                            "--no-validate", "--out", str(tmp_path / "local")], capsys)  # fmt: skip
+    assert _sent(hub, "org/tiny", since) == whole  # every byte read by calibration, none twice (checked in _sent)
+    code, _, err = run_cli(["slim", str(folder), "--keep", "4", *how, "--out", str(tmp_path / "local")], capsys)
     assert code == 0, err
     _same_weights(tmp_path / "o", tmp_path / "local")
+    if "--no-validate" not in how:  # the same validation as from the folder
+        a, b = (json.loads((tmp_path / f / "validation.json").read_text()) for f in ("o", "local"))
+        assert "kl_mean" in a, a["summary"]
+        assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
 
 
 def _window(folder: Path, layers: int) -> int:

@@ -142,7 +142,7 @@ def _trunk(layout: Layout) -> list[int]:
 
 
 def _meta(ctx: RunContext, progressive: bool) -> CalibrationMeta:
-    ckpt, layout, opts, data = ctx.ckpt, ctx.layout, ctx.opts, ctx.data()
+    ckpt, layout, opts = ctx.ckpt, ctx.layout, ctx.opts
     settings = {k: v for k, v in asdict(opts).items() if k not in ("trust_remote_code", "calib")}
     return CalibrationMeta(
         model={
@@ -151,10 +151,17 @@ def _meta(ctx: RunContext, progressive: bool) -> CalibrationMeta:
             "num_experts": layout.num_experts,
             "fingerprint": fingerprint(ckpt, layout),
         },
-        calibration={"data": data.source, "digest": data.digest, "tokens": data.tokens.numel(),
-                     "samples": opts.samples, "seq_len": opts.seq_len, "seed": opts.seed},
+        calibration=calibration_record(ctx),
         settings={**settings, "progressive": progressive},
-    )  # fmt: skip
+    )
+
+
+def calibration_record(ctx: RunContext) -> dict:
+    """What a calibration of ``ctx`` read (text, token digest, shape), as its statistics and the plan record it:
+    validation keeps its held-out text clear of those documents (``validate/heldout.py``)."""
+    opts, data = ctx.opts, ctx.data()
+    return {"data": data.source, "digest": data.digest, "tokens": data.tokens.numel(), "samples": opts.samples,
+            "seq_len": opts.seq_len, "seed": opts.seed}  # fmt: skip
 
 
 def _resume(

@@ -81,7 +81,7 @@ class LayerRunner:
         self._layers_attr = layer_list_name(self.decoder) or "layers"  # "layers"; DBRX: "blocks"
         self._stack = f"{layout.family.layers_name}."  # the layer list, as tensor names spell it
         self.prefix = layout.layers[0].block.split(self._stack)[0]  # on-disk decoder prefix, e.g. "model."
-        self._kwargs: dict[int, list[dict[str, Any]]] = {}
+        self._kwargs: dict[int, dict[int, list[dict[str, Any]]]] = {}  # batch → sequence length → per layer
         self._moe = {layer.index: layer for layer in layout.layers}
         self.parts = moe_parts(self.model, layout)  # MoE modules, found from the checkpoint's tensor names
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeslim-prefetch")
@@ -108,7 +108,7 @@ class LayerRunner:
         batches = tokens.split(batch_size)
         for ids in batches if only is None else [batches[b] for b in only]:
             first, kwargs = self._capture_layer_kwargs(ids.to(self.device))
-            self._kwargs.setdefault(ids.shape[0], kwargs)
+            self._kwargs.setdefault(ids.shape[0], {}).setdefault(ids.shape[1], kwargs)
             store.append(first)
         return store
 
@@ -117,8 +117,9 @@ class LayerRunner:
         shape of ``tokens``; what ``embed`` does besides embedding, for a run that starts from saved hidden states."""
         self._load_embedding()
         for ids in tokens.split(batch_size):
-            if ids.shape[0] not in self._kwargs:
-                self._kwargs[ids.shape[0]] = self._capture_layer_kwargs(ids.to(self.device))[1]
+            if ids.shape[1] not in self._kwargs.get(ids.shape[0], {}):
+                kwargs = self._capture_layer_kwargs(ids.to(self.device))[1]
+                self._kwargs.setdefault(ids.shape[0], {})[ids.shape[1]] = kwargs
 
     def _load_embedding(self) -> None:
         names = self._before_layers_names()
@@ -161,7 +162,7 @@ class LayerRunner:
     def run(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder layer ``index`` (loaded) on ``hidden`` ``(batch, seq, hidden)``: its output hidden states."""
         hidden = hidden.to(self.device)
-        out = layer(hidden, **self.layer_kwargs(hidden.shape[0], index))
+        out = layer(hidden, **self.layer_kwargs(hidden, index))
         return cast(torch.Tensor, out[0] if isinstance(out, tuple) else out)
 
     def experts_of(self, index: int) -> Resident | ExpertChunks:
@@ -194,9 +195,13 @@ class LayerRunner:
         finally:
             self._replaying = False
 
-    def layer_kwargs(self, batch: int, index: int) -> dict[str, Any]:
-        """The call arguments (masks, rotary) of decoder layer ``index`` for a batch of ``batch`` sequences."""
-        return self._kwargs[batch][index]
+    def layer_kwargs(self, hidden: torch.Tensor, index: int) -> dict[str, Any]:
+        """The call arguments (masks, rotary) of decoder layer ``index`` for the batch of hidden states ``hidden``:
+        those captured for its number of sequences (and, where token sets of several lengths were embedded, as
+        validation's beside calibration's, for its sequence length: dimension 1)."""
+        by_length = self._kwargs[hidden.shape[0]]
+        kwargs = next(iter(by_length.values())) if len(by_length) == 1 else by_length[hidden.shape[1]]
+        return kwargs[index]
 
     @contextlib.contextmanager
     def loaded(self, index: int) -> Iterator[torch.nn.Module]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moeslim import __version__
 from moeslim.errors import CalibrationDataError, UsageError
@@ -17,6 +17,9 @@ from moeslim.source import Checkpoint, open_checkpoint
 from moeslim.stream.options import at_least
 from moeslim.validate.report import kl_gate
 from moeslim.validate.structure import Structure, check_structure
+
+if TYPE_CHECKING:
+    from moeslim.validate.reference import Reference
 
 REPORT_FORMAT = "moeslim.validation/1"
 METRICS = ("kl_mean", "kl_p95", "top1_agreement", "perplexity_original", "perplexity_pruned", "scored_tokens")
@@ -46,9 +49,13 @@ class ValidateOptions:
         at_least("--generations", self.generations, 0, "0 shows none")
 
 
-def validate(original: Path, pruned: Path, opts: ValidateOptions, opened: Checkpoint | None = None) -> dict:
+def validate(
+    original: Path, pruned: Path, opts: ValidateOptions, opened: Checkpoint | None = None,
+    reference: Reference | None = None,
+) -> dict:  # fmt: skip
     """The validation report of ``pruned`` against ``original`` (both local folders; ``opened``: the original
-    already opened by the caller, as ``slim`` has it)."""
+    already opened by the caller, as ``slim`` has it; ``reference``: the original's side computed in ``slim``'s
+    calibration pass, used where it matches this validation, ``reference.py``)."""
     ckpt_p = open_checkpoint(pruned)
     structure = check_structure(ckpt_p, trust_remote_code=opts.trust_remote_code)
     ckpt_o = opened or open_checkpoint(original)
@@ -66,7 +73,7 @@ def validate(original: Path, pruned: Path, opts: ValidateOptions, opened: Checkp
     reason = numeric_skip_reason(ckpt_o, ckpt_p)
     if reason is None:
         try:
-            report.update(numeric(ckpt_o, layout_o, ckpt_p, structure, opts))
+            report.update(numeric(ckpt_o, layout_o, ckpt_p, structure, opts, reference))
         except CalibrationDataError as e:
             if opts.require_data:
                 raise
@@ -116,16 +123,22 @@ def tokenizer_of(ckpt_o: Checkpoint, ckpt_p: Checkpoint, trust_remote_code: bool
 
 
 def numeric(
-    ckpt_o: Checkpoint, layout_o: Layout, ckpt_p: Checkpoint, structure: Structure, opts: ValidateOptions
+    ckpt_o: Checkpoint,
+    layout_o: Layout,
+    ckpt_p: Checkpoint,
+    structure: Structure,
+    opts: ValidateOptions,
+    reference: Reference | None = None,
 ) -> dict:
-    """Metrics, per-layer errors and generations on held-out tokens."""
+    """Metrics, per-layer errors and generations on held-out tokens (the original's side from ``reference`` where
+    it ran these tokens in this dtype on this device)."""
     from moeslim.stream.context import parse_dtype
     from moeslim.stream.memory import check_fits
     from moeslim.stream.ranks import current, rank_device
-    from moeslim.stream.runner import LayerRunner
+    from moeslim.stream.runner import LayerRunner, resolve_device
     from moeslim.validate.generate import generations, skip_reason
     from moeslim.validate.heldout import load_heldout
-    from moeslim.validate.stream import compare
+    from moeslim.validate.stream import compare, compare_with
 
     dtype = parse_dtype(opts.dtype)
     tokenizer = tokenizer_of(ckpt_o, ckpt_p, opts.trust_remote_code)
@@ -136,10 +149,17 @@ def numeric(
     chunk = check_fits(ckpt_o, layout_o, dtype.itemsize, states, opts.dtype)  # one layer resident at a time
     ranks = current(opts.device)  # under torchrun each process validates a share of the batches
     device = rank_device(opts.device)
-    runners = [LayerRunner(c, lay, device, dtype, opts.trust_remote_code, chunk, ranks)
-               for c, lay in ((ckpt_o, layout_o), (ckpt_p, structure.layout))]  # fmt: skip
+    pairs: tuple[tuple[Checkpoint, Layout], ...] = ((ckpt_o, layout_o), (ckpt_p, structure.layout))
+    if reference is not None and ranks.world == 1 and reference.matches(held.tokens, opts.batch_size, dtype,
+                                                                        resolve_device(device)):  # fmt: skip
+        pairs = pairs[1:]  # the original's side was computed in slim's calibration pass
+    runners = [LayerRunner(c, lay, device, dtype, opts.trust_remote_code, chunk, ranks) for c, lay in pairs]
     try:
-        result = compare(runners[0], runners[1], held.tokens, opts.batch_size, ranks)
+        if len(runners) == 1:
+            assert reference is not None
+            result = compare_with(reference, runners[0])
+        else:
+            result = compare(runners[0], runners[1], held.tokens, opts.batch_size, ranks)
     finally:
         for runner in runners:
             runner.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from moeslim.stream.loop import Observer, Walk, walk
 from moeslim.stream.ranks import SINGLE, Ranks
 from moeslim.stream.runner import LayerRunner
 from moeslim.validate.metrics import RelativeError, TokenMetrics, position_chunks
+
+if TYPE_CHECKING:
+    from moeslim.validate.reference import Reference
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,44 @@ def compare(
     summary = metrics.summary()
     require_finite(summary, "from the logits", original.dtype)
     return Comparison(summary, side.errors, metrics.per_sequence())
+
+
+class Against(Observer):
+    """The pruned model's walk compared with the source's hidden states that a ``Reference`` kept (computed in
+    ``slim``'s calibration pass): the same errors and metrics as ``Pruned`` beside a walk of the source, without
+    reading the source again. Both heads are the pruned model's: surgery copies the source's head unchanged."""
+
+    def __init__(self, reference: Reference) -> None:
+        self.reference = reference
+        self.errors: dict[int, float] = {}
+        self.metrics = TokenMetrics()
+
+    def stop(self, walk: Walk) -> int | None:
+        return walk.runner.num_layers
+
+    def after(self, walk: Walk, index: int, layer: torch.nn.Module) -> None:
+        if index in walk.moe:
+            original = self.reference.states(index)
+            error = RelativeError()
+            for k in range(len(walk.store)):
+                error.add(original[k], walk.store[k])
+            self.errors[index] = error.value
+            require_finite({"relative_error": self.errors[index]}, f"after layer {index}", walk.runner.dtype)
+
+    def finish(self, walk: Walk) -> None:
+        runner = walk.runner
+        runner.load_head()
+        self.metrics = score(runner, runner, walk.tokens, walk.batch_size, self.reference.final, walk.store, walk.mine)
+
+
+def compare_with(reference: Reference, pruned: LayerRunner) -> Comparison:
+    """``compare`` of the source and ``pruned`` over the reference's tokens, in one process, the source's side
+    taken from ``reference``."""
+    side = Against(reference)
+    walk(pruned, reference.tokens, reference.batch_size, [side], desc="validating")
+    summary = side.metrics.summary()
+    require_finite(summary, "from the logits", pruned.dtype)
+    return Comparison(summary, side.errors, side.metrics.per_sequence())
 
 
 def require_finite(values: dict[str, float], where: str, dtype: torch.dtype) -> None:
