@@ -109,7 +109,9 @@ def os_error_line(e: OSError) -> str | None:
 
 def naming(e: OSError, path: object) -> OSError:
     """``e`` said of ``path`` when it names no file (a failed ``write`` on a descriptor names none)."""
-    return e if e.filename is not None else OSError(e.errno, e.strerror, str(path))
+    if e.filename is not None:
+        return e
+    return OSError(e.errno, e.strerror if e.strerror is not None else str(e), str(path))  # OSError("text") keeps it
 
 
 class SourceChangedError(HubError):

@@ -15,6 +15,10 @@ observer sees each step through hooks, all optional:
 - ``route(walk, index)``: None, or a function giving the experts the stream's forward of this MoE layer may route
   to (progressive), called once the layer has been measured. Where an observer routes and another measures, the
   layer runs twice: measured unmasked without moving the stream, then masked to move it.
+- ``ride(walk, index)``: a ``Ride``, other hidden states of the observer's own that should go through layer
+  ``index`` beside the stream (validation's reference), or None. Where the layer streams its experts from disk,
+  the rides' inputs are recorded with the stream's and swept in the same pass over the experts; each ride runs
+  once the measured forward is over (no observer's hooks see it), still inside that replay.
 - ``after(walk, index, layer)``: once the stream has passed layer ``index``, still loaded (trials run their own
   streams through it; resume boundaries are saved).
 - ``unloaded(walk, index)``: after layer ``index`` is unloaded (validation loads the pruned model's layer then,
@@ -82,6 +86,15 @@ class Walk:
         return self.runner.parts.get(index) if index in self.moe else None
 
 
+@dataclass(frozen=True)
+class Ride:
+    """Hidden states of an observer's own for one layer: ``inputs`` (one callable per batch, giving it) and ``run``,
+    which runs the loaded layer over them in that order."""
+
+    inputs: Sequence[Callable[[], torch.Tensor]]
+    run: Callable[[torch.nn.Module], None]
+
+
 class Observer:
     """Watches the loop; every hook is a no-op unless overridden (see the module docstring)."""
 
@@ -101,6 +114,9 @@ class Observer:
         return None
 
     def route(self, walk: Walk, index: int) -> Callable[[], tuple[int, ...]] | None:
+        return None
+
+    def ride(self, walk: Walk, index: int) -> Ride | None:
         return None
 
     def after(self, walk: Walk, index: int, layer: torch.nn.Module) -> None:
@@ -182,16 +198,24 @@ def _step(state: Walk, observers: Sequence[Observer], index: int, layer: torch.n
     block = state.block(index)
     route = None if block is None else next((r for o in observers if (r := o.route(state, index)) is not None), None)
     store = state.store
+    rides = [ride for o in observers if (ride := o.ride(state, index)) is not None]
     with contextlib.ExitStack() as stack:
-        # a layer streaming its experts runs over the batches first, its experts swept once, before any observer
-        # watches: the observers see the run that follows (``chunks.py``)
+        # a layer streaming its experts runs over the batches (and the rides) first, its experts swept once, before
+        # any observer watches: the observers see the run that follows (``chunks.py``)
         watched = [c for o in observers if (c := o.layer(state, index, layer)) is not None]  # not yet entered
         if watched or route is None:
             inputs = [functools.partial(store.__getitem__, b) for b in batches]
-            stack.enter_context(runner.replaying(index, layer, inputs))
-            for context in watched:
-                stack.enter_context(context)
-            _forward(state, observers, index, layer, batches, update=route is None)
+            stack.enter_context(runner.replaying(index, layer, [*inputs, *(x for r in rides for x in r.inputs)]))
+            with contextlib.ExitStack() as watching:
+                for context in watched:
+                    watching.enter_context(context)
+                _forward(state, observers, index, layer, batches, update=route is None)
+            for ride in rides:
+                ride.run(layer)
+            rides = []
+    for ride in rides:  # a progressive layer's measured run did not replay: each ride sweeps the experts itself
+        with runner.replaying(index, layer, ride.inputs):
+            ride.run(layer)
     if route is not None and block is not None:
         with mask_router(block, route(), runner.layout.num_experts):
             runner.forward(index, layer, state.store, batches=batches)

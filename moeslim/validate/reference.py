@@ -16,6 +16,7 @@ ran (``matches``); otherwise it runs the source again, as without one.
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ import torch
 
 from moeslim.errors import CalibrationDataError
 from moeslim.stream.activations import Activations
-from moeslim.stream.loop import Observer, Walk
+from moeslim.stream.loop import Observer, Ride, Walk
 
 if TYPE_CHECKING:
     from moeslim.source import Checkpoint
@@ -59,8 +60,20 @@ class Reference(Observer):
     def stop(self, walk: Walk) -> int | None:
         return walk.runner.num_layers
 
+    def batches(self, walk: Walk, index: int) -> list[int] | None:
+        return []  # the walk's own batches are not needed: past the calibration's last layer only the ride runs
+
+    def ride(self, walk: Walk, index: int) -> Ride:
+        """The held-out batches through layer ``index`` beside the calibration's (one sweep of streamed experts)."""
+        inputs = [functools.partial(self.stream.__getitem__, b) for b in range(len(self.stream))]
+
+        def run(layer: torch.nn.Module) -> None:
+            for b in range(len(self.stream)):
+                self.stream[b] = walk.runner.run(index, layer, self.stream[b])
+
+        return Ride(inputs, run)
+
     def after(self, walk: Walk, index: int, layer: torch.nn.Module) -> None:
-        walk.runner.forward(index, layer, self.stream)
         if index in walk.moe:
             start = len(self.kept)
             for b in range(len(self.stream)):
