@@ -26,6 +26,7 @@ from moeslim.plan import check_feasible
 from moeslim.publish.push import PushOptions, check_write_access, push_folder, upload_list
 from moeslim.remote.repo import DEFAULT_WINDOW, open_source
 from moeslim.stopping import Stopped, stopping_signals_raise
+from moeslim.stream.memory import is_out_of_memory, out_of_memory
 from moeslim.stream.options import CalibrationOptions
 from moeslim.units import human_bytes
 from moeslim.validate.report import format_report, kl_gate, write_report
@@ -65,7 +66,14 @@ SeqLen = Annotated[int, typer.Option(help="Tokens per calibration sequence.")]
 Device = Annotated[str, typer.Option(help="Compute device: cpu, cuda or cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")]
 BatchSize = Annotated[int, typer.Option(help="Sequences per forward batch.")]
-MaxMemory = Annotated[str | None, typer.Option(help="RAM for cached activations before spilling to disk, e.g. 8GB.")]
+MaxMemory = Annotated[
+    str | None,
+    typer.Option(
+        help="Memory for the run, e.g. 8GB: one decoder layer's weights (or its routed experts a chunk at a time)"
+        " plus the hidden states kept in RAM, the rest spilled to disk. Default: what the machine, its cgroup and"
+        " ulimit -v leave free."
+    ),
+]
 CacheWindow = Annotated[
     str,
     typer.Option(
@@ -404,6 +412,11 @@ def main() -> None:
     except Stopped as e:
         _say(f"moeslim: stopped by {e}")
         sys.exit(128 + e.signum)
+    except (MemoryError, RuntimeError, ImportError) as e:  # outside a pass, which names its layer: importing torch
+        if not is_out_of_memory(e) or os.environ.get("MOESLIM_DEBUG") == "1":  # or starting a thread under ulimit -v
+            raise
+        _say(f"moeslim: error: {out_of_memory()}")
+        sys.exit(2)
     except (MoeslimError, OSError) as e:
         if os.environ.get("MOESLIM_DEBUG") == "1":
             raise

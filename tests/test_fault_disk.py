@@ -26,13 +26,16 @@ from pathlib import Path
 
 import pytest
 
+from moeslim.stream.options import CalibrationOptions
 from moeslim.units import parse_size
+from tests.budgets import spilling
 from tests.conftest import run_cli
 from tests.hostile import Injector, injecting, leftovers, outcome_table, record, snapshot  # noqa: F401
 
 SRC = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-qwen3-moe"
 WORDS = " ".join(f"w{i % 90}" for i in range(4000))  # words the fixture tokenizer knows
 SMALL = ["--samples", "4", "--seq-len", "16"]
+SPILL = spilling(SRC, CalibrationOptions(samples=4, seq_len=16), 1000)  # whole layers, 1 kB of hidden states in RAM
 FRACTIONS = (0.0, 0.1, 0.3, 0.6, 0.85, 0.97)  # of the space a command needs at its peak
 PAGE = 4096
 
@@ -102,7 +105,7 @@ COMMANDS = {
     "slim": lambda d, t: ["slim", str(SRC), "--keep", "4", "--out", str(d / "out"), "--overwrite", "--criterion",
                           "ean", "--calib", str(t / "calib.txt"), *SMALL],
     "calibrate": lambda d, t: ["calibrate", str(SRC), "--out", str(d / "stats"), "--calib", str(t / "calib.txt"),
-                               *SMALL, "--max-memory", "1KB"],
+                               *SMALL, "--max-memory", SPILL],
     "validate": lambda d, t: ["validate", str(SRC), str(d / "out"), "--calib", str(t / "heldout.txt"), *SMALL,
                               "--generations", "0", "--json", str(d / "report.json")],
 }  # fmt: skip

@@ -6,7 +6,8 @@ The writes are not hand-listed: a clean run of each command records every write 
 and each write site (the line of moeslim's code and its caller, and the operation: open, mkdir, rename, write,
 fsync, ...) is then failed in a run of its own, at its first write, with the next fault of the list in turn:
 ENOSPC, EROFS, EACCES, EBUSY, EXDEV, ENAMETOOLONG, and a stop by SIGTERM or SIGHUP at that moment. The calibration's
-hidden states spill past a 1 KB ``--max-memory``, so the spill beside the target is among its writes; slim's
+hidden states spill past 1 kB (a ``--max-memory`` of its layer and 1 kB more), so the spill beside the target is
+among its writes; slim's
 correction writes its patches, its validation its report. After a failed ``slim`` or ``validate`` the folder is byte-identical to before, so the next run
 is the recorded clean run, which succeeded; a calibration leaves its statistics so far and is run again to resume.
 The table of classes, cases and outcomes is printed in pytest's summary.
@@ -27,6 +28,8 @@ from unittest import mock
 
 import pytest
 
+from moeslim.stream.options import CalibrationOptions
+from tests.budgets import spilling
 from tests.conftest import run_cli
 from tests.hostile import (  # noqa: F401  (outcome_table: a fixture)
     FAULTS,
@@ -45,6 +48,7 @@ from tests.hostile import (  # noqa: F401  (outcome_table: a fixture)
 SRC = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-qwen3-moe"
 WORDS = " ".join(f"w{i % 90}" for i in range(4000))  # words the fixture tokenizer knows
 SMALL = ["--samples", "4", "--seq-len", "16"]
+SPILL = spilling(SRC, CalibrationOptions(samples=4, seq_len=16), 1000)  # whole layers, 1 kB of hidden states in RAM
 
 
 def world(root: Path, capsys: pytest.CaptureFixture[str]) -> Path:
@@ -63,7 +67,7 @@ COMMANDS = {
     "slim": lambda w: ["slim", str(SRC), "--keep", "4", "--out", str(w / "out"), "--overwrite", "--criterion", "ean",
                        "--calib", str(w / "calib.txt"), *SMALL],
     "calibrate": lambda w: ["calibrate", str(SRC), "--out", str(w / "stats"), "--calib", str(w / "calib.txt"), *SMALL,
-                            "--max-memory", "1KB"],
+                            "--max-memory", SPILL],
     "validate": lambda w: ["validate", str(SRC), str(w / "out"), "--calib", str(w / "heldout.txt"), *SMALL,
                            "--generations", "0", "--json", str(w / "report.json")],
 }  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,14 @@ from moeslim.layout import resolve_layout
 from moeslim.source import open_checkpoint
 from moeslim.stream.context import RunContext
 from moeslim.stream.options import CalibrationOptions
+from tests.budgets import spilling
 
 pytestmark = pytest.mark.slow
 
 TRAINED = Path(__file__).resolve().parents[1] / "fixtures" / "trained"
 MIXTRAL, DEEPSEEK = TRAINED / "tiny-mixtral-16e", TRAINED / "tiny-deepseek-16e"  # MoE 0-3; dense 0, MoE 1-3
 OPTS = CalibrationOptions(samples=6, seq_len=16, batch_size=2, reconstruction_tokens=16)  # 3 batches: halves 2 | 1
-SPILLING = CalibrationOptions(samples=6, seq_len=16, batch_size=2, reconstruction_tokens=16, max_memory="5KB")
+SPILLING = replace(OPTS, max_memory=spilling(DEEPSEEK, OPTS, 5000))  # whole layers, 5 kB in RAM: batches of 8 kB spill
 Chooser = Callable[[int, Statistics], tuple[int, ...]]
 
 

@@ -19,11 +19,15 @@ import torch
 
 from moeslim.errors import OutputError
 from moeslim.stream.activations import Activations
+from moeslim.stream.options import CalibrationOptions
+from tests.budgets import spilling
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "fixtures" / "trained" / "tiny-mixtral-16e"
-SPILL = ["--max-memory", "5KB", "--samples", "32", "--seq-len", "64"]  # batches of 8 × 64 × 64 float32: 128 kB each
+#: batches of 8 × 64 × 64 float32, 128 kB each: whole layers with 5 kB of hidden states in RAM, so every batch spills
+SPILL = ["--max-memory", spilling(MODEL, CalibrationOptions(samples=32, seq_len=64), 5000), "--samples", "32",
+         "--seq-len", "64"]  # fmt: skip
 COMMANDS = {
     "calibrate": ("stats", ["calibrate", str(MODEL), "--out", "stats", *SPILL]),
     "slim": ("out", ["slim", str(MODEL), "--keep", "8", "--criterion", "ean", "--out", "out", "--no-validate", *SPILL]),

@@ -1,5 +1,6 @@
 """The hidden-state store of a layer-by-layer pass: one tensor ``(batch, seq, hidden)`` per calibration batch, on
-CPU, kept in memory up to a bound (``--max-memory``) and spilled to disk past it.
+CPU, kept in memory up to a bound (what the pass's memory plan leaves the hidden states of ``--max-memory``,
+``memory.py``) and spilled to disk past it.
 
 Spilled batches go into a temporary folder made on the first spill: beside the output or statistics folder whose
 lock the run holds, named as that target's temp folders (``targets.temp_beside``), so that a killed run's (many GB

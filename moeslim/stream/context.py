@@ -4,8 +4,9 @@ first needed, then kept).
 
 ``slim`` builds one ``RunContext`` for the source and hands it to calibration, ``auto``'s trials, the correction
 and validation, so the tokenizer is loaded and the calibration text tokenised once, and the device and dtype are
-checked once. Hidden states past ``--max-memory`` spill beside ``spill_beside``, the target whose lock the command
-holds (``activations.py``).
+checked once. Its memory plan (``memory.py``: whole layers or chunks of experts, and the hidden states kept in
+RAM within ``--max-memory``) is made once, before the first pass reads a weight; hidden states past it spill
+beside ``spill_beside``, the target whose lock the command holds (``activations.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from moeslim.families.table import text_config
 from moeslim.layout import Layout
 from moeslim.source import Checkpoint
 from moeslim.stream.activations import Activations
-from moeslim.stream.memory import check_fits
+from moeslim.stream.memory import MemoryPlan, States, plan_pass
 from moeslim.stream.options import CalibrationOptions
 from moeslim.stream.ranks import Ranks, current, rank_device
 from moeslim.units import parse_size
@@ -45,8 +46,9 @@ class RunContext:
     spill_beside: Path | None = None  # the target whose lock the run holds: hidden states spill beside it
     ranks: Ranks = field(init=False)
     dtype: torch.dtype = field(init=False)
-    max_bytes: int | None = field(init=False)  # hidden states kept in memory before spilling to disk
+    max_bytes: int | None = field(init=False)  # --max-memory: weights and hidden states together
     _data: CalibrationData | None = field(default=None, init=False, repr=False)
+    _plan: MemoryPlan | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.dtype, self.max_bytes = parse_dtype(self.opts.dtype), max_memory(self.opts.max_memory)
@@ -75,28 +77,31 @@ class RunContext:
         return self._data
 
     def activations(self) -> Activations:
-        """A new, empty store of hidden states, kept in memory up to ``--max-memory``, then spilled into a temporary
-        folder beside ``spill_beside`` (named as its temp folders, so the next run there removes a killed run's)
-        or, without it, in TMPDIR."""
-        return Activations(self.max_bytes, self.spill_beside)
+        """A new, empty store of hidden states, kept in memory up to what the memory plan leaves them, then spilled
+        into a temporary folder beside ``spill_beside`` (named as its temp folders, so the next run there removes
+        a killed run's) or, without it, in TMPDIR."""
+        return Activations(self.plan().spill_after, self.spill_beside)
 
     def runner(self) -> LayerRunner:
         """A fresh layer runner of the checkpoint (close it when done), once its largest layer is known to fit."""
         from moeslim.stream.runner import LayerRunner  # transformers' model code: imported when used
 
-        chunk = self.check_fits()
+        chunk = self.plan().chunk
         opts = self.opts
         return LayerRunner(self.ckpt, self.layout, self.device, self.dtype, opts.trust_remote_code, chunk, self.ranks)
 
-    def check_fits(self, streams: int = 1) -> int | None:
-        """Refuse in one line, before any weight is read, a pass whose largest layer and ``streams`` copies of
-        the hidden states cannot fit in memory (``memory.py``)."""
-        opts, size = self.opts, self.dtype.itemsize
-        hidden = int(text_config(self.ckpt.config).get("hidden_size") or 0)
-        states = opts.samples * opts.seq_len * hidden * size
-        if self.max_bytes is not None:
-            states = min(states, self.max_bytes)
-        return check_fits(self.ckpt, self.layout, size, states * streams, opts.dtype)
+    def plan(self) -> MemoryPlan:
+        """The passes' memory plan, made on first use (refused there in one line, before any weight is read, where
+        the largest layer cannot fit beside the hidden states: ``memory.py``)."""
+        if self._plan is None:
+            size = self.dtype.itemsize
+            self._plan = plan_pass(self.ckpt, self.layout, size, self.opts.dtype, self.states(), self.max_bytes)
+        return self._plan
+
+    def states(self) -> States:
+        """The hidden states a pass holds: every calibration sequence's, a batch at a time."""
+        row = self.opts.seq_len * int(text_config(self.ckpt.config).get("hidden_size") or 0) * self.dtype.itemsize
+        return States(self.opts.samples * row, self.batch_size * row)
 
 
 def load_tokenizer(ckpt: Checkpoint, trust_remote_code: bool = False) -> Any:
@@ -146,7 +151,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def max_memory(text: str | None) -> int | None:
-    """``--max-memory`` in bytes (None: no bound)."""
+    """``--max-memory`` in bytes (None: what this process may allocate)."""
     if text is None:
         return None
     try:

@@ -18,7 +18,7 @@ class CalibrationOptions:
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 8
-    max_memory: str | None = None  # activations kept in RAM before spilling to disk, e.g. "8GB"
+    max_memory: str | None = None  # weights and hidden states in RAM, e.g. "8GB" (memory.py); None: what is free
     reconstruction_tokens: int = 256  # tokens per layer sampled for the reconstruction criterion
     calib_split: str = "train"
     calib_column: str | None = None

@@ -133,7 +133,7 @@ def numeric(
     """Metrics, per-layer errors and generations on held-out tokens (the original's side from ``reference`` where
     it ran these tokens in this dtype on this device)."""
     from moeslim.stream.context import parse_dtype
-    from moeslim.stream.memory import check_fits
+    from moeslim.stream.memory import States, plan_pass
     from moeslim.stream.ranks import current, rank_device
     from moeslim.stream.runner import LayerRunner, resolve_device
     from moeslim.validate.generate import generations, skip_reason
@@ -145,8 +145,9 @@ def numeric(
     held = load_heldout(opts.calib, tokenizer, plan_calibration(ckpt_p.root), samples=opts.samples,
                         seq_len=opts.seq_len, seed=opts.seed)  # fmt: skip
     hidden = int(text_config(ckpt_o.config).get("hidden_size") or 0)
-    states = 2 * opts.samples * opts.seq_len * hidden * dtype.itemsize  # both models' hidden states
-    chunk = check_fits(ckpt_o, layout_o, dtype.itemsize, states, opts.dtype)  # one layer resident at a time
+    row = opts.seq_len * hidden * dtype.itemsize  # one sequence's hidden states; both models' streams stay in RAM
+    states = States(opts.samples * row, opts.batch_size * row, streams=2, spill=False)
+    chunk = plan_pass(ckpt_o, layout_o, dtype.itemsize, opts.dtype, states).chunk  # one layer resident at a time
     ranks = current(opts.device)  # under torchrun each process validates a share of the batches
     device = rank_device(opts.device)
     pairs: tuple[tuple[Checkpoint, Layout], ...] = ((ckpt_o, layout_o), (ckpt_p, structure.layout))
