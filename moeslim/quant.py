@@ -15,6 +15,10 @@ SCALED_PARTS = (".weight", ".weight_scale", ".weight_zero_point", ".input_scale"
 GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")  # GPTQ / AWQ packs
 NVFP4_PARTS = (".weight_scale", ".weight_scale_2", ".input_scale")  # ModelOpt NVFP4, beside the U8 <module>.weight
 
+#: what follows ``<fused expert tensor>_`` in the name of a tensor that quantises it, in the module naming
+#: (``experts.gate_up_proj_scale_inv``, ``_weight_scale``, ``_weight_scale_2``, ``_input_scale``): no public
+#: release ships them (FP8 and NVFP4 MoE releases are per-expert), transformers' quantisers name them so in memory
+FUSED_SCALES = ("scale", "scale_inv", "scale_2", "zero_point")
 #: what is gone once a weight is dequantised: its scales, zero points, shapes and activation scales
 DROPPED_WHEN_DENSE = (*FP8_SCALE, *FP8_EXTRA, "_scales", ".weight_scale", ".weight_zero_point", ".weight_shape",
                       ".qzeros", ".scales", ".g_idx", ".weight_scale_2")  # fmt: skip
