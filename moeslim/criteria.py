@@ -13,7 +13,7 @@ import numpy as np
 from moeslim.calibrate.statistics import LayerStats, Statistics
 from moeslim.errors import CheckpointError, PlanError
 from moeslim.floats import read_float, read_rows
-from moeslim.layout import Layout, MoeLayer
+from moeslim.layout import Layout, MoeLayer, unread_experts
 from moeslim.plan import check_finite_scores
 from moeslim.quant import READABLE, quantization_config, unreadable
 from moeslim.shards import FLOAT_DTYPES
@@ -57,6 +57,8 @@ def weight_norm(ckpt: Checkpoint, layout: Layout, seed: int | None = None) -> Sc
 def _dequantised_weight_norm(ckpt: Checkpoint, layout: Layout) -> Scores:
     """``weight_norm`` of a quantised checkpoint: each expert's weights dequantised as calibration reads them
     (``stream/dequant.py``), one expert at a time."""
+    if why := unread_experts(layout, ckpt.config):
+        raise PlanError(f"weight-norm cannot score: {why}; use router-norm, or the model's per-expert release")
     method = unreadable(ckpt.config)
     if method:
         raise PlanError(f"weight-norm cannot dequantise {method} expert weights (it reads {READABLE}); use router-norm")

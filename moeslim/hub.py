@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import difflib
 import glob
+import importlib
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from moeslim import __version__
@@ -142,7 +144,6 @@ def _check_in_repo(repo_id: str, commit: str, shards: list[str]) -> None:
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None = None, *, writing: bool = False) -> Iterator[None]:
     """Turn huggingface_hub's errors about ``repo_id`` into one-line moeslim errors."""
-    import httpx2
     from huggingface_hub.errors import (
         HfHubHTTPError,
         HFValidationError,
@@ -157,8 +158,17 @@ def hub_errors(repo_id: str, revision: str | None = None, *, writing: bool = Fal
         raise HubAuthError(f"no Hugging Face token found for {repo_id}: {LOGIN}") from e
     except OfflineModeIsEnabled as e:
         raise HubError(f"HF_HUB_OFFLINE is set, so {repo_id} cannot be reached; unset it to go online") from e
-    except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, httpx2.HTTPError) as e:
+    except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError, http_library().HTTPError) as e:
         raise explain(e, repo_id, revision, writing) from e
+
+
+def http_library() -> ModuleType:
+    """The HTTP library of huggingface_hub's session, whose errors a request raises: httpx under huggingface_hub
+    1.x, httpx2 under 2.x (pyproject allows both, and transformers 5.16 pins 1.x). Their error classes are
+    unrelated, so catching one library's by name lets the other's escape as a traceback."""
+    from huggingface_hub import get_session
+
+    return importlib.import_module(type(get_session()).__module__.partition(".")[0])
 
 
 LOGIN = "log in with `hf auth login` or set HF_TOKEN"

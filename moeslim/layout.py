@@ -6,6 +6,7 @@ that surgery can trust it: every MoE layer has a router with one row per expert 
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -15,6 +16,7 @@ from functools import cache
 from moeslim.errors import CheckpointError, UnsupportedModelError
 from moeslim.families.table import Family, config_value, family_of, text_config
 from moeslim.jsonio import is_whole
+from moeslim.quant import FUSED_SCALES, quantization_config
 from moeslim.source import Checkpoint
 
 
@@ -37,6 +39,10 @@ class MoeLayer:
     # flattened into a matrix (DBRX's ``w1`` is ``[experts × ffn, hidden]``), zero-computation experts' rows
     blocks: tuple[tuple[str, int, int], ...] = ()
     extra: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (index, names) of per-expert tensors past the experts
+    # tensors that quantise a fused one (``experts.gate_up_proj_scale_inv`` beside an FP8 ``experts.gate_up_proj``):
+    # those with a slice per expert are in ``fused`` too, sliced as bytes like their weight, one value for every
+    # expert is left whole; their weights are not dequantised (``unread_experts``)
+    quantised: tuple[str, ...] = ()
 
     def dim_of(self, name: str) -> int:
         """The dim of ``name`` (a router or fused tensor) that indexes experts."""
@@ -90,6 +96,20 @@ class Layout(Routing):
     @property
     def moe_indices(self) -> list[int]:
         return [layer.index for layer in self.layers]
+
+
+def unread_experts(layout: Layout, config: dict) -> str | None:
+    """Why calibration and ``weight-norm`` cannot read ``layout``'s experts (``config``: its ``config.json``), or
+    None: experts quantised in the fused module naming are sliced by surgery but not dequantised (no public release
+    ships them)."""
+    quantised = next((n for layer in layout.layers for n in layer.quantised), None)
+    if quantised is None:
+        return None
+    method = quantization_config(config).get("quant_method", "quantised")
+    return (
+        f"{method} experts in the fused module naming ({quantised}) are not dequantised (moeslim reads quantised"
+        " experts per expert, as FP8 and NVFP4 releases ship them)"
+    )
 
 
 def routing_of(config: dict) -> Routing:
@@ -389,24 +409,34 @@ def _layer_settings(family: Family, cfg: dict) -> tuple[set[int] | None, int]:
 
 def _collect(names: list[str], family: Family, block: str) -> Collected:
     """The router tensors, fused expert tensors and per-expert tensors (expert id → {suffix: full name}) among
-    ``names`` (those under the MoE block ``block``) under ``family``'s naming."""
+    ``names`` (those under the MoE block ``block``) under ``family``'s naming. A fused tensor's quantisation
+    companions (``experts.gate_up_proj_scale_inv``: its name, ``_`` and a quantiser's suffix) are fused tensors."""
     router, fused = [], []
     per_expert: dict[int, dict[str, str]] = defaultdict(dict)
     for name in names:
         rel = name[len(block) :]
         if _matches(rel, family.router):
             router.append(name)
-        elif family.fused and _matches(rel, family.experts):
+        elif family.fused and (_matches(rel, family.experts) or companion_of(rel, family.experts)):
             fused.append(name)
         elif not family.fused and (found := _expert_part(rel, family.experts)):
             per_expert[found[0]][found[1]] = name
     return router, fused, per_expert
 
 
+def companion_of(rel: str, experts: tuple[str, ...]) -> str | None:
+    """The fused expert tensor (relative name, among ``experts``) that ``rel`` quantises, or None."""
+    if rel in experts:
+        return None
+    return next((e for e in experts if rel.startswith(e + "_") and rel[len(e) :].endswith(FUSED_SCALES)), None)
+
+
 def _moe_layer(
     ckpt: Checkpoint, family: Family, index: int, block: str, num_experts: int, mtp: bool, collected: Collected
 ) -> MoeLayer:
     router, fused, per_expert = collected
+    quantised = tuple(n for n in fused if companion_of(n[len(block) :], family.experts))
+    fused = [n for n in fused if n not in quantised or _sliced(ckpt, family, block, n, index, num_experts)]
     rel_dims = dict(family.dims)
     dims = tuple((n, rel_dims[n[len(block) :]]) for n in router + fused if n[len(block) :] in rel_dims)
     blocks = tuple(_blocks(ckpt, family, block, n, num_experts, index, dict(dims).get(n, 0)) for n in router + fused)
@@ -419,7 +449,23 @@ def _moe_layer(
         extra = tuple((j, tuple(per_expert.pop(j).values())) for j in sorted(per_expert) if j >= num_experts)
     experts = () if family.fused else _check_per_expert(per_expert, num_experts, index, block)
     odd = tuple(b for b in blocks if b[1:] != (1, 0))
-    return MoeLayer(index, block, tuple(router), tuple(fused), experts, mtp, dims, odd, extra)
+    return MoeLayer(index, block, tuple(router), tuple(fused), experts, mtp, dims, odd, extra, quantised)
+
+
+def _sliced(ckpt: Checkpoint, family: Family, block: str, name: str, index: int, num_experts: int) -> bool:
+    """Whether companion ``name`` has a slice per expert on dim 0, which surgery slices as bytes; False for one
+    value for every expert (a per-tensor scale), left whole as pruning leaves it. Any other shape is refused."""
+    shape = ckpt.tensors[name].shape
+    if math.prod(shape) == 1:
+        return False
+    base = companion_of(name[len(block) :], family.experts)
+    if dict(family.dims).get(base or "", 0) != 0 or not shape or shape[0] != num_experts:
+        raise UnsupportedModelError(
+            f"layer {index}: {name} {list(shape)} quantises the fused experts {block}{base} without one slice per"
+            f" expert on dim 0 (config: {num_experts} experts); moeslim cannot prune it: use the per-expert release"
+            " of the model, or its unquantised one"
+        )
+    return True
 
 
 def _matches(rel: str, names: tuple[str, ...]) -> bool:

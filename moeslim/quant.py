@@ -15,11 +15,15 @@ SCALED_PARTS = (".weight", ".weight_scale", ".weight_zero_point", ".input_scale"
 GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")  # GPTQ / AWQ packs
 NVFP4_PARTS = (".weight_scale", ".weight_scale_2", ".input_scale")  # ModelOpt NVFP4, beside the U8 <module>.weight
 
+#: what follows ``<fused expert tensor>_`` in the name of a tensor that quantises it, in the module naming
+#: (``experts.gate_up_proj_scale_inv``, ``_weight_scale``, ``_weight_scale_2``, ``_input_scale``): no public
+#: release ships them (FP8 and NVFP4 MoE releases are per-expert), transformers' quantisers name them so in memory
+FUSED_SCALES = ("scale", "scale_inv", "scale_2", "zero_point")
 #: what is gone once a weight is dequantised: its scales, zero points, shapes and activation scales
 DROPPED_WHEN_DENSE = (*FP8_SCALE, *FP8_EXTRA, "_scales", ".weight_scale", ".weight_zero_point", ".weight_shape",
                       ".qzeros", ".scales", ".g_idx", ".weight_scale_2")  # fmt: skip
-#: packed codes and how many dense values one stored element holds, by stored dtype (4-bit codes where it varies;
-#: a U8 ``.weight`` is NVFP4's two codes a byte)
+#: packed codes and how many dense values one stored element holds, by stored dtype, for 4-bit codes where the
+#: width varies (``packed_codes`` gives them for a checkpoint's bits); a U8 ``.weight`` is NVFP4's two codes a byte
 PACKED_CODES = {".weight_packed": {"I32": 8, "I64": 16}, ".qweight": {"I32": 8}, "_blocks": {"U8": 2},
                 ".weight": {"U8": 2}}  # fmt: skip
 #: tensors that only mean something beside a quantised weight
@@ -41,6 +45,23 @@ def quantization_config(config: dict) -> dict:
     when the checkpoint is not quantised."""
     found = text_config(config).get("quantization_config") or config.get("quantization_config") or {}
     return found if isinstance(found, dict) else {}
+
+
+def packed_codes(config: dict) -> dict[str, dict[str, int]]:
+    """``PACKED_CODES`` for the checkpoint of ``config``: a word holds ``32 / bits`` codes at the bits its
+    quantisation config gives (GPTQ/AWQ ``bits``; compressed-tensors' ``num_bits``, the fewest where its groups
+    differ, so that a layer is never counted below its dense size), 4 where it gives none. A GPTQ 8-bit weight is
+    4 codes an int32, not 8: counted at 4-bit, its dense size would be twice what it is."""
+    quant, codes = quantization_config(config), dict(PACKED_CODES)
+    bits = quant.get("bits") or quant.get("w_bit")
+    if isinstance(bits, int) and 0 < bits <= 32:
+        codes[".qweight"] = {"I32": 32 // bits}
+    groups = quant.get("config_groups")
+    weights = [g.get("weights") for g in groups.values() if isinstance(g, dict)] if isinstance(groups, dict) else []
+    widths = [w["num_bits"] for w in weights if isinstance(w, dict) and isinstance(w.get("num_bits"), int)]
+    if widths and 0 < min(widths) <= 32:
+        codes[".weight_packed"] = {"I32": 32 // min(widths), "I64": 64 // min(widths)}
+    return codes
 
 
 #: formats whose weights calibration and validation dequantise layer by layer (``stream/dequant.py``, ``packs.py``)

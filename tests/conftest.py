@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -117,3 +119,21 @@ def streamed_statistics(src: Path, expert_chunk: int | None = None) -> Any:
         return calibrate_layers(runner, statistics_tokens(), 2, Statistics(layout.num_experts))
     finally:
         runner.close()
+
+
+@functools.cache
+def installed_families() -> tuple[list[str], dict[str, Any]]:
+    """The MoE model types the installed transformers defines, and the family record moeslim uses for each under
+    it: the committed table (``families.json``) where it was derived under this version; under another (CI also runs
+    the oldest transformers the package allows), each type's record as moeslim derives and caches it at run time
+    (``families/runtime.py``, in the session's cache folder), the type left out where that finds no MoE model.
+    Computed once per session: listing the types builds every config class transformers defines."""
+    import transformers
+
+    from moeslim.families.derive import DERIVED_PATH, moe_model_types
+    from moeslim.families.runtime import record_of
+
+    types, committed = moe_model_types(), json.loads(DERIVED_PATH.read_text(encoding="utf-8"))
+    if committed["transformers"] == transformers.__version__:
+        return types, committed["families"]
+    return types, {t: r for t in types if (r := record_of(t, transformers.__version__)) is not None}

@@ -28,8 +28,7 @@ import transformers
 
 from moeslim.calibrate.capture import FIELDS, LayerStats, collect
 from moeslim.criteria import DATA_FREE
-from moeslim.families.derive import DERIVED_PATH, moe_model_types, probe
-from moeslim.families.runtime import record_of
+from moeslim.families.derive import DERIVED_PATH, probe
 from moeslim.families.table import FAMILIES, text_config
 from moeslim.families.tiny import tiny_model
 from moeslim.layout import _matches, resolve_layout
@@ -38,25 +37,13 @@ from moeslim.pipeline import SlimOptions, slim
 from moeslim.source import open_checkpoint
 from moeslim.stream.masking import drop_experts_of
 from moeslim.stream.modules import moe_parts
-from tests.conftest import distinct, run_cli, statistics_tokens, streamed_statistics
+from tests.conftest import distinct, installed_families, run_cli, statistics_tokens, streamed_statistics
 
 pytestmark = pytest.mark.slow
 
 COMMITTED: dict[str, Any] = json.loads(DERIVED_PATH.read_text(encoding="utf-8"))
-TYPES = moe_model_types()
 VERSION = transformers.__version__
-
-
-def _installed_table() -> dict[str, Any]:
-    """The family records moeslim uses under the installed transformers: the committed table where it was derived
-    under this version; under another, each MoE type's record as moeslim derives and caches it at run time (the
-    cache is the session's own: ``tests/conftest.py``), the type left out where that finds no MoE model."""
-    if COMMITTED["transformers"] == VERSION:
-        return COMMITTED["families"]
-    return {t: r for t in TYPES if (r := record_of(t, VERSION)) is not None}
-
-
-TABLE = _installed_table()
+TYPES, TABLE = installed_families()  # the records moeslim uses under the installed transformers
 STALE = (
     "regenerate with: python -m moeslim.families.derive"
     if COMMITTED["transformers"] == VERSION

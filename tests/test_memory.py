@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moeslim.layout import resolve_layout
+from moeslim.quant import packed_codes
 from moeslim.shards import read_header
 from moeslim.source import open_checkpoint
 from moeslim.stream.memory import is_out_of_memory, layer_bytes
@@ -29,6 +30,26 @@ def test_layer_bytes_is_the_sum_of_the_largest_layers_tensors() -> None:
         for i in range(layout.num_hidden_layers)
     }
     assert size == max(per_layer.values()) and per_layer[index] == size  # float32: 4 bytes an element
+
+
+def test_a_packed_word_holds_32_over_the_configs_bits_codes() -> None:
+    def codes(quant: dict) -> dict:
+        return packed_codes({"model_type": "qwen3_moe", "quantization_config": quant})
+
+    # an int32 word of b-bit codes holds 32 / b of them: GPTQ 8-bit 4, 2-bit 16; AWQ spells bits w_bit
+    assert codes({"quant_method": "gptq", "bits": 8})[".qweight"] == {"I32": 4}
+    assert codes({"quant_method": "gptq", "bits": 2})[".qweight"] == {"I32": 16}
+    assert codes({"quant_method": "awq", "w_bit": 4})[".qweight"] == {"I32": 8}
+    # compressed-tensors: the fewest bits of its groups (8-bit and 4-bit groups: 4-bit's 8 a word, 16 an int64)
+    groups = {"a": {"weights": {"num_bits": 8}}, "b": {"weights": {"num_bits": 4}}}
+    assert codes({"quant_method": "compressed-tensors", "config_groups": groups})[".weight_packed"] == {
+        "I32": 8, "I64": 16
+    }  # fmt: skip
+    only8 = {"a": {"weights": {"num_bits": 8}}}
+    assert codes({"quant_method": "compressed-tensors", "config_groups": only8})[".weight_packed"] == {
+        "I32": 4, "I64": 8
+    }  # fmt: skip
+    assert codes({})[".qweight"] == {"I32": 8} and codes({})["_blocks"] == {"U8": 2}  # unsaid: 4-bit; MXFP4 2 a byte
 
 
 def _tensors(ckpt) -> dict:  # noqa: ANN001

@@ -34,6 +34,7 @@ from moeslim.source import open_checkpoint
 from moeslim.stream import packs
 from moeslim.stream.dequant import Packed, Reader, dense_items
 from moeslim.stream.masking import drop_experts_of
+from moeslim.stream.memory import layer_bytes
 from moeslim.stream.packs import nvfp4_dense, unpack_columns, unpack_rows
 from moeslim.validate.structure import check_structure
 from tests.conftest import run_cli, streamed_statistics
@@ -234,6 +235,13 @@ def test_statistics_and_weight_norms_equal_the_dequantised_twin(name: str, relea
     for index, values in scores[1].items():
         np.testing.assert_allclose(scores[0][index], values, rtol=1e-6)
         assert np.ptp(values) > 0
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_the_memory_check_counts_a_packed_layer_as_its_dequantised_twin(name: str, release) -> None:
+    """A GPTQ 8-bit word holds 4 codes, not 8: counted as 4-bit, its layer was twice its dense size."""
+    quantised, twin = (open_checkpoint(p) for p in release(name))
+    assert layer_bytes(quantised, resolve_layout(quantised), 2) == layer_bytes(twin, resolve_layout(twin), 2)
 
 
 def _raw(ckpt, name: str) -> bytes:

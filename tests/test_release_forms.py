@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save_file
 
 from moeslim.calibrate.capture import FIELDS
 from moeslim.criteria import router_norm, weight_norm
-from moeslim.families.derive import DERIVED_PATH
 from moeslim.families.table import family_of
 from moeslim.families.tiny import save_module_form, tiny_model
 from moeslim.layout import resolve_layout
@@ -32,9 +31,9 @@ from moeslim.names import PLAN_NAME
 from moeslim.pipeline import SlimOptions, slim
 from moeslim.source import open_checkpoint
 from moeslim.stream.masking import drop_experts_of
-from tests.conftest import distinct, run_cli, streamed_statistics
+from tests.conftest import distinct, installed_families, run_cli, streamed_statistics
 
-TABLE: dict[str, Any] = json.loads(DERIVED_PATH.read_text(encoding="utf-8"))["families"]
+_, TABLE = installed_families()  # under any transformers, the families it defines, as moeslim reads them there
 FAMILIES = sorted(t for t, r in TABLE.items() if "refused" not in r)
 
 

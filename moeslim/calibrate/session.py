@@ -17,7 +17,7 @@ from moeslim.calibrate.statistics import CalibrationMeta
 from moeslim.calibrate.stats_file import check_stats_fit, fingerprint, load_stats, save_stats
 from moeslim.errors import OutputError, PlanError
 from moeslim.families.table import check_calibratable
-from moeslim.layout import Layout
+from moeslim.layout import Layout, unread_experts
 from moeslim.names import STATS_JSON
 from moeslim.quant import READABLE, unreadable
 from moeslim.source import Checkpoint
@@ -49,6 +49,9 @@ def run_calibration(
 def check_runnable(ckpt: Checkpoint, layout: Layout) -> None:
     """Refuse, in one line, a checkpoint that calibration cannot run (its family, or quantised weights)."""
     check_calibratable(layout.family)
+    if why := unread_experts(layout, ckpt.config):
+        raise PlanError(f"calibration cannot run: {why}; use a data-free --criterion such as router-norm, or the"
+                        " model's per-expert release")  # fmt: skip
     method = unreadable(ckpt.config)
     if method:
         raise PlanError(

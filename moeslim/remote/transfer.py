@@ -68,8 +68,9 @@ class Transfer:
 
     def _once(self, remote: Remote, fd: int, start: int, end: int) -> int:
         """One request for ``[start, end)``; returns the offset reached (``end`` when complete)."""
-        import httpx2
         from huggingface_hub import get_session, hf_hub_url
+
+        from moeslim.hub import http_library
 
         url = hf_hub_url(self.repo_id, remote.name, revision=self.commit)
         headers = {**self._headers, "Range": f"bytes={start}-{end - 1}"}
@@ -82,7 +83,7 @@ class Transfer:
                     os.pwrite(fd, chunk, at)
                     at += len(chunk)
                     self.received += len(chunk)
-        except (httpx2.TransportError, httpx2.RemoteProtocolError) as e:
+        except http_library().TransportError as e:  # RemoteProtocolError (a cut body) is one
             raise _Retry(type(e).__name__, at) from e
         if at < end:
             raise _Retry("the connection closed early", at)

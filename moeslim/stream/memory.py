@@ -17,7 +17,7 @@ from pathlib import Path
 
 from moeslim.errors import DeviceError
 from moeslim.layout import Layout, decoder_layer_of
-from moeslim.quant import DROPPED_WHEN_DENSE, PACKED_CODES
+from moeslim.quant import DROPPED_WHEN_DENSE, packed_codes
 from moeslim.source import Checkpoint
 from moeslim.units import human_bytes
 
@@ -41,23 +41,25 @@ def layer_bytes(ckpt: Checkpoint, layout: Layout, element_size: int) -> tuple[in
     bytes, from the headers: quantised tensors count at their dense size (a packed int4 or FP8 weight becomes a
     ``element_size``-byte tensor of its unpacked shape; their scales are not kept)."""
     sizes: dict[int, int] = {}
+    codes = packed_codes(ckpt.config)
     for name, info in ckpt.tensors.items():
         index = decoder_layer_of(name, layout.family.layers_name)
         if index is None:
             continue
-        sizes[index] = sizes.get(index, 0) + _dense_elements(name, info.shape, info.dtype) * element_size
+        sizes[index] = sizes.get(index, 0) + _dense_elements(name, info.shape, info.dtype, codes) * element_size
     if not sizes:
         return 0, 0
     index = max(sizes, key=lambda i: (sizes[i], -i))
     return index, sizes[index]
 
 
-def _dense_elements(name: str, shape: tuple[int, ...], dtype: str) -> int:
-    """Elements of the dense tensor an on-disk tensor stands for: packed codes unpack (int4 in I32: × 8; MXFP4
-    blocks in U8: × 2), scales and other companions are dropped once dequantised."""
+def _dense_elements(name: str, shape: tuple[int, ...], dtype: str, codes: dict[str, dict[str, int]]) -> int:
+    """Elements of the dense tensor an on-disk tensor stands for: packed codes unpack (``codes``, the checkpoint's
+    ``packed_codes``: int4 in I32 × 8, int8 × 4; MXFP4 blocks in U8: × 2), scales and other companions are dropped
+    once dequantised."""
     if name.endswith(DROPPED_WHEN_DENSE):
         return 0
-    per = next((kinds.get(dtype, 1) for suffix, kinds in PACKED_CODES.items() if name.endswith(suffix)), 1)
+    per = next((kinds.get(dtype, 1) for suffix, kinds in codes.items() if name.endswith(suffix)), 1)
     return math.prod(shape) * per
 
 
@@ -133,10 +135,11 @@ def layer_split(ckpt: Checkpoint, layout: Layout, element_size: int) -> LayerSpl
     """The largest decoder layer and how it divides into what stays resident and its routed experts (the largest
     expert: a fused tensor counts 1/E of its bytes to each)."""
     index, whole = layer_bytes(ckpt, layout, element_size)
+    codes = packed_codes(ckpt.config)
 
     def dense(name: str) -> int:
         info = ckpt.tensors[name]
-        return _dense_elements(name, info.shape, info.dtype) * element_size
+        return _dense_elements(name, info.shape, info.dtype, codes) * element_size
 
     e = max(1, layout.num_experts)
     experts: set[str] = set()

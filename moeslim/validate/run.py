@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from moeslim import __version__
 from moeslim.errors import CalibrationDataError, UsageError
 from moeslim.families.table import family_of, text_config
-from moeslim.layout import Layout, resolve_layout
+from moeslim.layout import Layout, resolve_layout, unread_experts
 from moeslim.names import PLAN_NAME
 from moeslim.quant import READABLE, unreadable
 from moeslim.source import Checkpoint, open_checkpoint
@@ -71,6 +71,8 @@ def validate(
         "moeslim_version": __version__,
     }
     reason = numeric_skip_reason(ckpt_o, ckpt_p)
+    if reason is None and (why := unread_experts(layout_o, ckpt_o.config)):
+        reason = f"skipped: {why}"
     if reason is None:
         try:
             report.update(numeric(ckpt_o, layout_o, ckpt_p, structure, opts, reference))

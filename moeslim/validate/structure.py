@@ -126,8 +126,11 @@ def check_with_transformers(
 
     mtp = tuple(_mtp_prefix(layer.block, layout.family) for layer in layout.layers if layer.mtp)
     # a quantisation calibration reads is checked at its dequantised names and shapes; others by name only
-    by_name = unreadable(ckpt.config) is not None
+    # fused experts quantised (``unread_experts``): their weights and companions by name too
+    fused = {n for layer in layout.layers if layer.quantised for n in (*layer.fused, *layer.quantised)}
+    by_name = unreadable(ckpt.config) is not None or bool(fused)
     names = [n for n in ckpt.tensors if not n.startswith(mtp) and not (by_name and n.endswith(QUANT_SUFFIXES))]
+    names = [n for n in names if n not in fused]
     model, info, count = load_on_meta(ckpt, names, trust_remote_code)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     missing = {m for m in info.missing_keys if not (m in tied and tied[m] not in info.missing_keys)}
