@@ -12,6 +12,7 @@ are those that read 8 and 10. The result is plain data (``families.json``), so m
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -19,6 +20,7 @@ import tempfile
 import textwrap
 import tokenize
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +55,28 @@ def is_moe_type(model_type: str) -> bool:
     if model_type not in CONFIG_MAPPING:
         return False
     try:
-        d = CONFIG_MAPPING[model_type]().to_dict()
+        with _offline():
+            d = CONFIG_MAPPING[model_type]().to_dict()
     except Exception:  # noqa: BLE001 - a config class that cannot build its defaults has no family to derive
         return False
     nested = d.get("text_config")
     text: dict[str, Any] = nested if isinstance(nested, dict) else d
     return any(k in COUNT_KEYS for k in _flat_keys(text)) and architecture_of(model_type) is not None
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """huggingface_hub in offline mode: a config class whose defaults fetch a sub-config from the Hub (5.16's
+    ``edgetam``: a timm config) fails at once, instead of waiting out retries without a network (47 s measured);
+    deriving the families never downloads anything."""
+    import huggingface_hub.constants as constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def _flat_keys(d: dict[str, Any]) -> list[str]:
