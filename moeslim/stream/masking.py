@@ -65,6 +65,53 @@ def router_logits(parts: MoeParts, edit: Callable[[torch.Tensor], torch.Tensor])
     """Within the context, the logits that the router of ``parts`` computes pass through ``edit`` (which may
     record them or change them). The logits are the output of the one ``F.linear`` call in the router's own
     forward whose weight has the router weight's shape (the weight itself, or an upcast copy of it)."""
+    with _logit_call(parts, lambda linear, *args: edit(linear(*args))):
+        yield
+
+
+@contextlib.contextmanager
+def masked_rows(parts: MoeParts, logits: torch.Tensor, masks: torch.Tensor, args: tuple) -> Iterator[tuple]:
+    """Within the context, the router of ``parts``, called on ``C × T`` rows (``C = len(masks)``, ``T =
+    len(logits)``), routes rows ``c·T … c·T + T - 1`` as ``mask_router`` routes the ``T`` tokens whose logits are
+    ``logits`` with the routed experts that ``masks[c]`` (``0`` or ``-inf`` per routed expert) drops; rows after
+    the routed experts (zero-computation experts) stay. Its logit matmul is not
+    computed (the rows' own input is not read: any rows of the right shape do), its output is ``logits + masks[c]``
+    per row, and each selection bias becomes one row per call row, ``bias + masks[c]``. Yields the router's extra
+    arguments ``args`` with each bias among them (MiniMax passes its own) replaced the same way.
+
+    Exact where the router treats rows independently, reads its input only through that matmul and adds its biases
+    to ``(rows, experts)`` scores; a router that indexes or reshapes its bias otherwise fails or routes otherwise,
+    which callers check (``ReconstructionSampler`` compares against ``mask_router``)."""
+    c, t = masks.shape[0], logits.shape[0]
+    rows = (logits[None] + _widen(masks, logits.shape[1])[:, None].to(logits.dtype)).reshape(c * t, -1)  # (C·T, rows)
+    originals = [getattr(module, name) for module, name in parts.bias_slots]
+    per_row = [_rows_of(bias, masks, t) for bias in originals]
+    try:
+        for (module, name), new in zip(parts.bias_slots, per_row, strict=True):
+            setattr(module, name, torch.nn.Parameter(new, False) if name in module._parameters else new)
+        with _logit_call(parts, lambda *_: rows):
+            yield tuple(next((n for o, n in zip(originals, per_row, strict=True) if a is o), a) for a in args)
+    finally:
+        for (module, name), bias in zip(parts.bias_slots, originals, strict=True):
+            setattr(module, name, bias)
+
+
+def _rows_of(bias: torch.Tensor, masks: torch.Tensor, t: int) -> torch.Tensor:
+    """``(C·T, n)``: ``bias`` (``n`` values, any shape) plus ``masks[c]`` in each of candidate ``c``'s ``T`` rows."""
+    n = bias.numel()
+    per_candidate = bias.detach().reshape(1, n) + _widen(masks, n).to(bias.dtype)  # (C, n)
+    return per_candidate.repeat_interleave(t, dim=0)
+
+
+def _widen(masks: torch.Tensor, n: int) -> torch.Tensor:
+    """``(C, n)``: ``masks`` over the routed experts, then ``0`` for the rows after them."""
+    return torch.nn.functional.pad(masks, (0, n - masks.shape[1]))
+
+
+@contextlib.contextmanager
+def _logit_call(parts: MoeParts, call: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """Within the context, the router's ``F.linear`` call on a weight of the router weight's shape returns
+    ``call(F.linear, input, weight, bias)``; its other ``F.linear`` calls are left alone."""
     router = parts.router
     shape = tuple(parts.weight.shape)
     previous = router.__dict__.get("forward")  # an enclosing router_logits context's, if any
@@ -74,8 +121,7 @@ def router_logits(parts: MoeParts, edit: Callable[[torch.Tensor], torch.Tensor])
         real_linear = F.linear
 
         def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-            out = real_linear(x, weight, bias)
-            return edit(out) if tuple(weight.shape) == shape else out
+            return call(real_linear, x, weight, bias) if tuple(weight.shape) == shape else real_linear(x, weight, bias)
 
         F.linear = linear  # type: ignore[assignment]
         try:
