@@ -25,7 +25,9 @@ import transformers
 from packaging.version import Version
 
 from moeslim.calibrate import reconstruction
+from moeslim.calibrate.collect import _reconstruction
 from moeslim.calibrate.reconstruction import ReconstructionSampler, Search, _Batched, _Sequential, greedy, search_of
+from moeslim.errors import PlanError
 from moeslim.families.derive import DERIVED_PATH, moe_model_types
 from moeslim.families.runtime import record_of
 from moeslim.families.tiny import tiny_model
@@ -33,6 +35,7 @@ from moeslim.layout import Layout, resolve_layout
 from moeslim.source import open_checkpoint
 from moeslim.stream.chunks import Resident
 from moeslim.stream.modules import MoeParts, moe_parts, takes_routing
+from moeslim.stream.ranks import SINGLE
 from tests.conftest import distinct
 
 pytestmark = pytest.mark.slow
@@ -166,3 +169,14 @@ def test_one_group_holds_every_candidate_at_real_budget(model_type: str, config:
     layout, parts, sampler = _sampled(model_type, tmp_path, **config)
     assert layout.n_group == config.get("n_group", 1)
     _assert_batched_equals_sequential(model_type, layout, parts, sampler)
+
+
+@pytest.mark.parametrize("model_type", [t for t in BROKEN if t in set(_calibrated())])
+def test_a_family_the_criterion_cannot_call_is_refused_in_one_line(model_type: str, tmp_path: Path) -> None:
+    """The families whose router or experts the search cannot call on their own (``BROKEN``) stop calibration with
+    the one line of a ``PlanError`` (exit code 2), naming another criterion, instead of a traceback."""
+    layout, _, sampler = _sampled(model_type, tmp_path)
+    with pytest.raises(PlanError) as e:
+        _reconstruction(sampler, layout, SINGLE, 0)
+    line = str(e.value)
+    assert "\n" not in line and f"cannot run {model_type}'s router and experts" in line and "--criterion" in line

@@ -22,6 +22,7 @@ from moeslim.stream.modules import takes_routing
 from moeslim.stream.ranks import SINGLE, Ranks
 
 if TYPE_CHECKING:
+    from moeslim.layout import Layout
     from moeslim.stream.activations import Activations
     from moeslim.stream.resume import Boundary
     from moeslim.stream.runner import LayerRunner
@@ -115,7 +116,26 @@ class Collector(Observer):
             order = [walk.mine[p] for h in HALVES for p in range(len(walk.mine)) if self._half[p] == h]
             sampler.share(order, ranks)  # the batches in the order run
             layout = walk.runner.layout
-            self.stats.reconstruction[index] = ranks.from_leader(sampler.scores(layout, ranks))
+            self.stats.reconstruction[index] = ranks.from_leader(_reconstruction(sampler, layout, ranks, index))
+
+
+def _reconstruction(sampler: ReconstructionSampler, layout: Layout, ranks: Ranks, index: int) -> np.ndarray | None:
+    """The sampler's scores; a family whose router or experts the criterion cannot call on their own (a router that
+    returns logits only and leaves the top-k to its block, zero-computation experts, experts that take a projection
+    of the router's input) is refused in one line, naming another criterion."""
+    from moeslim.errors import PlanError
+    from moeslim.stream.memory import is_out_of_memory
+
+    try:
+        return sampler.scores(layout, ranks)
+    except (IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        if is_out_of_memory(e) or isinstance(e, PlanError):
+            raise
+        raise PlanError(
+            f"the reconstruction criterion cannot run {layout.family.name}'s router and experts on their own (layer"
+            f" {index}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); choose another --criterion,"
+            " such as ean (`moeslim calibrate`: pass --reconstruction-tokens 0)"
+        ) from e
 
 
 def calibrate_layers(
