@@ -86,7 +86,9 @@ def test_default_slim_with_one_expert_at_a_time_equals_whole_layers(
         assert y["relative_error"] == pytest.approx(x["relative_error"], rel=1e-4)
 
 
-@pytest.mark.parametrize(("name", "chunk"), [("tiny-qwen3-64e", 1), ("tiny-qwen3-64e", 5), ("gpt_oss", 3)])
+@pytest.mark.parametrize(
+    ("name", "chunk"), [("tiny-qwen3-64e", 1), ("tiny-qwen3-64e", 5), ("gpt_oss", 3), ("deepseek_v3_fp8", 3)]
+)
 def test_statistics_streamed_in_chunks_equal_whole_layers(name: str, chunk: int, built: Callable[[str], Path]) -> None:
     """A chunk size that does not divide the experts (64 = 12 × 5 + 4, 8 = 2 × 3 + 2) leaves a short last chunk;
     the statistics are those of whole layers, and no chunk ever holds more than ``chunk`` experts' weights."""

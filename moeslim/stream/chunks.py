@@ -121,8 +121,8 @@ class ExpertChunks:
     """The routed experts of one loaded MoE layer, streamed from disk ``size`` experts at a time.
 
     ``items(start, stop)`` gives the on-disk tensors of experts ``start`` to ``stop`` named as experts 0.. of a
-    checkpoint with that many experts; ``load(items)`` loads them into the model (whose experts module then has
-    parameters of that many experts).
+    checkpoint with that many experts; ``load(items, room)`` loads them into the model (whose experts module then has
+    parameters of that many experts), writing into the tensors of ``room`` (the previous chunk's) where they fit.
 
     Under several ``ranks`` (expert parallel) each rank holds only its ``share`` of the experts (a contiguous
     block): a sweep gathers every rank's recorded calls, runs the pairs routed to its own experts and sums the
@@ -132,7 +132,8 @@ class ExpertChunks:
 
     def __init__(
         self, experts: torch.nn.Module, num_experts: int, size: int, items: Callable[[int, int], list[Item]],
-        load: Callable[[list[Item]], None], label: str, ranks: Ranks = SINGLE, params: Iterable[str] = (),
+        load: Callable[[list[Item], list[torch.Tensor]], None], label: str, ranks: Ranks = SINGLE,
+        params: Iterable[str] = (),
     ) -> None:  # fmt: skip
         self.experts, self.num_experts, self.ranks = experts, num_experts, ranks
         self.share = range(num_experts * ranks.rank // ranks.world, num_experts * (ranks.rank + 1) // ranks.world)
@@ -149,6 +150,7 @@ class ExpertChunks:
                                       " this model's experts cannot be read a chunk at a time")  # fmt: skip
             self._params.append((module, attr, param.shape, param.dtype))
         self._linear: bool | None = None  # whether a pair's weight is a factor on its output (checked once)
+        self._room: list[torch.Tensor] = []  # the last chunk's parameters, for the next chunk to be written into
         self._unload()
 
     @property
@@ -160,19 +162,22 @@ class ExpertChunks:
         """Each chunk of this rank's share holding one of the ``wanted`` experts, loaded while the caller uses it."""
         wanted = sorted(set(wanted))
         keep = self.size >= len(self.share)  # one chunk is the whole share: it stays
-        for start in range(self.share.start, self.share.stop, self.size):
-            stop = min(self.share.stop, start + self.size)
-            mine = tuple(k for k in wanted if start <= k < stop)
-            if not mine:
-                continue
-            if self._held != (start, stop):
-                self._fill(start, stop)
-                self._held = (start, stop) if keep else None
-            try:
-                yield Chunk(start, stop, mine)
-            finally:
-                if not keep:
-                    self._unload()
+        try:
+            for start in range(self.share.start, self.share.stop, self.size):
+                stop = min(self.share.stop, start + self.size)
+                mine = tuple(k for k in wanted if start <= k < stop)
+                if not mine:
+                    continue
+                if self._held != (start, stop):
+                    self._fill(start, stop)
+                    self._held = (start, stop) if keep else None
+                try:
+                    yield Chunk(start, stop, mine)
+                finally:
+                    if not keep:
+                        self._unload(recycle=True)
+        finally:
+            self._room = []  # no chunk memory held between sweeps
 
     def release(self) -> None:
         """Drop a chunk kept loaded (the layer is being unloaded)."""
@@ -297,7 +302,8 @@ class ExpertChunks:
                 torch.empty((rows, *shape[1:]), dtype=dtype, device="meta"), requires_grad=False
             )
         self._set_count(count)
-        self._load(self._items(start, stop))
+        room, self._room = self._room, []  # handed over: the load frees what it does not reuse
+        self._load(self._items(start, stop), room)
         for module, attr, _, _ in self._params:
             param = module._parameters[attr]
             if param is None or param.is_meta:
@@ -307,7 +313,12 @@ class ExpertChunks:
                 raise CheckpointError(f"{self.label}, experts {start}-{stop - 1}: non-finite values ({kind}) in"
                                       f" {attr}; the checkpoint is corrupt: re-download it")  # fmt: skip
 
-    def _unload(self) -> None:
+    def _unload(self, recycle: bool = False) -> None:
+        """Put the parameters back on the meta device; with ``recycle``, their memory is kept as ``_room`` for the
+        next chunk, which is then written over it instead of into fresh pages (zeroed by the kernel, faulted in
+        one by one: about as long as converting the weights)."""
+        self._room = [p.data for m, a, _, _ in self._params if (p := m._parameters[a]) is not None and not p.is_meta]
+        self._room = self._room if recycle else []
         for module, attr, shape, dtype in self._params:
             module._parameters[attr] = torch.nn.Parameter(
                 torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False

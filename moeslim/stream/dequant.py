@@ -25,10 +25,12 @@ Formats:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import mmap
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +83,7 @@ class Reader:
 
     def __init__(self) -> None:
         self._fds: dict[object, int] = {}
+        self._scratch: torch.Tensor | None = None  # int16 room for FP8 decoding, reused from weight to weight
 
     def __enter__(self) -> Reader:
         return self
@@ -95,13 +98,55 @@ class Reader:
 
     def raw(self, info: TensorInfo, row: int | None = None) -> torch.Tensor:
         """The on-disk tensor ``info`` as stored, or only its ``row`` along dim 0."""
-        if info.file not in self._fds:
-            self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         if row is not None:
             size = info.nbytes // info.shape[0]
             start = info.start + row * size
             info = TensorInfo(info.name, info.file, info.dtype, info.shape[1:], start, start + size)
-        return read(self._fds[info.file], info)
+        return read(self._fd(info.file), info)
+
+    def _fd(self, file: str | os.PathLike[str]) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
+
+    def dense_into(self, item: Item, out: torch.Tensor) -> None:
+        """Write ``item`` dense into ``out`` (its shape, any floating dtype): the values ``dense`` gives, converted
+        to ``out``'s dtype, without a dense copy on the way where it can (an unquantised tensor is converted
+        straight from the file's pages; an FP8 weight into a float32 ``out`` is decoded and scaled in place)."""
+        if isinstance(item, TensorInfo):
+            self._convert(item, out)
+        elif item.method == FP8 and out.dtype == torch.float32 and out.is_contiguous() and out.device.type == "cpu":
+            with self._mapped(item.parts["codes"]) as codes:
+                self._scratch = fp8_into(codes, self.raw(item.parts["scales"]), item.block, out, self._scratch)
+        else:
+            out.copy_(self.dense(item))
+
+    def _convert(self, info: TensorInfo, out: torch.Tensor) -> None:
+        """``out.copy_`` of the on-disk tensor ``info``, read from a private map of its bytes."""
+        with self._mapped(info) as source:
+            out.copy_(source)
+
+    @contextlib.contextmanager
+    def _mapped(self, info: TensorInfo) -> Iterator[torch.Tensor]:
+        """The on-disk tensor ``info`` over a private map of the file's pages (no copy into fresh memory, and the
+        pages counted in RSS only while mapped). The tensor must not outlive the context (the map is closed)."""
+        if info.dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"{info.name} is stored as {info.dtype}, which calibration cannot read")
+        dtype = TORCH_DTYPES[info.dtype]
+        if not info.nbytes:
+            yield torch.empty(info.shape, dtype=dtype)
+            return
+        fd = self._fd(info.file)
+        if os.fstat(fd).st_size < info.end:
+            raise OSError(f"{info.file} ends inside tensor {info.name}")
+        start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(fd, info.end - start, offset=start, access=mmap.ACCESS_COPY) as pages:
+            count = info.nbytes // dtype.itemsize
+            tensor = torch.frombuffer(pages, dtype=dtype, offset=info.start - start, count=count).view(info.shape)
+            try:
+                yield tensor
+            finally:
+                del tensor  # the map can close only once no tensor exports it
 
     def dense(self, item: Item, expert: int | None = None) -> torch.Tensor:
         """``item`` as a dense tensor (float32, or the scales' dtype for packed integers); with ``expert``, only
@@ -171,38 +216,66 @@ def read(fd: int, info: TensorInfo) -> torch.Tensor:
 
 def fp8_dense(codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
     """``codes`` (float8 ``[rows, cols]``) times the scale of its block (``scale_inv[r // bm, c // bn]``)."""
-    values, factor = _e4m3_as_half(codes) if codes.dtype == torch.float8_e4m3fn else (codes, 1.0)
-    # ue8m0 scales (DeepSeek-V3.2 style) stored as bytes: the exponent of a power of two, biased by 127
+    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    fp8_into(codes, scale_inv, block, out)
+    return out
+
+
+def fp8_into(
+    codes: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, ...], out: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor | None:  # fmt: skip
+    """``fp8_dense`` written into ``out`` (float32, contiguous, ``codes``' shape), the codes decoded once into it and
+    scaled there: each element written twice, no dense temporary. ``scratch`` (int16, any size) is room the
+    decoding may reuse; returns the room it used, to be passed again for the next weight."""
     scales = torch.exp2(scale_inv.float() - 127) if scale_inv.dtype == torch.uint8 else scale_inv.to(torch.float32)
-    scales = scales * factor
+    # ue8m0 scales (DeepSeek-V3.2 style) are stored as bytes: the exponent of a power of two, biased by 127
+    if codes.dtype == torch.float8_e4m3fn:
+        scratch = _room(scratch, codes.numel(), codes.device)
+        half = scratch[: codes.numel()].view(codes.shape)
+        out.copy_(_e4m3_as_half(codes, half))  # float16 → float32: exact, vectorised
+        scales = scales * E4M3_FACTOR
+    else:
+        out.copy_(codes)
     if scales.numel() == 1:
-        return values.to(torch.float32) * scales.reshape(())
-    rows, cols = values.shape
-    if (
-        len(block) == 2
-        and scales.shape == (rows // block[0], cols // block[1])
-        and not (rows % block[0] or cols % block[1])
-    ):
+        out.mul_(scales.reshape(()))
+        return scratch
+    rows, cols = codes.shape
+    whole = len(block) == 2 and not (rows % block[0] or cols % block[1])
+    if whole and scales.shape == (rows // block[0], cols // block[1]):
         # each block times its scale by broadcasting: no per-element copy of the scales
-        blocks = values.to(torch.float32).view(scales.shape[0], block[0], scales.shape[1], block[1])
-        return blocks.mul_(scales[:, None, :, None]).view(rows, cols)
-    return values.to(torch.float32) * _per_element(scales, block, values.shape)
+        out.view(scales.shape[0], block[0], scales.shape[1], block[1]).mul_(scales[:, None, :, None])
+    else:
+        out.mul_(_per_element(scales, block, codes.shape))
+    return scratch
 
 
-def _e4m3_as_half(codes: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """float8 e4m3 codes as float16 values 256 times smaller (exact for every finite code), and that factor.
+def _room(scratch: torch.Tensor | None, numel: int, device: torch.device) -> torch.Tensor:
+    if scratch is None or scratch.numel() < numel or scratch.device != device:
+        return torch.empty(numel, dtype=torch.int16, device=device)
+    return scratch
+
+
+E4M3_FACTOR = 256.0  # _e4m3_as_half's values are this many times smaller than the codes'
+
+
+def _e4m3_as_half(codes: torch.Tensor, half: torch.Tensor | None = None) -> torch.Tensor:
+    """float8 e4m3 codes as float16 values ``E4M3_FACTOR`` times smaller (exact for every finite code), written in
+    ``half`` (int16 of the codes' shape) if given.
 
     torch's own float8 → float32 conversion runs at about 35 M elements/s on a CPU core; this is a few integer
     passes: the sign moves from bit 7 to bit 15 and exponent and mantissa from bits 6..0 to bits 13..7, which is
     float16's layout with an exponent bias 8 larger (15 against 7); subnormals map to subnormals alike."""
-    half = codes.view(torch.int8).to(torch.int16)  # sign-extended: bits 15..7 hold the sign
+    signed = codes.view(torch.int8)
+    half = signed.to(torch.int16) if half is None else half.copy_(signed)  # sign-extended: bits 15..7 the sign
     half <<= 7  # bits 13..7 the code's exponent and mantissa, bits 15 and 14 the sign
     half &= -16512  # 0xBF80: clear bit 14 and the low bits
     values = half.view(torch.float16)
-    nan = (codes.view(torch.uint8) & 0x7F) == 0x7F  # e4m3fn's NaN codes, which float16's layout makes finite
-    if bool(nan.any()):
-        values[nan] = float("nan")
-    return values, 256.0
+    # e4m3fn's NaN codes (0x7F, 0xFF: all of bits 6..0 set), which the layout above makes finite, are the largest
+    # code read as int8 and as uint8: two reductions over bytes find them
+    if signed.numel() and (int(signed.max()) == 0x7F or int(signed.view(torch.uint8).max()) == 0xFF):
+        values[(signed & 0x7F) == 0x7F] = float("nan")
+    return values
 
 
 def _per_element(scale: torch.Tensor, block: tuple[int, ...], shape: torch.Size) -> torch.Tensor:

@@ -5,8 +5,8 @@ transformers 5 keeps a layer's experts as fused parameters (``experts.gate_up_pr
 ``WeightConverter``s: ``MergeModulelist(dim=0)`` (stack the experts), then for gate/up ``Concatenate(dim=1)``.
 Its conversion holds every source tensor, their converted copies, the stack and the result at once: about
 3.6 × the layer's size. Here the fused parameter is allocated once and each expert's tensor is read
-(``pread``, not a memory map, so the file's pages are not counted in RSS), converted and copied into its slot:
-the peak is the layer plus one expert. The values are those transformers builds (same order, same dtype
+straight from the file's pages (a map of that one tensor, closed after it) into its slot, converted there: the
+peak is the layer plus one expert's pages. The values are those transformers builds (same order, same dtype
 conversion); a converter of any other shape, or a name or shape that does not fit, is left to transformers.
 A quantised expert weight (``dequant.Packed``) is dequantised here as it is read, one expert at a time too.
 """
@@ -97,11 +97,12 @@ def fused_shape(fusion: Fusion) -> tuple[int, int, int]:
 
 
 def fill(fusion: Fusion, out: torch.Tensor) -> None:
-    """Read each expert's tensors into ``out`` (``fused_shape``), converting to its dtype and device."""
+    """Write each expert's tensors into their slice of ``out`` (``fused_shape``), converted to its dtype and device
+    on the way (``Reader.dense_into``: from the file's pages, no copy of the expert in between)."""
     with Reader() as reader:
         for j in range(out.shape[0]):
             row = 0
             for part in fusion.parts:
                 info = part[j]
-                out[j, row : row + info.shape[0]].copy_(reader.dense(info))
+                reader.dense_into(info, out[j, row : row + info.shape[0]])
                 row += info.shape[0]

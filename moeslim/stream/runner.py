@@ -87,6 +87,7 @@ class LayerRunner:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeslim-prefetch")
         self._full_gc = ckpt.total_bytes >= FULL_COLLECTION_BYTES * max(1, layout.num_hidden_layers)
         self._experts: dict[int, Resident | ExpertChunks] = {}  # the loaded MoE layer's routed experts
+        self._room: list[torch.Tensor] = []  # the last unloaded layer's expert parameters, for the next to reuse
         self._replaying = False
 
     @property
@@ -134,16 +135,19 @@ class LayerRunner:
         loads. Layers outside the range are never read."""
         indices = range(start, self.num_layers if stop is None else stop)
         pending: Future[None] | None = self._warm(start) if indices else None
-        for i in indices:
-            if pending is not None:
-                pending.result()
-            pending = self._warm(i + 1) if i + 1 < indices.stop else None
-            layer = self._load_layer(i)
-            try:
-                yield i, layer
-            finally:
-                self._unload_layer(i, layer)
-            unloaded(i)
+        try:
+            for i in indices:
+                if pending is not None:
+                    pending.result()
+                pending = self._warm(i + 1) if i + 1 < indices.stop else None
+                layer = self._load_layer(i)
+                try:
+                    yield i, layer
+                finally:
+                    self._unload_layer(i, layer, recycle=i + 1 < indices.stop)
+                unloaded(i)
+        finally:
+            self._room = []
 
     @torch.no_grad()
     def forward(
@@ -293,11 +297,6 @@ class LayerRunner:
         if not (self.expert_chunk or self.ranks.world > 1) or moe.mtp or not takes_routing(parts.experts):
             return None
         e = self.layout.num_experts
-        params = self._expert_params(parts, moe)
-        for name in params:  # each must hold the experts along dim 0 (LongCat's under transformers 5.16 holds more
-            param = parts.experts.get_parameter(name)  # rows than routed experts)
-            if not param.dim() or param.shape[0] % e:
-                return None
 
         def dense(names: Iterable[str]) -> list[Item]:
             names = list(names)
@@ -305,12 +304,21 @@ class LayerRunner:
             return dense_items(self.ckpt, names)
 
         tensors = expert_tensors(moe, e, dense)
-        return None if tensors is None else (tensors, params)
+        if tensors is None:
+            return None
+        params = self._expert_params(parts, tensors)
+        for name in params:  # each must hold the experts along dim 0 (LongCat's under transformers 5.16 holds more
+            param = parts.experts.get_parameter(name)  # rows than routed experts)
+            if not param.dim() or param.shape[0] % e:
+                return None
+        return tensors, params
 
-    def _expert_params(self, parts: MoeParts, moe: MoeLayer) -> list[str]:
-        """The experts module's parameters (names below it) that the layer's routed-expert tensors load into."""
+    def _expert_params(self, parts: MoeParts, tensors: ExpertTensors) -> list[str]:
+        """The experts module's parameters (names below it) that the layer's routed-expert tensors load into: by
+        the names of the dense weights (a quantised weight's scales load into nothing of their own)."""
         module = next(name for name, m in self.model.named_modules() if m is parts.experts)
-        targets = loaded_names(self.model, sorted(expert_names(moe))).values()
+        names = sorted({item.name for part in (*tensors.per_expert, tensors.fused) for item in part})
+        targets = loaded_names(self.model, names).values()
         return sorted({t[len(module) + 1 :] for t in targets if t.startswith(f"{module}.")})
 
     def _fetched(self, items: list[Item]) -> list[Item]:
@@ -320,10 +328,15 @@ class LayerRunner:
             self.ckpt.fetcher.fetch([(i.file, i.start, i.end) for i in infos])
         return items
 
-    def _unload_layer(self, index: int, layer: torch.nn.Module) -> None:
+    def _unload_layer(self, index: int, layer: torch.nn.Module, recycle: bool = False) -> None:
+        """Drop layer ``index`` back to meta; with ``recycle`` (the next layer loads next), resident experts'
+        memory is kept for the next MoE layer's experts to be written into (``_fuse``), not handed back to the
+        kernel and faulted in again zeroed (which takes about as long as converting the weights)."""
         experts = self._experts.pop(index, None)
         if isinstance(experts, ExpertChunks):
             experts.release()
+        elif recycle and experts is not None and index + 1 in self._moe:
+            self._room = [p.data for p in experts.experts.parameters() if not p.is_meta]
         layer.to("meta")
         _release_memory(self._full_gc)
 
@@ -358,14 +371,19 @@ class LayerRunner:
         them one expert at a time (``fuse.py``); the rest go through transformers' conversion, unquantised ones
         as lazy slices, as ``from_pretrained`` does, so each is read only when converted."""
         self.ckpt.fetch(names)  # a Hub source read in place downloads them now (remote/store.py)
-        self._load_items(dense_items(self.ckpt, names))
+        room, self._room = self._room, []
+        self._load_items(dense_items(self.ckpt, names), room)
 
-    def _load_items(self, items: list[Item]) -> None:
-        """Load dense ``items`` (on-disk tensors, quantised groups) into the model; see ``_load``."""
+    def _load_items(self, items: list[Item], room: list[torch.Tensor] | None = None) -> None:
+        """Load dense ``items`` (on-disk tensors, quantised groups) into the model; see ``_load``. Fused parameters
+        are written into tensors of ``room`` (memory of parameters just dropped) where one fits; the rest of
+        ``room`` is freed before anything else loads."""
+        room = [] if room is None else room
         fusions, rest = plan_fusions(self._load_config.weight_mapping or [], items)
         for fusion in fusions:
-            if not self._fuse(fusion):
+            if not self._fuse(fusion, room):
                 rest += [item for part in fusion.parts for item in part]
+        room.clear()
         if not rest:
             return
         with contextlib.ExitStack() as stack:
@@ -381,8 +399,9 @@ class LayerRunner:
             first = sorted(errors)[0]
             raise CheckpointError(f"transformers could not load {first} into the model; the checkpoint does not match")
 
-    def _fuse(self, fusion: Fusion) -> bool:
-        """Build the fused parameter ``fusion.target`` in place; False when the model has no such parameter."""
+    def _fuse(self, fusion: Fusion, room: list[torch.Tensor]) -> bool:
+        """Build the fused parameter ``fusion.target`` in place (in a tensor of ``room`` of its shape, dtype and
+        device, taken out of it, if there is one); False when the model has no such parameter."""
         owner, _, attr = fusion.target.rpartition(".")
         try:
             module = self.model.get_submodule(owner)
@@ -391,7 +410,8 @@ class LayerRunner:
         param = module._parameters.get(attr)
         if param is None or tuple(param.shape) != fused_shape(fusion):
             return False
-        data = torch.empty(param.shape, dtype=param.dtype, device=self.device)
+        fits = [k for k, t in enumerate(room) if t.shape == param.shape and t.dtype == param.dtype]  # same device
+        data = room.pop(fits[0]) if fits else torch.empty(param.shape, dtype=param.dtype, device=self.device)
         fill(fusion, data)
         module._parameters[attr] = torch.nn.Parameter(data, requires_grad=False)
         return True
