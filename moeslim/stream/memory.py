@@ -21,9 +21,10 @@ from moeslim.quant import DROPPED_WHEN_DENSE, packed_codes
 from moeslim.source import Checkpoint
 from moeslim.units import human_bytes
 
-#: loading converts a layer beside its final form (fused experts, dequantised copies); measured 1.3 × a layer at
-#: OLMoE's widths (benchmarks/README.md, "Calibration: streaming against an in-memory forward")
-LOAD_FACTOR = 1.3
+#: a loaded layer's peak over its final form: each weight is written once into its place (``dequant.dense_into``), so
+#: little is held beside it; measured 1.02 × for bf16 layers whole and in chunks and 1.05 × for FP8 chunks at real
+#: widths (benchmarks/README.md, load rates), with a margin for what loading allocates transiently
+LOAD_FACTOR = 1.1
 BASE_BYTES = 400 * 2**20  # Python, torch and transformers imported: ~365 MiB measured
 #: routed experts streamed from disk are read about this many bytes at a time: a chunk's overhead is one experts
 #: call per recorded call, so small chunks cost little time and keep memory near the layer's resident part
