@@ -406,16 +406,32 @@ def _retain(job: Job, keep: int, choose: Callable[[int], tuple[int, ...] | None]
 
 def _reference(job: Job) -> list[Observer]:
     """The observer that runs validation's original side in this calibration pass (``validate/reference.py``), so
-    the source is read once: where validation will run, in one process, in the calibration's dtype on its device;
-    none otherwise. (Progressive masking moves only the calibration's own stream: the reference runs unmasked.)"""
+    the source is read once: where validation will run, in one process, in the calibration's dtype on its device,
+    with the held-out tokens validation will take (from the documents this calibration does not read); none
+    otherwise (no tokenizer, too little held-out text: validation says why). Progressive masking moves only the
+    calibration's own stream: the reference runs unmasked."""
     from moeslim.calibrate.session import calibration_record
-    from moeslim.validate.reference import prepare
+    from moeslim.errors import CalibrationDataError
+    from moeslim.stream.context import TOKENIZER_FILES, load_tokenizer
+    from moeslim.validate.heldout import load_heldout
+    from moeslim.validate.reference import Reference
 
     check, ctx = job.opts.validation, job.context
-    if check is None or ctx.ranks.world > 1 or (check.device, check.dtype) != (ctx.opts.device, ctx.opts.dtype):
+    if (
+        check is None
+        or ctx.ranks.world > 1
+        or (check.device, check.dtype) != (ctx.opts.device, ctx.opts.dtype)
+        or not any((job.ckpt.root / name).is_file() for name in TOKENIZER_FILES)
+    ):
         return []
-    job.reference = prepare(job.ckpt, check, calibration_record(ctx), job.out)
-    return [job.reference] if job.reference is not None else []
+    tokenizer = load_tokenizer(job.ckpt, check.trust_remote_code)
+    try:
+        held = load_heldout(check.calib, tokenizer, calibration_record(ctx), samples=check.samples,
+                            seq_len=check.seq_len, seed=check.seed)  # fmt: skip
+    except CalibrationDataError:
+        return []
+    job.reference = Reference(held.tokens, check.batch_size, job.out)
+    return [job.reference]
 
 
 def _stability(criterion: str, stats: Statistics, layout: Layout, keep: int) -> dict[str, float]:

@@ -15,20 +15,13 @@ ran (``matches``); otherwise it runs the source again, as without one.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from moeslim.errors import CalibrationDataError
 from moeslim.stream.activations import Activations
 from moeslim.stream.loop import Observer, Ride, Walk
-
-if TYPE_CHECKING:
-    from moeslim.source import Checkpoint
-    from moeslim.validate.run import ValidateOptions
 
 #: the kept hidden states stay in memory up to this many bytes, the rest goes to disk: they are read once, at the end
 RESIDENT_BYTES = 256 * 2**20
@@ -102,20 +95,3 @@ class Reference(Observer):
         """Drop the states (and their folder on disk)."""
         self.stream.close()
         self.kept.close()
-
-
-def prepare(ckpt: Checkpoint, opts: ValidateOptions, calibration: dict, spill_beside: Path | None) -> Reference | None:
-    """The reference for validating a pruning of ``ckpt`` calibrated as ``calibration`` records (the plan's
-    record), with the held-out tokens validation will take; None where validation will not compare numbers (no
-    tokenizer, too little held-out text: validation says why)."""
-    from moeslim.stream.context import TOKENIZER_FILES, load_tokenizer
-    from moeslim.validate.heldout import load_heldout
-
-    if not any((ckpt.root / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    tokenizer = load_tokenizer(ckpt, opts.trust_remote_code)
-    with contextlib.suppress(CalibrationDataError):
-        held = load_heldout(opts.calib, tokenizer, calibration, samples=opts.samples, seq_len=opts.seq_len,
-                            seed=opts.seed)  # fmt: skip
-        return Reference(held.tokens, opts.batch_size, spill_beside)
-    return None
