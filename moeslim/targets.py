@@ -11,7 +11,7 @@ A target ``T`` in folder ``P`` uses these names in ``P``:
 Temp folders whose target's lock nobody holds belong to dead runs; the next run in ``P`` removes them. Those that
 hold finished shards (a ``moeslim-finished.json``) are left to the next run of ``T`` itself, which keeps them until
 it releases the lock, so that its writer can adopt those shards (``surgery/finished.py``) rather than make them
-again.
+again. Such a folder is also left by a run that is stopped (Ctrl-C, SIGTERM) or loses the Hub while writing.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from moeslim.errors import OutputError, naming, os_error_line
+from moeslim.errors import HubError, OutputError, SourceChangedError, naming, os_error_line
 from moeslim.safefs import NOFOLLOW, folder_fd, open_own
-from moeslim.stopping import deferred
+from moeslim.stopping import Stopped, deferred
 
 LOCK_SUFFIX = ".moeslim-lock"
 TMP_SUFFIX = ".moeslim-tmp"
@@ -218,12 +218,14 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     """
     target = _absolute(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
+    keep = False  # the finished shards of a run that was stopped or lost the Hub: the next run adopts them
     try:
         yield tmp  # private (mkdtemp's 0700) while built: nobody else can plant a name inside it
         tmp.chmod(0o777 & ~_umask())  # the result should look like any new folder
         _replace(tmp, target)
-    except OSError as e:
-        if isinstance(e, OutputError):
+    except BaseException as e:
+        keep = _resumable(tmp) and _passing(e)
+        if not isinstance(e, OSError) or isinstance(e, (OutputError, HubError)):
             raise
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
@@ -233,8 +235,18 @@ def atomic_folder(target: Path) -> Iterator[Path]:
             raise naming(e, target) from e
         raise
     finally:
-        with deferred():  # a stopping signal waits until it is gone
-            shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
+        if not keep:
+            with deferred():  # a stopping signal waits until it is gone
+                shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
+
+
+def _passing(e: BaseException) -> bool:
+    """Whether a run failed for a reason that a rerun of the same command does not meet again: it was stopped
+    (Ctrl-C, SIGTERM, SIGHUP) or the Hub kept failing. Not a full disk, nor a source that changed (its shards are
+    of no use to the rerun)."""
+    return isinstance(e, (KeyboardInterrupt, Stopped)) or (
+        isinstance(e, HubError) and not isinstance(e, SourceChangedError)
+    )
 
 
 def _replace(tmp: Path, target: Path) -> None:
