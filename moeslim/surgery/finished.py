@@ -66,17 +66,18 @@ class Finished:
 
     def reusable(self, shards: dict[str, list[OutputTensor]], metadata: dict[str, str]) -> int:
         """Bytes of the shards that a leftover promises (by recipe, before verifying): disk not needed anew."""
-        return sum(sum(t.nbytes for t in ts) for file, ts in shards.items() if self._offer(file, ts, metadata))
+        return sum(sum(t.nbytes for t in ts) for file, ts in shards.items() if self._offers(file, ts, metadata))
 
     def adopt(self, folder: Path, file: str, tensors: list[OutputTensor], metadata: dict[str, str]) -> bool:
         """Move a leftover's finished ``file`` into ``folder`` when its recipe is this shard's and its bytes are as
-        recorded; False (nothing moved) otherwise."""
-        offer = self._offer(file, tensors, metadata)
-        if offer is None or not _move_verified(offer[0], folder, file, offer[1]):
-            return False
-        self._record(folder, file, offer[1])
-        self.adopted += sum(t.nbytes for t in tensors)
-        return True
+        recorded; False (nothing moved) otherwise. Leftovers of several killed runs may list it: a rerun killed
+        after adopting it holds it in its own, and the folder it came from still lists it."""
+        for source, entry in self._offers(file, tensors, metadata):
+            if _move_verified(source, folder, file, entry):
+                self._record(folder, file, entry)
+                self.adopted += sum(t.nbytes for t in tensors)
+                return True
+        return False
 
     def record(self, folder: Path, file: str, tensors: list[OutputTensor], metadata: dict[str, str]) -> None:
         """Record ``file``, just written whole into ``folder``, as finished (its sha256 read back from disk)."""
@@ -93,14 +94,17 @@ class Finished:
             print(f"moeslim: note: reused {human_bytes(self.adopted)} of finished shards from an interrupted run",
                   file=sys.stderr)  # fmt: skip
 
-    def _offer(self, file: str, tensors: list[OutputTensor], metadata: dict[str, str]) -> tuple[Path, dict] | None:
+    def _offers(self, file: str, tensors: list[OutputTensor], metadata: dict[str, str]) -> list[tuple[Path, dict]]:
+        """The leftovers whose manifest lists ``file`` with this shard's recipe and size."""
         recipe = self.recipe(tensors, metadata)
         size = len(safetensors_header(tensors, metadata)) + sum(t.nbytes for t in tensors)
-        for folder, entries in self.found.items():
-            entry = entries.get(file)
-            if recipe is not None and entry is not None and entry["recipe"] == recipe and entry["size"] == size:
-                return folder, entry
-        return None
+        return [
+            (folder, entry)
+            for folder, entries in self.found.items()
+            if (entry := entries.get(file)) is not None
+            and recipe is not None
+            and (entry["recipe"], entry["size"]) == (recipe, size)
+        ]
 
     def _record(self, folder: Path, file: str, entry: dict) -> None:
         self.done[file] = entry
