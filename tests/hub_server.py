@@ -10,7 +10,8 @@ a file's content sent is counted (``HubState.served``). ``HubState.faults`` lets
 range request with an error status, cut the connection part way through, or change the repo first.
 
 Redirects to a CDN, as the Hub answers for the large (LFS) files, are opt-in: ``HubServer.with_cdn()`` starts a
-second server on another port (another origin), and from then on ``resolve`` answers ``*.safetensors`` with a 302
+second server on another host (127.0.0.2: another origin, and another host name, which is what huggingface_hub
+1.x compares before it follows a redirect), and from then on ``resolve`` answers ``*.safetensors`` with a 302
 whose ``Location`` is on it, carrying the file's metadata as the Hub does (``X-Repo-Commit``, ``X-Linked-Etag``,
 ``X-Linked-Size``). The CDN serves the same bytes, with ranges, counts them in the same ``sent``, and records the
 headers of every request it receives (``CdnServer.received``).
@@ -39,6 +40,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import yaml
 
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+CDN_HOST = "127.0.0.2"  # loopback too, but not the Hub's host
 
 
 @dataclass
@@ -514,9 +516,9 @@ class CdnServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, state: HubState) -> None:
-        super().__init__(("127.0.0.1", 0), CdnHandler)
+        super().__init__((CDN_HOST, 0), CdnHandler)
         self.state = state
-        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.url = f"http://{CDN_HOST}:{self.server_address[1]}"
         self.received: list[dict[str, str]] = []  # the headers of each request, names in lower case
 
     def location(self, repo_id: str, sha: str, path: str) -> str:

@@ -1,7 +1,7 @@
 """Hub sources whose large files the Hub redirects to a CDN on another host, as the real Hub does: the test
-server's opt-in CDN mode (tests/hub_server.py ``with_cdn``), against the same repo on a server that does not
-redirect. The bytes sent are the same, range for range; the token never reaches the CDN; a file changed during
-the run is still refused, though the CDN's answers carry no commit."""
+server's opt-in CDN mode (tests/hub_server.py ``with_cdn``, on 127.0.0.2), against the same repo on a server that
+does not redirect. The bytes sent are the same, range for range; the token never reaches the CDN; a file changed
+during the run is still refused, though the CDN's answers carry no commit."""
 
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.hub_server import Account, CdnServer, HubServer, folder_files
-from tests.test_hub import WRITE, _env, _moeslim
+from tests.hub_server import CDN_HOST, Account, CdnServer, HubServer, folder_files
+from tests.test_hub import WRITE, _moeslim
+from tests.test_hub import _env as _hub_env
 from tests.test_hub_stream import _output_spans, _same_weights, _sent
 
 REPOS = ("free", "full", "stats", "edited", "moved")
+
+
+def _env(server: HubServer, home: Path) -> dict[str, str]:
+    """The test Hub's environment, with no proxy for the CDN's host either."""
+    return {**_hub_env(server, home), "NO_PROXY": f"127.0.0.1,{CDN_HOST}", "no_proxy": f"127.0.0.1,{CDN_HOST}"}
 
 
 @pytest.fixture(scope="module")
