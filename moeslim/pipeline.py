@@ -41,6 +41,7 @@ from moeslim.stream.options import CalibrationOptions
 from moeslim.stream.ranks import SINGLE, Ranks, current
 from moeslim.surgery.config import dump_config, rewrite_config
 from moeslim.surgery.files import check_space, copy_files, extra_files, foreign_file
+from moeslim.surgery.finished import finished_shards
 from moeslim.surgery.mapping import plan_outputs
 from moeslim.surgery.writer import plan_shards, write_checkpoint
 from moeslim.targets import atomic_folder, check_outside, check_target, locked, temp_beside
@@ -237,18 +238,22 @@ def _write(
     ckpt, layout, opts = job.ckpt, job.layout, job.opts
     outputs = plan_outputs(ckpt, layout, plan.kept, patches)
     shards = plan_shards(outputs, shard_limit)
-    total = sum(t.nbytes for t in outputs)
-    check_space(out, total + sum((ckpt.root / f).stat().st_size for f in copied))  # a Hub source's window: announce
+    total, metadata = sum(t.nbytes for t in outputs), {**ckpt.metadata, "format": "pt"}
+    finished = finished_shards(ckpt, out)  # a killed run's finished shards are adopted, not made again
+    reused = finished.reusable(shards, metadata) if finished else 0
+    check_space(out, total - reused + sum((ckpt.root / f).stat().st_size for f in copied))  # the window: announce
     config = rewrite_config(ckpt.config, layout.family, plan.keep, plan.top_k)
     with atomic_folder(out) as tmp:
         with tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=None) as bar:
-            write_checkpoint(tmp, shards, {**ckpt.metadata, "format": "pt"}, bar.update, ckpt.fetch_ahead)
+            write_checkpoint(tmp, shards, metadata, bar.update, ckpt.fetch_ahead, finished)
         (tmp / "config.json").write_text(dump_config(config), encoding="utf-8")
         copy_files(ckpt.root, copied, tmp)
         (tmp / PLAN_NAME).write_text(plan.to_json(), encoding="utf-8")
         report = _validate(job, tmp)  # before the card, which shows it
         name = opts.push_to.split("/")[-1] if opts.push_to else out.name
         write_model_card(tmp, ckpt, layout, plan, source=str(opts.source), name=name, command=opts.command)
+        if finished is not None:
+            finished.close(tmp)
     return total, len(shards), report
 
 

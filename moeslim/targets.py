@@ -8,7 +8,10 @@ A target ``T`` in folder ``P`` uses these names in ``P``:
 - ``.T.<random>.moeslim-tmp``: the output being built; renamed to ``T`` only when complete.
 - ``.T.<random>.moeslim-old``: a replaced output on its way out.
 
-Temp folders whose target's lock nobody holds belong to dead runs; the next run in ``P`` removes them.
+Temp folders whose target's lock nobody holds belong to dead runs; the next run in ``P`` removes them. Those that
+hold finished shards (a ``moeslim-finished.json``) are left to the next run of ``T`` itself, which keeps them until
+it releases the lock, so that its writer can adopt those shards (``surgery/finished.py``) rather than make them
+again. Such a folder is also left by a run that is stopped (Ctrl-C, SIGTERM) or loses the Hub while writing.
 """
 
 from __future__ import annotations
@@ -17,20 +20,23 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from moeslim.errors import OutputError, naming, os_error_line
+from moeslim.errors import HubError, OutputError, SourceChangedError, naming, os_error_line
 from moeslim.safefs import NOFOLLOW, folder_fd, open_own
-from moeslim.stopping import deferred
+from moeslim.stopping import Stopped, deferred
 
 LOCK_SUFFIX = ".moeslim-lock"
 TMP_SUFFIX = ".moeslim-tmp"
 OLD_SUFFIX = ".moeslim-old"
+FINISHED = "moeslim-finished.json"  # in a temp folder: its finished shards, which a rerun may adopt
 
 
 class TargetLock:
@@ -110,22 +116,33 @@ def locked(target: Path) -> Iterator[None]:
             f"{target} is being written by another moeslim run (pid {lock.holder()});"
             " wait for it to finish or choose another --out"
         )
+    kept: list[Path] = []
     try:
-        sweep(target.parent, own=target.name)
+        sweep(target.parent, own=target.name, kept=kept)
         yield
     finally:
-        lock.release()
+        try:
+            for path in kept:  # adopted from, or not needed: dead either way
+                _remove(path)
+        finally:
+            lock.release()
 
 
-def sweep(parent: Path, own: str | None = None) -> list[Path]:
+def sweep(parent: Path, own: str | None = None, kept: list[Path] | None = None) -> list[Path]:
     """Remove the temp folders in ``parent`` left by dead runs (their target's lock is free); return them.
 
-    ``own`` is the target whose lock the caller holds: its leftovers are dead by definition.
+    ``own`` is the target whose lock the caller holds: its leftovers are dead by definition. Those that hold
+    finished shards are appended to ``kept`` instead of being removed, when it is given; other targets' are left
+    for a run of their own target (a run writing another output beside them must not lose them).
     """
     removed = []
     for path in sorted(parent.glob(f".*{TMP_SUFFIX}")) + sorted(parent.glob(f".*{OLD_SUFFIX}")):
         name = target_of(path.name)
         if name is None or path.is_symlink() or not path.is_dir():  # a planted link is not a leftover
+            continue
+        if _resumable(path) and (name != own or kept is not None):  # only a run of its target adopts or removes it
+            if name == own and kept is not None:
+                kept.append(path)
             continue
         if name == own:
             removed.append(_remove(path))
@@ -137,6 +154,29 @@ def sweep(parent: Path, own: str | None = None) -> list[Path]:
             finally:
                 lock.release()
     return removed
+
+
+def resumable(target: Path) -> list[Path]:
+    """The temp folders of ``target`` left by dead runs that hold finished shards; call it holding the target's
+    lock, before this run makes a temp folder that could hold some itself."""
+    target = _absolute(target)
+    return [p for p in sorted(target.parent.glob(f".{glob.escape(target.name)}.*{TMP_SUFFIX}"))
+            if target_of(p.name) == target.name and _resumable(p)]  # fmt: skip
+
+
+def _resumable(path: Path) -> bool:
+    """A temp folder made by a run of this user (``mkdtemp``'s: a real folder of ours, closed to others) that
+    records finished shards."""
+    try:
+        st = path.lstat()
+        return (
+            stat.S_ISDIR(st.st_mode)
+            and st.st_uid == os.geteuid()
+            and not st.st_mode & 0o077
+            and stat.S_ISREG((path / FINISHED).lstat().st_mode)
+        )
+    except OSError:
+        return False
 
 
 def target_of(leftover: str) -> str | None:
@@ -178,12 +218,14 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     """
     target = _absolute(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
+    keep = False  # the finished shards of a run that was stopped or lost the Hub: the next run adopts them
     try:
         yield tmp  # private (mkdtemp's 0700) while built: nobody else can plant a name inside it
         tmp.chmod(0o777 & ~_umask())  # the result should look like any new folder
         _replace(tmp, target)
-    except OSError as e:
-        if isinstance(e, OutputError):
+    except BaseException as e:
+        keep = _resumable(tmp) and _passing(e)
+        if not isinstance(e, OSError) or isinstance(e, (OutputError, HubError)):
             raise
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(
@@ -193,8 +235,18 @@ def atomic_folder(target: Path) -> Iterator[Path]:
             raise naming(e, target) from e
         raise
     finally:
-        with deferred():  # a stopping signal waits until it is gone
-            shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
+        if not keep:
+            with deferred():  # a stopping signal waits until it is gone
+                shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
+
+
+def _passing(e: BaseException) -> bool:
+    """Whether a run failed for a reason that a rerun of the same command does not meet again: it was stopped
+    (Ctrl-C, SIGTERM, SIGHUP) or the Hub kept failing. Not a full disk, nor a source that changed (its shards are
+    of no use to the rerun)."""
+    return isinstance(e, (KeyboardInterrupt, Stopped)) or (
+        isinstance(e, HubError) and not isinstance(e, SourceChangedError)
+    )
 
 
 def _replace(tmp: Path, target: Path) -> None:

@@ -9,8 +9,15 @@ Downloads answer ``Range: bytes=a-b`` requests as the Hub does (206 with ``Conte
 a file's content sent is counted (``HubState.served``). ``HubState.faults`` lets a test make the server answer a
 range request with an error status, cut the connection part way through, or change the repo first.
 
+Redirects to a CDN, as the Hub answers for the large (LFS) files, are opt-in: ``HubServer.with_cdn()`` starts a
+second server on another host (127.0.0.2: another origin, and another host name, which is what huggingface_hub
+1.x compares before it follows a redirect), and from then on ``resolve`` answers ``*.safetensors`` with a 302
+whose ``Location`` is on it, carrying the file's metadata as the Hub does (``X-Repo-Commit``, ``X-Linked-Etag``,
+``X-Linked-Size``). The CDN serves the same bytes, with ranges, counts them in the same ``sent``, and records the
+headers of every request it receives (``CdnServer.received``).
+
 Not implemented: LFS and Xet uploads (preupload always answers ``regular``, so file contents travel inline
-in the commit), redirects to a CDN, pagination, deletions of folders, spaces and datasets.
+in the commit), pagination, deletions of folders, spaces and datasets.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import functools
 import hashlib
 import json
 import re
+import secrets
 import socket
 import sys
 import threading
@@ -27,11 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import yaml
 
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+CDN_HOST = "127.0.0.2"  # loopback too, but not the Hub's host
 
 
 @dataclass
@@ -150,13 +159,58 @@ def blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-class Handler(BaseHTTPRequestHandler):
+def lfs_oid(data: bytes) -> str:
+    """The sha256 of an LFS file's content, which the Hub gives as its ``X-Linked-Etag``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _ranged(data: bytes, header: str, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+    """The answer to a GET of ``data`` with ``Range`` ``header`` ("" for none): 200 whole, 206 with
+    ``Content-Range``, or 416; ``headers`` gain ``Content-Range`` and the start in ``X-Test-Sent``."""
+    wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", header)
+    if wanted is None:
+        return 200, data, headers
+    start = int(wanted[1])
+    end = min(int(wanted[2]) if wanted[2] else len(data) - 1, len(data) - 1)
+    if start > end:
+        return 416, b"", {"Content-Range": f"bytes */{len(data)}"}
+    sent = headers["X-Test-Sent"].rsplit("\0", 1)[0]
+    headers = {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}", "X-Test-Sent": f"{sent}\0{start}"}
+    return 206, data[start : end + 1], headers
+
+
+class _Quiet(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms wait for a delayed ACK between
-    server: HubServer
 
     def log_message(self, format: str, *args: object) -> None:  # quiet: the state keeps its own log
         pass
+
+    def _reply(self, method: str, status: int, payload: bytes, headers: dict[str, str]) -> None:
+        state: HubState = self.server.state  # type: ignore[attr-defined]
+        sent, cut = headers.pop("X-Test-Sent", None), headers.pop("X-Test-Cut", None)
+        self.send_response(status)
+        headers.setdefault("Content-Type", "application/json")
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", headers.get("Content-Length", str(len(payload))))
+        self.end_headers()
+        if method == "HEAD":
+            return
+        body = payload if cut is None else payload[: int(cut)]
+        self.wfile.write(body)
+        if sent is not None:
+            repo_id, path, start = sent.split("\0")
+            with state.lock:
+                state.sent.append(Sent(repo_id, path, int(start), len(body)))
+        if cut is not None:  # the client sees the connection end inside the body
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+
+class Handler(_Quiet):
+    server: HubServer
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -193,27 +247,6 @@ class Handler(BaseHTTPRequestHandler):
             self.rfile.readline()
             return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-    def _reply(self, method: str, status: int, payload: bytes, headers: dict[str, str]) -> None:
-        sent, cut = headers.pop("X-Test-Sent", None), headers.pop("X-Test-Cut", None)
-        self.send_response(status)
-        headers.setdefault("Content-Type", "application/json")
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", headers.get("Content-Length", str(len(payload))))
-        self.end_headers()
-        if method == "HEAD":
-            return
-        body = payload if cut is None else payload[: int(cut)]
-        self.wfile.write(body)
-        if sent is not None:
-            repo_id, path, start = sent.split("\0")
-            with self.server.state.lock:
-                self.server.state.sent.append(Sent(repo_id, path, int(start), len(body)))
-        if cut is not None:  # the client sees the connection end inside the body
-            self.wfile.flush()
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _account(self) -> Account | None:
         header = self.headers.get("Authorization")
@@ -301,17 +334,14 @@ class Handler(BaseHTTPRequestHandler):
         if path not in repo.commits[sha]:
             raise HubError(404, "Entry not found", "EntryNotFound")
         data = repo.commits[sha][path]
+        cdn = self.server.cdn
+        if cdn is not None and path.endswith(".safetensors"):  # an LFS file: the Hub sends the client to its CDN
+            return 302, b"", {"Location": cdn.location(repo_id, sha, path), "X-Repo-Commit": sha,
+                              "X-Linked-Etag": f'"{lfs_oid(data)}"', "X-Linked-Size": str(len(data))}  # fmt: skip
         headers = {"X-Repo-Commit": sha, "ETag": f'"{blob_id(data)}"', "Content-Type": "application/octet-stream",
-                   "Accept-Ranges": "bytes", "X-Test-Sent": f"{repo_id}\0{path}\0{0}"}  # fmt: skip
-        if wanted is None:
-            return 200, data, headers
-        start = int(wanted[1])
-        end = min(int(wanted[2]) if wanted[2] else len(data) - 1, len(data) - 1)
-        if start > end:
-            return 416, b"", {"Content-Range": f"bytes */{len(data)}"}
-        headers.update({"Content-Range": f"bytes {start}-{end}/{len(data)}", "X-Test-Sent": f"{repo_id}\0{path}\0{start}",
-                        **({"X-Test-Cut": str(cut)} if cut is not None else {})})  # fmt: skip
-        return 206, data[start : end + 1], headers
+                   "Accept-Ranges": "bytes", "X-Test-Sent": f"{repo_id}\0{path}\0{0}",
+                   **({"X-Test-Cut": str(cut)} if cut is not None and wanted else {})}  # fmt: skip
+        return _ranged(data, self.headers.get("Range", "") if wanted else "", headers)
 
     # writing -------------------------------------------------------------------------------------------
 
@@ -432,6 +462,12 @@ class HubServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.state = HubState()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.cdn: CdnServer | None = None
+
+    def with_cdn(self) -> CdnServer:
+        """Redirect downloads of ``*.safetensors`` to a CDN server started now on another port."""
+        self.cdn = CdnServer(self.state).start()
+        return self.cdn
 
     def handle_error(self, request: object, client_address: object) -> None:
         """Quiet about clients that drop the connection (tests make them); anything else is printed."""
@@ -440,6 +476,60 @@ class HubServer(ThreadingHTTPServer):
 
     def start(self) -> HubServer:
         threading.Thread(target=self.serve_forever, name="hub-server", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.cdn is not None:
+            self.cdn.stop()
+        self.shutdown()
+        self.server_close()
+
+
+class CdnHandler(_Quiet):
+    server: CdnServer
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_HEAD(self) -> None:
+        self._serve("HEAD")
+
+    def _serve(self, method: str) -> None:
+        url = urlsplit(self.path)
+        with self.server.state.lock:
+            self.server.received.append({k.lower(): v for k, v in self.headers.items()})
+        org, name, sha, path = (unquote(p) for p in url.path.lstrip("/").split("/", 3))
+        repo = self.server.state.repos.get(f"{org}/{name}")
+        data = repo.commits.get(sha, {}).get(path) if repo is not None and parse_qs(url.query).get("sig") else None
+        if data is None:  # a signed URL of a commit gone, or not one this CDN made
+            self._reply(method, 403, b"AccessDenied", {"Content-Type": "text/plain"})
+            return
+        headers = {"ETag": f'"{lfs_oid(data)}"', "Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+                   "X-Test-Sent": "\0".join((f"{org}/{name}", path, "0"))}  # fmt: skip
+        self._reply(method, *_ranged(data, self.headers.get("Range", ""), headers))
+
+
+class CdnServer(ThreadingHTTPServer):
+    """The Hub's CDN: serves the files of a ``HubState`` by the signed locations the Hub redirects to; it sends no
+    ``X-Repo-Commit`` and knows nothing of tokens."""
+
+    daemon_threads = True
+
+    def __init__(self, state: HubState) -> None:
+        super().__init__((CDN_HOST, 0), CdnHandler)
+        self.state = state
+        self.url = f"http://{CDN_HOST}:{self.server_address[1]}"
+        self.received: list[dict[str, str]] = []  # the headers of each request, names in lower case
+
+    def location(self, repo_id: str, sha: str, path: str) -> str:
+        return f"{self.url}/{quote(repo_id)}/{sha}/{quote(path)}?sig={secrets.token_hex(8)}&expires=3600"
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+    def start(self) -> CdnServer:
+        threading.Thread(target=self.serve_forever, name="cdn-server", daemon=True).start()
         return self
 
     def stop(self) -> None:

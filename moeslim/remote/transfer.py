@@ -106,12 +106,15 @@ class Transfer:
         self._check_same(remote, r, start, end)
 
     def _check_same(self, remote: Remote, r: httpx2.Response, start: int, end: int) -> None:
-        """The answer must be the range asked for, of the file the run started from."""
+        """The answer must be the range asked for, of the file the run started from. A large file is redirected
+        to a CDN, which knows nothing of commits (and whose own ETag need not be the Hub's): the commit and ETag
+        checked are those of the Hub's last answer, the redirect, as ``get_hf_file_metadata`` read them."""
         got = _CONTENT_RANGE.fullmatch(r.headers.get("Content-Range", ""))
-        commit = r.headers.get("X-Repo-Commit")
-        etag = _etag(r.headers.get("X-Linked-Etag") or r.headers.get("ETag"))
+        hub = next((a for a in reversed([*r.history, r]) if "X-Repo-Commit" in a.headers), None if r.history else r)
+        commit = hub.headers.get("X-Repo-Commit") if hub is not None else None
+        etag = _etag(hub.headers.get("X-Linked-Etag") or hub.headers.get("ETag")) if hub is not None else None
         changed = (commit is not None and commit != self.commit) or (got is not None and int(got[3]) != remote.size)
-        changed |= etag is not None and remote.etag is not None and etag != remote.etag and not r.history
+        changed |= etag is not None and remote.etag is not None and etag != remote.etag
         if changed:
             raise self._changed(remote)
         if got is None or int(got[1]) != start or int(got[2]) > end - 1:

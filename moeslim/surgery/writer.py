@@ -13,11 +13,15 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
 from moeslim.names import INDEX_NAME
 from moeslim.surgery.mapping import OutputTensor, Piece
+
+if TYPE_CHECKING:
+    from moeslim.surgery.finished import Finished
 
 CHUNK = 64 * 2**20  # bytes per copy call; bounds memory on the read/write fallback
 READ_AHEAD = 256 * 2**20  # bytes of source announced to the kernel ahead of the copy (page cache, not RSS)
@@ -41,14 +45,21 @@ def write_checkpoint(
     metadata: dict[str, str],
     progress: Callable[[int], object] = lambda n: None,
     fetch: Callable[[list[Piece]], int] = len,
+    finished: Finished | None = None,
 ) -> None:
     """Write every shard into ``out_dir`` and, when there are several, the index with ``total_size``.
 
     ``fetch(pieces)`` makes the first of the source ranges still to be read readable and says how many (a Hub
     source read in place downloads them: ``Checkpoint.fetch_ahead``); they are read before it is called again.
+    ``finished``: shards a killed run finished are adopted from it, and each shard written is recorded in it.
     """
     for file, tensors in shards.items():
+        if finished is not None and finished.adopt(out_dir, file, tensors, metadata):
+            progress(sum(t.nbytes for t in tensors))
+            continue
         write_shard(out_dir / file, tensors, metadata, progress, fetch)
+        if finished is not None:
+            finished.record(out_dir, file, tensors, metadata)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.nbytes for ts in shards.values() for t in ts)},
