@@ -98,7 +98,11 @@ def test_a_layer_that_cannot_fit_is_refused_before_any_work(tmp_path: Path, caps
     )
     assert code == 2 and err.count("\n") == 1, err
     # 200 GB of float32 weights × LOAD_FACTOR while loading (× 1.1: "needs about 220" GB and more)
-    assert f"decoder layer 0 needs about {int(200 * LOAD_FACTOR) // 10}" in err and "GB in float32" in err and "--dtype bfloat16" in err, err
+    assert (
+        f"decoder layer 0 needs about {int(200 * LOAD_FACTOR) // 10}" in err
+        and "GB in float32" in err
+        and "--dtype bfloat16" in err
+    ), err
     assert not (tmp_path / "stats" / "stats.json").exists()
 
 
