@@ -37,6 +37,7 @@ from moeslim.publish.push import PushOptions, check_write_access, push_folder
 from moeslim.remote.repo import DEFAULT_WINDOW, announce, open_source
 from moeslim.shards import TensorInfo
 from moeslim.source import Checkpoint
+from moeslim.stopping import deferred
 from moeslim.stream.options import CalibrationOptions
 from moeslim.stream.ranks import SINGLE, Ranks, current
 from moeslim.surgery.config import dump_config, rewrite_config
@@ -187,8 +188,10 @@ def claim_output(source: Path, out: Path, overwrite: bool, copied: list[Path]) -
 
 def _work_folder(held: contextlib.ExitStack, out: Path) -> Path:
     """A temporary folder beside ``out`` for the correction's patch files, gone at the end; named as the target's
-    temp folders, so a killed run's is cleared by the next run there."""
-    return Path(held.enter_context(temp_beside(out)))
+    temp folders, so a killed run's is cleared by the next run there. A stopping signal waits until ``held`` owns
+    its removal (made, not yet registered, it would be left behind)."""
+    with deferred():
+        return Path(held.enter_context(temp_beside(out)))
 
 
 def _settle_correction(job: Job, plan: Plan, work: Path | None) -> tuple[Plan, dict[str, TensorInfo]]:

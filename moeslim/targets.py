@@ -217,14 +217,16 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     The caller holds ``locked(target)``. A full disk becomes an ``OutputError`` with nothing left behind.
     """
     target = _absolute(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
+    tmp: Path | None = None
     keep = False  # the finished shards of a run that was stopped or lost the Hub: the next run adopts them
     try:
+        with deferred():  # a stopping signal waits until the folder is made and this block owns its removal
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent))
         yield tmp  # private (mkdtemp's 0700) while built: nobody else can plant a name inside it
         tmp.chmod(0o777 & ~_umask())  # the result should look like any new folder
         _replace(tmp, target)
     except BaseException as e:
-        keep = _resumable(tmp) and _passing(e)
+        keep = tmp is not None and _resumable(tmp) and _passing(e)
         if not isinstance(e, OSError) or isinstance(e, (OutputError, HubError)):
             raise
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -235,7 +237,7 @@ def atomic_folder(target: Path) -> Iterator[Path]:
             raise naming(e, target) from e
         raise
     finally:
-        if not keep:
+        if not keep and tmp is not None:
             with deferred():  # a stopping signal waits until it is gone
                 shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the replaced output
 

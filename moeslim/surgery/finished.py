@@ -22,8 +22,7 @@ from pathlib import Path
 
 from moeslim.safefs import CLOEXEC, NOFOLLOW, folder_fd, write_atomic
 from moeslim.source import Checkpoint
-from moeslim.surgery.mapping import OutputTensor
-from moeslim.surgery.writer import safetensors_header
+from moeslim.surgery.mapping import OutputTensor, safetensors_header
 from moeslim.targets import FINISHED as MANIFEST
 from moeslim.targets import resumable
 from moeslim.units import human_bytes

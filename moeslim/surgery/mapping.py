@@ -5,7 +5,9 @@ Pure functions of the checkpoint's tensor table, its layout and the plan; nothin
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,3 +106,19 @@ def slice_rows(info: TensorInfo, rows: tuple[int, ...], dim: int = 0) -> OutputT
                 pieces.append((info.file, start, start + row))
     shape = (*info.shape[:dim], len(rows), *info.shape[dim + 1 :])
     return OutputTensor(info.name, info.dtype, shape, tuple(pieces))
+
+
+def safetensors_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length plus JSON header, padded with spaces so the data starts 8-byte aligned."""
+    entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        entries[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw

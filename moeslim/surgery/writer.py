@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
 from moeslim.names import INDEX_NAME
-from moeslim.surgery.mapping import OutputTensor, Piece
+from moeslim.surgery.mapping import OutputTensor, Piece, safetensors_header
 
 if TYPE_CHECKING:
     from moeslim.surgery.finished import Finished
@@ -66,22 +66,6 @@ def write_checkpoint(
             "weight_map": dict(sorted((t.name, file) for file, ts in shards.items() for t in ts)),
         }
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-def safetensors_header(tensors: Iterable[OutputTensor], metadata: dict[str, str]) -> bytes:
-    """The 8-byte length plus JSON header, padded with spaces so the data starts 8-byte aligned."""
-    entries: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for t in tensors:
-        entries[t.name] = {
-            "dtype": t.dtype,
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    raw = json.dumps(entries, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw
 
 
 def write_shard(
