@@ -23,8 +23,7 @@ COMPARED = (*METRICS, "layers", "per_sequence", "data", "generations")
     ("fixture", "extra"),
     [
         ("tiny-deepseek-16e", []),  # auto: trials and the correction in the pass; sigmoid groups, bias, MLA
-        ("tiny-mixtral-16e", ["--criterion", "ean"]),  # one criterion: its correction fitted in the pass now
-        ("tiny-qwen3-64e", ["--criterion", "frequency", "--progressive"]),  # the calibration stream masked
+        ("tiny-mixtral-16e", ["--criterion", "frequency", "--progressive"]),  # the calibration stream masked
     ],
 )
 def test_slim_validation_is_a_separate_validation_bit_for_bit(
