@@ -105,19 +105,20 @@ def locked(target: Path) -> Iterator[None]:
     """Hold ``target``'s lock for the block (refusing when another run holds it); sweep dead runs' leftovers."""
     target = _absolute(target)
     lock = TargetLock(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        acquired = lock.acquire()
-    except OSError as e:
-        said = os_error_line(OSError(e.errno, e.strerror)) or f"{e.strerror}; choose another --out"
-        raise OutputError(f"cannot write {target}: {said}") from e
-    if not acquired:
-        raise OutputError(
-            f"{target} is being written by another moeslim run (pid {lock.holder()});"
-            " wait for it to finish or choose another --out"
-        )
     kept: list[Path] = []
     try:
+        with deferred():  # a stopping signal waits until the lock, once made, is this block's to release
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                acquired = lock.acquire()
+            except OSError as e:
+                said = os_error_line(OSError(e.errno, e.strerror)) or f"{e.strerror}; choose another --out"
+                raise OutputError(f"cannot write {target}: {said}") from e
+            if not acquired:
+                raise OutputError(
+                    f"{target} is being written by another moeslim run (pid {lock.holder()});"
+                    " wait for it to finish or choose another --out"
+                )
         sweep(target.parent, own=target.name, kept=kept)
         yield
     finally:
