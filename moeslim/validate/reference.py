@@ -59,12 +59,7 @@ class Reference(Observer):
     def ride(self, walk: Walk, index: int) -> Ride:
         """The held-out batches through layer ``index`` beside the calibration's (one sweep of streamed experts)."""
         inputs = [functools.partial(self.stream.__getitem__, b) for b in range(len(self.stream))]
-
-        def run(layer: torch.nn.Module) -> None:
-            for b in range(len(self.stream)):
-                self.stream[b] = walk.runner.run(index, layer, self.stream[b])
-
-        return Ride(inputs, run)
+        return Ride(inputs, lambda layer: walk.runner.forward(index, layer, self.stream))  # inside the walk's replay
 
     def after(self, walk: Walk, index: int, layer: torch.nn.Module) -> None:
         if index in walk.moe:
