@@ -2,11 +2,13 @@
 thread, so that a run they stop unwinds as on Ctrl-C: every ``finally`` and context manager on the way out runs,
 and the lock and temp folders beside the target are removed (``targets.py``).
 
-A signal may come at any moment, two of which would lose it or cut a cleanup short: while Python runs a finalizer
-or a weakref callback (where it ignores exceptions, so ``Stopped`` would vanish and the run go on), and while a
-cleanup on the normal path removes a temp folder (which would be left half-removed). The first is caught by
-``sys.unraisablehook`` and the signal sent again a moment later; the second is held back by ``deferred()`` until
-the cleanup is done.
+A signal may come at any moment, three of which would lose it or cut a cleanup short: while Python runs a finalizer
+or a weakref callback (where it ignores exceptions, so ``Stopped`` would vanish and the run go on), while a
+cleanup on the normal path removes a temp folder (which would be left half-removed), and while a compiled library
+calls back into Python (matplotlib's image resampling, drawing the card, replaces what its callback raised with its
+own ``ValueError``, which would end the run in a traceback). The first is caught by ``sys.unraisablehook`` and the
+signal sent again a moment later; the second is held back by ``deferred()`` until the cleanup is done; for the
+third, an error that ends the run after a ``Stopped`` was raised ends it as that ``Stopped``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class _State:
     deferring = 0  # depth of ``deferred()`` blocks
     held: int | None = None  # a signal that came during one
     resending: tuple[threading.Timer, int] | None = None  # a swallowed signal being sent again
+    raised: int | None = None  # the signal a ``Stopped`` was raised for, in this block
 
 
 def _raise(signum: int, frame: object) -> None:
@@ -45,6 +48,7 @@ def _raise(signum: int, frame: object) -> None:
         return
     for other in STOPPING:  # a second signal (a closed terminal sends SIGHUP twice) must not cut the cleanup short
         signal.signal(other, signal.SIG_IGN)
+    _State.raised = signum
     raise Stopped(signum)
 
 
@@ -91,10 +95,16 @@ def stopping_signals_raise() -> Iterator[None]:
             signal.signal(signum, _raise)
     hook = sys.unraisablehook
     sys.unraisablehook = _resend(hook)
+    _State.raised = None
     try:
         yield
         _stop_if_swallowed()
+    except Exception as e:  # not a Stopped, nor Ctrl-C's KeyboardInterrupt or a SystemExit
+        if _State.raised is None:
+            raise
+        raise Stopped(_State.raised) from e  # what a library made of the Stopped raised inside it
     finally:
+        _State.raised = None
         sys.unraisablehook = hook
         if _State.resending is not None:
             _State.resending[0].cancel()

@@ -20,6 +20,13 @@ import pytest
 # user's cache by another checkout or an earlier run must neither be read by the tests nor be written by them.
 _CACHE = tempfile.TemporaryDirectory(prefix="moeslim-tests-cache-")
 os.environ["XDG_CACHE_HOME"] = _CACHE.name
+
+# Under pytest-xdist (the README's ``-n auto``) the workers share the machine's cores: each worker, and every command
+# it starts, runs torch on its share of them. Each on all of them oversubscribed two cores to twice the serial time.
+# xdist names the worker count before this file is imported, so torch reads the setting when it is first imported.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 with contextlib.suppress(ImportError):  # matplotlib builds its font list in that folder now, not in a command's run
     import matplotlib.font_manager  # noqa: F401
 

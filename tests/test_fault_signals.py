@@ -6,7 +6,7 @@ A run a signal stops says one line and exits with 128 + the signal; its folder i
 statistics so far, nothing half-written), and the same command then succeeds (a calibration resumes, to the
 undisturbed run's statistics bit for bit). A run that ended before its signal came is the undisturbed run's
 output. Two moments are also made on purpose: a signal whose handler runs inside a finalizer (where Python drops
-what it raises) and one during a cleanup. ``tests/test_fault_writes.py`` stops runs at each write site too; ``tests/test_signals.py`` at named
+what it raises), one during a cleanup, and one that a library turns into its own error. ``tests/test_fault_writes.py`` stops runs at each write site too; ``tests/test_signals.py`` at named
 moments in a separate process.
 """
 
@@ -118,6 +118,25 @@ def test_a_signal_swallowed_by_a_finalizer_still_stops_the_run(ends: str) -> Non
         while ends == "later" and steps < 10**8:  # the run goes on: the signal is sent again and stops it
             steps += 1
     assert stray == [] and steps < 10**8  # (at once: the block's end raises it)
+
+
+def test_a_signal_whose_stop_a_library_turned_into_its_own_error_still_stops_the_run() -> None:
+    """As matplotlib's compiled image resampling does when the handler runs inside its callback into Python (seen
+    in ``test_a_signal_at_a_random_moment[slim]`` while the card's image was drawn): it catches what the callback
+    raised and raises its own ``ValueError``."""
+    with _guarded() as stray, pytest.raises(Stopped, match="SIGTERM") as stopped, stopping_signals_raise():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs here
+                pass
+        except Stopped:
+            raise ValueError("Invalid affine transformation matrix") from None
+    assert isinstance(stopped.value.__cause__, ValueError) and stray == []
+
+
+def test_an_error_without_a_signal_stays_itself() -> None:
+    with pytest.raises(ValueError, match="its own"), stopping_signals_raise():
+        raise ValueError("its own")
 
 
 def test_a_cleanup_is_not_cut_short_by_a_signal() -> None:
