@@ -21,12 +21,38 @@ import pytest
 _CACHE = tempfile.TemporaryDirectory(prefix="moeslim-tests-cache-")
 os.environ["XDG_CACHE_HOME"] = _CACHE.name
 
+
+def _usable_cores() -> int:
+    """The cores this process may run on: its affinity, bounded by its control group's CPU quota (a container's
+    ``--cpus``), which ``os.cpu_count()`` and xdist's own count both ignore."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    return cores
+
+
 # Under pytest-xdist (the README's ``-n auto``) the workers share the machine's cores: each worker, and every command
 # it starts, runs torch on its share of them. Each on all of them oversubscribed two cores to twice the serial time.
 # xdist names the worker count before this file is imported, so torch reads the setting when it is first imported.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _usable_cores() // _WORKERS)))
+
+PER_WORKER = 3 << 30  # bytes: one worker's peak (2.98 GB running test_every_family.py under 5.16: benchmarks/README)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per usable core, as many as the memory this process may allocate holds."""
+    from moeslim.stream.memory import available_bytes
+
+    room = available_bytes()
+    cores = _usable_cores()
+    return max(1, min(cores, room // PER_WORKER if room is not None else cores))
+
+
 with contextlib.suppress(ImportError):  # matplotlib builds its font list in that folder now, not in a command's run
     import matplotlib.font_manager  # noqa: F401
 
