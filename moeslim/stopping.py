@@ -113,6 +113,12 @@ def stopping_signals_raise() -> Iterator[None]:
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
+def is_stop(e: BaseException) -> bool:
+    """Whether ``e`` ends the run for a stopping signal: a ``Stopped``, or any error raised after one (what a library
+    made of it)."""
+    return isinstance(e, Stopped) or _State.raised is not None
+
+
 def _stop_if_swallowed() -> None:
     """A run that ended before the signal it swallowed came again still ends as stopped by it."""
     if _State.resending is not None:

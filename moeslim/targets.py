@@ -31,7 +31,7 @@ from pathlib import Path
 
 from moeslim.errors import HubError, OutputError, SourceChangedError, naming, os_error_line
 from moeslim.safefs import NOFOLLOW, folder_fd, open_own
-from moeslim.stopping import Stopped, deferred
+from moeslim.stopping import deferred, is_stop
 
 LOCK_SUFFIX = ".moeslim-lock"
 TMP_SUFFIX = ".moeslim-tmp"
@@ -247,8 +247,10 @@ def _passing(e: BaseException) -> bool:
     """Whether a run failed for a reason that a rerun of the same command does not meet again: it was stopped
     (Ctrl-C, SIGTERM, SIGHUP) or the Hub kept failing. Not a full disk, nor a source that changed (its shards are
     of no use to the rerun)."""
-    return isinstance(e, (KeyboardInterrupt, Stopped)) or (
-        isinstance(e, HubError) and not isinstance(e, SourceChangedError)
+    return (
+        isinstance(e, KeyboardInterrupt)
+        or is_stop(e)
+        or (isinstance(e, HubError) and not isinstance(e, SourceChangedError))
     )
 
 

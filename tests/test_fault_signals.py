@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from moeslim.stopping import RESEND_AFTER, Stopped, deferred, stopping_signals_raise
+from moeslim.targets import FINISHED, atomic_folder
 from tests.conftest import run_cli
 from tests.hostile import SIGNALS, leftovers, old_or_new, outcome_table, record, snapshot  # noqa: F401
 from tests.test_fault_writes import COMMANDS, world
@@ -132,6 +133,20 @@ def test_a_signal_whose_stop_a_library_turned_into_its_own_error_still_stops_the
         except Stopped:
             raise ValueError("Invalid affine transformation matrix") from None
     assert isinstance(stopped.value.__cause__, ValueError) and stray == []
+
+
+def test_a_stop_turned_into_a_librarys_error_keeps_the_finished_shards(tmp_path: Path) -> None:
+    """A stopped run's temp folder with finished shards stays for the rerun to adopt (``targets.atomic_folder``),
+    also when the ``Stopped`` reached it as a library's error."""
+    with _guarded(), pytest.raises(Stopped), stopping_signals_raise(), atomic_folder(tmp_path / "o") as tmp:
+        (tmp / FINISHED).write_text("{}")
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs here
+                pass
+        except Stopped:
+            raise ValueError("Invalid affine transformation matrix") from None
+    assert list(tmp_path.iterdir()) == [tmp] and (tmp / FINISHED).is_file()
 
 
 def test_an_error_without_a_signal_stays_itself() -> None:

@@ -15,7 +15,7 @@ from tests.conftest import run_cli
 from tests.hub_server import CDN_HOST, Account, CdnServer, HubServer, folder_files
 from tests.test_hub import WRITE, _moeslim
 from tests.test_hub import _env as _hub_env
-from tests.test_hub_stream import _output_spans, _same_weights, _sent
+from tests.test_hub_stream import _output_spans, _same_weights, _sent, refused_as_changed_during_the_run
 
 REPOS = ("free", "full", "stats", "edited", "moved")
 
@@ -95,28 +95,4 @@ def test_a_source_changed_behind_the_cdn_is_refused(servers, tmp_path: Path, how
     the commit and the file's X-Linked-Etag, is what tells."""
     redirecting, _, _ = servers
     repo_id = "org/edited" if how == "file edited" else "org/moved"
-    files = dict(redirecting.state.files(repo_id))
-    calls = [0]
-
-    def change(repo: str, path: str, start: int, end: int) -> None:
-        if repo != repo_id or start == 0:
-            return
-        calls[0] += 1
-        if calls[0] == 3 and how == "file edited":  # same commit, other bytes
-            data = bytearray(files[path])
-            data[start] ^= 0xFF
-            redirecting.state.files(repo_id)[path] = bytes(data)
-        elif calls[0] == 3:
-            redirecting.state.force_push(repo_id, {**files, "README.md": b"rewritten history\n"})
-
-    redirecting.state.faults.append(lambda *a: change(*a))  # type: ignore[func-returns-value]
-    try:
-        run = _moeslim(["slim", repo_id, "--keep", "4", "--criterion", "random", "--out", "o", "--no-validate"],
-                       _env(redirecting, tmp_path / "hf"), tmp_path)  # fmt: skip
-    finally:
-        redirecting.state.faults.pop()
-    assert calls[0] >= 3
-    assert run.code == 2, run
-    assert run.err.startswith(f"moeslim: error: {repo_id} changed on the Hub during the run"), run.err
-    assert run.err.count("\n") == 1, run.err
-    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no output, no work folder
+    refused_as_changed_during_the_run(redirecting, repo_id, how, _env(redirecting, tmp_path / "hf"), tmp_path)

@@ -53,13 +53,23 @@ def _args(repo_id: str, seed: int) -> list[str]:
             "--no-validate", "--cache-window", "2layers", "--max-shard-size", SHARD]  # fmt: skip
 
 
-def _uninterrupted(folder: Path, seed: int, out: Path, capsys: pytest.CaptureFixture[str]) -> Path:
-    """The same prune from the local copy, in one go."""
+def _uninterrupted(
+    folder: Path, seed: int, out: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[Path, dict[str, Spans]]:
+    """The same prune from the local copy, in one go: its output folder, and its shards' source ranges."""
     args = ["slim", str(folder), "--keep", "6", "--criterion", "random", "--seed", str(seed), "--out", str(out),
             "--no-validate", "--max-shard-size", SHARD]  # fmt: skip
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
-    return out
+    return out, _shard_spans(folder, out / "moeslim_plan.json")
+
+
+def _rerun(hub: HubServer, repo_id: str, seed: int, cwd: Path) -> tuple[str, Spans]:
+    """Run the prune again, to success: what it said, and the bytes the server sent it."""
+    since = len(hub.state.sent)
+    run = _moeslim(_args(repo_id, seed), _env(hub, cwd / "hf"), cwd)
+    assert run.code == 0, run.err
+    return run.err, _sent(hub, repo_id, since)
 
 
 def _shard_spans(folder: Path, plan_file: Path) -> dict[str, Spans]:
@@ -144,20 +154,16 @@ def _check_result(cwd: Path, twin: Path) -> None:
 @pytest.mark.hub
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT", "Hub failing"])
 def test_a_rerun_adopts_the_finished_shards(how: str, hub: HubServer, built, tmp_path: Path, capsys) -> None:
-    folder = built("qwen3_moe_multishard")
-    twin = _uninterrupted(folder, 5, tmp_path.parent / f"{tmp_path.name}-twin", capsys)
-    shards = _shard_spans(folder, twin / "moeslim_plan.json")
+    twin, shards = _uninterrupted(built("qwen3_moe_multishard"), 5, tmp_path.parent / f"{tmp_path.name}-twin", capsys)
     assert len(shards) >= 4
     repo_id = f"org/resumed-{how.replace(' ', '-')}"
     held, temp = _kill_at_third_shard(hub, repo_id, shards, tmp_path, how)
     names = list(shards)
     assert _finished(temp) == names[:2]
-    since = len(hub.state.sent)
-    run = _moeslim(_args(repo_id, 5), _env(hub, tmp_path / "hf"), tmp_path)
-    assert run.code == 0, run.err
-    assert _reused(shards, names[:2]) in run.err
+    err, sent = _rerun(hub, repo_id, 5, tmp_path)
+    assert _reused(shards, names[:2]) in err
     # exactly the bytes of the shards not finished, less what the journal held: none of the finished shards'
-    assert _sent(hub, repo_id, since) == _minus(_union(*[shards[n] for n in names[2:]]), held)
+    assert sent == _minus(_union(*[shards[n] for n in names[2:]]), held)
     _check_result(tmp_path, twin)
 
 
@@ -180,21 +186,17 @@ def _plant(how: str, temp: Path, first: str, aside: Path) -> None:
 @pytest.mark.hub
 @pytest.mark.parametrize("how", ["tampered", "link", "hard link", "open folder"])
 def test_a_shard_not_as_recorded_is_written_again(how: str, hub: HubServer, built, tmp_path: Path, capsys) -> None:
-    folder = built("qwen3_moe_multishard")
-    twin = _uninterrupted(folder, 5, tmp_path.parent / f"{tmp_path.name}-twin", capsys)
-    shards = _shard_spans(folder, twin / "moeslim_plan.json")
+    twin, shards = _uninterrupted(built("qwen3_moe_multishard"), 5, tmp_path.parent / f"{tmp_path.name}-twin", capsys)
     repo_id = f"org/{how.replace(' ', '-')}"
     held, temp = _kill_at_third_shard(hub, repo_id, shards, tmp_path)
     names = list(shards)
     aside = tmp_path.parent / f"{tmp_path.name}-aside"
     _plant(how, temp, names[0], aside)
     planted = aside.read_bytes() if aside.exists() else None
-    since = len(hub.state.sent)
-    run = _moeslim(_args(repo_id, 5), _env(hub, tmp_path / "hf"), tmp_path)
-    assert run.code == 0, run.err
+    err, sent = _rerun(hub, repo_id, 5, tmp_path)
     rewritten = names[:2] if how == "open folder" else names[:1]  # the intact second one is adopted
-    assert ("reused" not in run.err) if how == "open folder" else (_reused(shards, names[1:2]) in run.err), run.err
-    assert _sent(hub, repo_id, since) == _minus(_union(*[shards[n] for n in rewritten + names[2:]]), held)
+    assert ("reused" not in err) if how == "open folder" else (_reused(shards, names[1:2]) in err), err
+    assert sent == _minus(_union(*[shards[n] for n in rewritten + names[2:]]), held)
     _check_result(tmp_path, twin)
     if planted is not None:
         assert aside.read_bytes() == planted and not aside.is_symlink()  # what the planted name led to: untouched
@@ -203,16 +205,12 @@ def test_a_shard_not_as_recorded_is_written_again(how: str, hub: HubServer, buil
 @pytest.mark.hub
 def test_another_plan_adopts_nothing(hub: HubServer, built, tmp_path: Path, capsys) -> None:
     folder = built("qwen3_moe_multishard")
-    before = _shard_spans(folder, _uninterrupted(folder, 5, tmp_path.parent / f"{tmp_path.name}-5", capsys)
-                          / "moeslim_plan.json")  # fmt: skip
+    _, before = _uninterrupted(folder, 5, tmp_path.parent / f"{tmp_path.name}-5", capsys)
     held, _ = _kill_at_third_shard(hub, "org/replanned", before, tmp_path)
-    twin = _uninterrupted(folder, 6, tmp_path.parent / f"{tmp_path.name}-6", capsys)
-    after = _shard_spans(folder, twin / "moeslim_plan.json")
-    since = len(hub.state.sent)
-    run = _moeslim(_args("org/replanned", 6), _env(hub, tmp_path / "hf"), tmp_path)
-    assert run.code == 0, run.err
-    assert "reused" not in run.err
-    assert _sent(hub, "org/replanned", since) == _minus(_union(*after.values()), held)  # every shard made anew
+    twin, after = _uninterrupted(folder, 6, tmp_path.parent / f"{tmp_path.name}-6", capsys)
+    err, sent = _rerun(hub, "org/replanned", 6, tmp_path)
+    assert "reused" not in err
+    assert sent == _minus(_union(*after.values()), held)  # every shard made anew
     _check_result(tmp_path, twin)
 
 
@@ -220,9 +218,7 @@ def test_another_plan_adopts_nothing(hub: HubServer, built, tmp_path: Path, caps
 def test_a_rerun_killed_after_adopting_is_resumed_too(hub: HubServer, built, tmp_path: Path, capsys) -> None:
     """Killed at the third shard, then its rerun killed at the fourth: the third run adopts the three finished
     shards from the second run's folder, though the first run's still lists the two it gave up."""
-    folder = built("qwen3_moe_multishard")
-    twin = _uninterrupted(folder, 5, tmp_path.parent / f"{tmp_path.name}-twin", capsys)
-    shards = _shard_spans(folder, twin / "moeslim_plan.json")
+    twin, shards = _uninterrupted(built("qwen3_moe_multishard"), 5, tmp_path.parent / f"{tmp_path.name}-twin", capsys)
     names = list(shards)
     _kill_at_third_shard(hub, "org/twice", shards, tmp_path)
     held, temp = _kill_at_third_shard(hub, "org/twice", shards, tmp_path, index=3)
@@ -230,9 +226,7 @@ def test_a_rerun_killed_after_adopting_is_resumed_too(hub: HubServer, built, tmp
     (first,) = [p for p in tmp_path.glob(".o.*.moeslim-tmp") if (p / FINISHED).exists() and p != temp]
     first.rename(tmp_path / ".o.0.moeslim-tmp")  # looked at first, whatever the random names: it lists two shards
     assert not (tmp_path / ".o.0.moeslim-tmp" / names[0]).exists()  # that it no longer holds
-    since = len(hub.state.sent)
-    run = _moeslim(_args("org/twice", 5), _env(hub, tmp_path / "hf"), tmp_path)
-    assert run.code == 0, run.err
-    assert _reused(shards, names[:3]) in run.err
-    assert _sent(hub, "org/twice", since) == _minus(_union(*[shards[n] for n in names[3:]]), held)
+    err, sent = _rerun(hub, "org/twice", 5, tmp_path)
+    assert _reused(shards, names[:3]) in err
+    assert sent == _minus(_union(*[shards[n] for n in names[3:]]), held)
     _check_result(tmp_path, twin)

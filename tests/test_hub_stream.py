@@ -290,10 +290,10 @@ def test_disk_use_stays_within_the_window(hub: HubServer, synthetic: Path, tmp_p
     assert _sent(hub, "org/synth") == _output_spans(synthetic, plan_file, router=True)
 
 
-@pytest.mark.hub
-@pytest.mark.parametrize("how", ["force-pushed", "file edited"])
-def test_a_source_changed_during_the_run_is_refused(how: str, hub: HubServer, tmp_path: Path) -> None:
-    repo_id = "org/moved" if how == "force-pushed" else "org/edited"
+def refused_as_changed_during_the_run(hub: HubServer, repo_id: str, how: str, env: dict[str, str], cwd: Path) -> None:
+    """Change ``repo_id`` on ``hub`` mid-run (at its third range request past the headers, after some weights):
+    force-push a new commit, or edit a file's bytes under the same commit, which only the ETag tells. The run
+    must refuse in one line and leave nothing in ``cwd`` but the Hub cache ``hf``."""
     files = dict(hub.state.files(repo_id))
     calls = [0]
 
@@ -301,25 +301,34 @@ def test_a_source_changed_during_the_run_is_refused(how: str, hub: HubServer, tm
         if repo != repo_id or start == 0:
             return
         calls[0] += 1
-        if calls[0] == 3:  # mid-run, after the headers and some weights
-            if how == "force-pushed":
-                hub.state.force_push(repo_id, {**files, "README.md": b"rewritten history\n"})
-            else:  # same commit, other bytes: only the ETag tells
-                data = bytearray(files[path])
-                data[start] ^= 0xFF
-                hub.state.files(repo_id)[path] = bytes(data)
+        if calls[0] != 3:
+            return
+        if how == "force-pushed":
+            hub.state.force_push(repo_id, {**files, "README.md": b"rewritten history\n"})
+        else:
+            data = bytearray(files[path])
+            data[start] ^= 0xFF
+            hub.state.files(repo_id)[path] = bytes(data)
 
     hub.state.faults.append(lambda *a: change(*a))  # type: ignore[func-returns-value]
     try:
         run = _moeslim(["slim", repo_id, "--keep", "4", "--criterion", "random", "--out", "o", "--no-validate"],
-                       _env(hub, tmp_path / "hf"), tmp_path)  # fmt: skip
+                       env, cwd)  # fmt: skip
     finally:
         hub.state.faults.pop()
+    assert calls[0] >= 3
     assert run.code == 2, run
     assert (
         run.err.startswith(f"moeslim: error: {repo_id} changed on the Hub during the run") and run.err.count("\n") == 1
     ), run.err
-    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no output, no work folder
+    assert [p.name for p in cwd.iterdir()] == ["hf"]  # no output, no work folder
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("how", ["force-pushed", "file edited"])
+def test_a_source_changed_during_the_run_is_refused(how: str, hub: HubServer, tmp_path: Path) -> None:
+    repo_id = "org/moved" if how == "force-pushed" else "org/edited"
+    refused_as_changed_during_the_run(hub, repo_id, how, _env(hub, tmp_path / "hf"), tmp_path)
 
 
 @pytest.mark.hub

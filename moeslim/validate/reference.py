@@ -34,7 +34,6 @@ class Reference(Observer):
 
     def __init__(self, tokens: torch.Tensor, batch_size: int, spill_beside: Path | None = None) -> None:
         self.tokens, self.batch_size = tokens, batch_size
-        self._beside = spill_beside
         self.stream = Activations()  # the held-out batches as they pass the layers
         self.kept = Activations(RESIDENT_BYTES, spill_beside)  # the states after each MoE layer, in order
         self._at: dict[int, range] = {}  # MoE layer → its batches' positions in ``kept``
